@@ -1,0 +1,76 @@
+"""Last stage: host detections -> ``sv.Detections`` with the data keys stock Workflows blocks expect.
+
+Dense masks are attached as they come out of the postprocess (no polygon round trip); the RLE output
+keeps COCO RLE dicts in ``data["rle_mask"]`` and no dense mask, as the stock RLE kind does.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Optional, Sequence
+
+import numpy as np
+import supervision as sv
+from inference.core.workflows.core_steps.common.utils import (
+    attach_parents_coordinates_to_sv_detections,
+)
+from inference.core.workflows.execution_engine.constants import (
+    DETECTION_ID_KEY,
+    IMAGE_DIMENSIONS_KEY,
+    INFERENCE_ID_KEY,
+    PARENT_ID_KEY,
+    PREDICTION_TYPE_KEY,
+    RLE_MASK_KEY_IN_SV_DETECTIONS,
+)
+from inference.core.workflows.execution_engine.entities.base import WorkflowImageData
+
+from inference_fastpath.adapters.stages.contracts import FrameDetections
+
+CLASS_NAME_KEY = "class_name"
+
+
+def to_sv_detections(
+    detections: FrameDetections,
+    class_names: Sequence[str],
+    image: WorkflowImageData,
+    inference_id: Optional[str],
+    class_filter: Optional[Sequence[str]] = None,
+) -> sv.Detections:
+    keep = _class_filter_mask(detections.class_id, class_names, class_filter)
+    count = int(keep.sum())
+    height, width = detections.image_size
+    rle = detections.rle_masks is not None
+    dense_masks = None
+    if detections.dense_masks is not None:
+        dense_masks = detections.dense_masks[keep]
+    elif not rle:
+        dense_masks = np.zeros((count, height, width), dtype=bool)  # polygons are not an sv mask format
+    result = sv.Detections(
+        xyxy=detections.xyxy[keep].astype(np.float64).reshape(-1, 4),
+        confidence=detections.confidence[keep].astype(np.float64),
+        class_id=detections.class_id[keep].astype(int),
+        mask=dense_masks,
+    )
+    names = np.asarray(class_names, dtype=object)
+    result.data[CLASS_NAME_KEY] = np.array([str(n) for n in names[result.class_id]], dtype=str).reshape(-1)
+    result.data[DETECTION_ID_KEY] = np.array([str(uuid.uuid4()) for _ in range(count)], dtype=str).reshape(-1)
+    result.data[PARENT_ID_KEY] = np.array([image.parent_metadata.parent_id] * count, dtype=str).reshape(-1)
+    result.data[IMAGE_DIMENSIONS_KEY] = np.array([[height, width]] * count, dtype=int).reshape(-1, 2)
+    if inference_id is not None:
+        result.data[INFERENCE_ID_KEY] = np.array([inference_id] * count, dtype=str).reshape(-1)
+    prediction_type = "rle-instance-segmentation" if rle else "instance-segmentation"
+    result.data[PREDICTION_TYPE_KEY] = np.array([prediction_type] * count, dtype=str).reshape(-1)
+    if rle:
+        masks = np.empty(count, dtype=object)  # 1-D object array of dicts, whatever their content
+        masks[:] = [detections.rle_masks[i] for i in np.flatnonzero(keep)]
+        result.data[RLE_MASK_KEY_IN_SV_DETECTIONS] = masks
+    return attach_parents_coordinates_to_sv_detections(detections=result, image=image)
+
+
+def _class_filter_mask(
+    class_id: np.ndarray, class_names: Sequence[str], class_filter: Optional[Sequence[str]]
+) -> np.ndarray:
+    if not class_filter:
+        return np.ones(len(class_id), dtype=bool)
+    accepted = set(class_filter)
+    return np.array([class_names[int(c)] in accepted for c in class_id], dtype=bool).reshape(-1)

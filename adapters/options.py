@@ -1,0 +1,63 @@
+"""One typed, immutable options object per block step: it selects every stage of the adapter.
+
+Built from the block manifest's values (``FastpathOptions.from_values``) and hashable, so it can key
+caches. Validation errors name the offending field and list the allowed values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Dict, Literal, Mapping, Optional, Tuple, get_args
+
+PreprocessChoice = Literal["auto", "triton", "reference"]
+EngineChoice = Literal["auto", "tensorrt", "torch", "onnx"]
+PostprocessChoice = Literal["auto", "fused", "reference"]
+PrecisionChoice = Literal["fp32", "fp16", "bf16"]
+MaskOutputChoice = Literal["dense", "rle"]
+PipelineDepth = Literal[1, 2]
+
+ALLOWED_VALUES: Dict[str, Tuple[Any, ...]] = {
+    "preprocess": get_args(PreprocessChoice),
+    "engine": get_args(EngineChoice),
+    "postprocess": get_args(PostprocessChoice),
+    "precision": get_args(PrecisionChoice),
+    "mask_output": get_args(MaskOutputChoice),
+    "pipeline_depth": get_args(PipelineDepth),
+}
+
+
+class InvalidOptionError(ValueError):
+    """An option value outside its allowed set; the message names the field."""
+
+
+@dataclass(frozen=True)
+class FastpathOptions:
+    preprocess: PreprocessChoice = "auto"
+    engine: EngineChoice = "auto"
+    cuda_graphs: bool = True
+    postprocess: PostprocessChoice = "auto"
+    precision: PrecisionChoice = "fp32"
+    mask_output: MaskOutputChoice = "dense"
+    pipeline_depth: PipelineDepth = 1
+    device: Optional[str] = None  # None: cuda when available, else cpu
+
+    def __post_init__(self) -> None:
+        for name, allowed in ALLOWED_VALUES.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise InvalidOptionError(
+                    f"Invalid value {value!r} for option `{name}`: expected one of {list(allowed)}."
+                )
+        if not isinstance(self.cuda_graphs, bool):
+            raise InvalidOptionError(
+                f"Invalid value {self.cuda_graphs!r} for option `cuda_graphs`: expected true or false."
+            )
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any]) -> "FastpathOptions":
+        """Builds options from a mapping (e.g. block run kwargs), ignoring unrelated keys."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known and v is not None})
+
+    def describe(self) -> Dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}

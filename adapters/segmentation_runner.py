@@ -1,0 +1,93 @@
+"""Runs one RF-DETR segmentation model as explicit stages: preprocess -> engine -> postprocess.
+
+A runner is built once per (loaded model, options) and shared by every step and pipeline that asks for
+the same pair; a lock serialises calls because fast engines own static buffers.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Dict, List, Sequence, Tuple
+
+from inference_fastpath.adapters.frames import normalise_frames
+from inference_fastpath.adapters.model_loading import MODEL_REGISTRY, LoadedModel
+from inference_fastpath.adapters.options import FastpathOptions
+from inference_fastpath.adapters.stage_selection import (
+    StageChoice,
+    select_engine,
+    select_postprocess,
+    select_preprocess,
+)
+from inference_fastpath.adapters.stages.contracts import (
+    Frame,
+    FrameDetections,
+    PostprocessRequest,
+    StageTimings,
+)
+
+LOGGER = logging.getLogger("inference_fastpath")
+
+
+class SegmentationRunner:
+    def __init__(self, loaded: LoadedModel, options: FastpathOptions) -> None:
+        self.loaded = loaded
+        self.options = options
+        self.preprocess, preprocess_choice = select_preprocess(options, loaded)
+        self.engine, engine_choice = select_engine(options, loaded)
+        self.postprocess, postprocess_choice = select_postprocess(options, loaded)
+        self.choices: Tuple[StageChoice, ...] = (preprocess_choice, engine_choice, postprocess_choice)
+        self._lock = threading.Lock()
+
+    @property
+    def class_names(self) -> Tuple[str, ...]:
+        return self.loaded.class_names
+
+    def infer(
+        self, frames: Sequence[Frame], request: PostprocessRequest
+    ) -> Tuple[List[FrameDetections], StageTimings]:
+        frames = normalise_frames(frames)
+        timings = StageTimings()
+        with self._lock:
+            started = time.perf_counter()
+            batch = self.preprocess(frames)
+            after_preprocess = time.perf_counter()
+            raw = self.engine(batch)
+            after_engine = time.perf_counter()
+            detections = self.postprocess(raw, batch.metadata, request)
+            finished = time.perf_counter()
+        timings.preprocess_ms = (after_preprocess - started) * 1e3
+        timings.engine_ms = (after_engine - after_preprocess) * 1e3
+        timings.postprocess_ms = (finished - after_engine) * 1e3
+        return detections, timings
+
+
+class _RunnerCache:
+    def __init__(self) -> None:
+        self._runners: Dict[tuple, SegmentationRunner] = {}
+        self._lock = threading.Lock()
+
+    def get(self, model_id: str, options: FastpathOptions, api_key=None) -> SegmentationRunner:
+        device = options.device or _default_device()
+        loaded = MODEL_REGISTRY.get(model_id=model_id, engine=options.engine, device=device, api_key=api_key)
+        key = (loaded.key, options)
+        with self._lock:
+            runner = self._runners.get(key)
+            if runner is None:
+                runner = SegmentationRunner(loaded, options)
+                self._runners[key] = runner
+            return runner
+
+    def clear(self) -> None:
+        with self._lock:
+            self._runners.clear()
+
+
+def _default_device() -> str:
+    from inference_fastpath.adapters.model_loading import default_device
+
+    return default_device()
+
+
+RUNNERS = _RunnerCache()

@@ -1,0 +1,338 @@
+"""`fastpath/rfdetr_instance_segmentation@v1`: RF-DETR instance segmentation with switchable fast stages.
+
+Inputs mirror the stock `roboflow_core/roboflow_instance_segmentation_model@v3` block where they matter
+for RF-DETR; every optimization is a per-block option shown in the builder's additional section.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Dict, List, Literal, Optional, Type, Union
+
+from pydantic import ConfigDict, Field, PositiveInt, model_validator
+
+from inference.core.workflows.execution_engine.entities.base import (
+    Batch,
+    OutputDefinition,
+    WorkflowImageData,
+)
+from inference.core.workflows.execution_engine.entities.types import (
+    DICTIONARY_KIND,
+    FLOAT_ZERO_TO_ONE_KIND,
+    IMAGE_KIND,
+    INFERENCE_ID_KIND,
+    INSTANCE_SEGMENTATION_PREDICTION_KIND,
+    INTEGER_KIND,
+    LIST_OF_VALUES_KIND,
+    RLE_INSTANCE_SEGMENTATION_PREDICTION_KIND,
+    ROBOFLOW_MODEL_ID_KIND,
+    STRING_KIND,
+    FloatZeroToOne,
+    ImageInputField,
+    Selector,
+)
+from inference.core.workflows.prototypes.block import (
+    BlockResult,
+    WorkflowBlock,
+    WorkflowBlockManifest,
+)
+
+from inference_fastpath.adapters.block_output import to_sv_detections
+from inference_fastpath.adapters.options import FastpathOptions
+from inference_fastpath.adapters.segmentation_runner import RUNNERS, SegmentationRunner
+from inference_fastpath.adapters.stages.contracts import PostprocessRequest
+from inference_fastpath.adapters.thresholds import resolve_threshold
+
+LOGGER = logging.getLogger("inference_fastpath")
+
+BLOCK_TYPE = "fastpath/rfdetr_instance_segmentation@v1"
+
+LONG_DESCRIPTION = """
+Run an RF-DETR instance-segmentation model (a Roboflow model id or a local inference-models package
+directory: TensorRT, torch or ONNX) with the fast stages of inference-fastpath.
+
+The outputs are the same as those of the stock Instance Segmentation Model block, so annotators,
+trackers and sinks consume them unchanged. Each optimization can be switched on or off per block in
+the additional settings; a fast stage that cannot run on this machine or model falls back to the
+reference stage and the reason is logged once.
+"""
+
+ADDITIONAL = {"additional_section": True}
+
+
+def _choice(name: str, description: str) -> Dict[str, str]:
+    return {"name": name, "description": description}
+
+
+class BlockManifest(WorkflowBlockManifest):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "name": "RF-DETR Instance Segmentation (Fastpath)",
+            "version": "v1",
+            "short_description": "RF-DETR instance segmentation with GPU-fused stages for video.",
+            "long_description": LONG_DESCRIPTION,
+            "license": "Apache-2.0",
+            "block_type": "model",
+            "search_keywords": ["rfdetr", "rf-detr", "segmentation", "fastpath", "tensorrt", "triton"],
+            "ui_manifest": {
+                "section": "model",
+                "icon": "far fa-bolt",
+                "blockPriority": 2,
+                "inference": True,
+                "needsGPU": False,
+            },
+        },
+        protected_namespaces=(),
+    )
+    type: Literal["fastpath/rfdetr_instance_segmentation@v1"]
+    images: Selector(kind=[IMAGE_KIND]) = ImageInputField
+    model_id: Union[Selector(kind=[ROBOFLOW_MODEL_ID_KIND]), str] = Field(
+        title="Model",
+        description="Roboflow model id (e.g. `my-project/3`) or the path of a local inference-models "
+        "RF-DETR instance-segmentation package directory.",
+        examples=["my-project/3", "/models/rfdetr-seg-nano", "$inputs.model"],
+    )
+    confidence_mode: Union[Literal["best", "default", "custom"], Selector(kind=[STRING_KIND])] = Field(
+        default="best",
+        description="How confidence thresholds are determined (as in the stock block).",
+        json_schema_extra={
+            "always_visible": True,
+            "values_metadata": {
+                "best": _choice("Best (Recommended)", "Per-class thresholds from model evaluation when the package has them, else the model default."),
+                "default": _choice("Default", "The model's built-in default threshold."),
+                "custom": _choice("Custom", "The threshold given in Custom Confidence."),
+            },
+        },
+    )
+    custom_confidence: Union[Optional[FloatZeroToOne], Selector(kind=[FLOAT_ZERO_TO_ONE_KIND])] = Field(
+        default=0.4,
+        description="Confidence threshold used when the mode is `custom`.",
+        examples=[0.3, "$inputs.confidence"],
+        json_schema_extra={"relevant_for": {"confidence_mode": {"values": ["custom"], "required": True}}},
+    )
+    per_class_confidence: Union[Optional[Dict[str, FloatZeroToOne]], Selector(kind=[DICTIONARY_KIND])] = Field(
+        default=None,
+        description="Optional thresholds per class name (e.g. {\"car\": 0.6}); they override the mode's "
+        "threshold for the listed classes.",
+        examples=[{"car": 0.6, "person": 0.3}, "$inputs.per_class_confidence"],
+    )
+    class_filter: Union[Optional[List[str]], Selector(kind=[LIST_OF_VALUES_KIND])] = Field(
+        default=None,
+        description="List of accepted classes. Classes must exist in the model's training set.",
+        examples=[["a", "b"], "$inputs.class_filter"],
+    )
+    max_detections: Union[PositiveInt, Selector(kind=[INTEGER_KIND])] = Field(
+        default=300,
+        description="Maximum number of detections to return per image.",
+        examples=[300, "$inputs.max_detections"],
+    )
+    mask_output: Literal["dense", "rle"] = Field(
+        default="dense",
+        description="`dense`: `instance_segmentation_prediction` with full-frame masks (what annotators "
+        "and trackers take). `rle`: `rle_instance_segmentation_prediction` with COCO RLE masks, never "
+        "densified.",
+        json_schema_extra={
+            "values_metadata": {
+                "dense": _choice("Dense masks", "sv.Detections with a boolean mask per detection."),
+                "rle": _choice("RLE masks", "COCO run-length encoded masks in data['rle_mask']; no dense copy."),
+            },
+            **ADDITIONAL,
+        },
+    )
+    preprocess: Literal["auto", "triton", "reference"] = Field(
+        default="auto",
+        description="Image preprocessing implementation.",
+        json_schema_extra={
+            "values_metadata": {
+                "auto": _choice("Auto", "Triton on a CUDA GPU, the reference path otherwise."),
+                "triton": _choice("Triton (GPU)", "One fused GPU pass: PIL-exact resize, BGR->RGB, normalisation into the engine input."),
+                "reference": _choice("Reference", "inference-models' PIL-based preprocessing on the CPU."),
+            },
+            **ADDITIONAL,
+        },
+    )
+    engine: Literal["auto", "tensorrt", "torch", "onnx"] = Field(
+        default="auto",
+        description="Inference engine for the model package.",
+        json_schema_extra={
+            "values_metadata": {
+                "auto": _choice("Auto", "TensorRT for TensorRT packages, torch on CUDA for torch packages, else what runs here."),
+                "tensorrt": _choice("TensorRT", "A TensorRT plan package (TensorRT 10)."),
+                "torch": _choice("PyTorch", "The torch weights package."),
+                "onnx": _choice("ONNX Runtime", "The ONNX package; the portable fallback."),
+            },
+            **ADDITIONAL,
+        },
+    )
+    cuda_graphs: bool = Field(
+        default=True,
+        description="Capture the engine in a CUDA graph once and replay it per frame (GPU only; falls back "
+        "to eager execution with a logged reason when capture is impossible).",
+        json_schema_extra={
+            "relevant_for": {"engine": {"values": ["auto", "tensorrt", "torch"], "required": False}},
+            **ADDITIONAL,
+        },
+    )
+    precision: Literal["fp32", "fp16", "bf16"] = Field(
+        default="fp32",
+        description="Compute precision of the torch engine (TensorRT/ONNX packages keep their own).",
+        json_schema_extra={
+            "values_metadata": {
+                "fp32": _choice("FP32", "Exact reference numerics."),
+                "fp16": _choice("FP16", "Half precision; detections match FP32 closely, not bit-exactly."),
+                "bf16": _choice("BF16", "bfloat16 autocast."),
+            },
+            "relevant_for": {"engine": {"values": ["auto", "torch"], "required": False}},
+            **ADDITIONAL,
+        },
+    )
+    postprocess: Literal["auto", "fused", "reference"] = Field(
+        default="auto",
+        description="Postprocessing implementation (scores, boxes, masks).",
+        json_schema_extra={
+            "values_metadata": {
+                "auto": _choice("Auto", "Fused Triton kernels on a CUDA GPU, the reference path otherwise."),
+                "fused": _choice("Fused (GPU)", "Top-k, boxes and masks in fused kernels; one copy to the host per frame."),
+                "reference": _choice("Reference", "inference-models' postprocessing."),
+            },
+            **ADDITIONAL,
+        },
+    )
+    pipeline_depth: Literal[1, 2] = Field(
+        default=1,
+        description="1: each frame is finished before the next starts. 2: frame N's CPU work overlaps "
+        "frame N+1's GPU work inside InferencePipeline (results stay paired with their frames).",
+        json_schema_extra={
+            "values_metadata": {
+                "1": _choice("Synchronous", "One frame at a time."),
+                "2": _choice("Pipelined (depth 2)", "Overlap CPU finalisation with the next frame's GPU work."),
+            },
+            **ADDITIONAL,
+        },
+    )
+
+    @model_validator(mode="after")
+    def _check_custom_confidence(self) -> "BlockManifest":
+        if self.confidence_mode == "custom" and self.custom_confidence is None:
+            raise ValueError("`custom_confidence` is required when `confidence_mode` is 'custom'")
+        return self
+
+    @classmethod
+    def get_parameters_accepting_batches(cls) -> List[str]:
+        return ["images"]
+
+    @classmethod
+    def describe_outputs(cls) -> List[OutputDefinition]:
+        return [
+            OutputDefinition(name="inference_id", kind=[INFERENCE_ID_KIND]),
+            OutputDefinition(
+                name="predictions",
+                kind=[INSTANCE_SEGMENTATION_PREDICTION_KIND, RLE_INSTANCE_SEGMENTATION_PREDICTION_KIND],
+            ),
+            OutputDefinition(name="model_id", kind=[ROBOFLOW_MODEL_ID_KIND]),
+        ]
+
+    def get_actual_outputs(self) -> List[OutputDefinition]:
+        kind = (
+            RLE_INSTANCE_SEGMENTATION_PREDICTION_KIND
+            if self.mask_output == "rle"
+            else INSTANCE_SEGMENTATION_PREDICTION_KIND
+        )
+        return [
+            OutputDefinition(name="inference_id", kind=[INFERENCE_ID_KIND]),
+            OutputDefinition(name="predictions", kind=[kind]),
+            OutputDefinition(name="model_id", kind=[ROBOFLOW_MODEL_ID_KIND]),
+        ]
+
+    @classmethod
+    def get_execution_engine_compatibility(cls) -> Optional[str]:
+        return ">=1.3.0,<2.0.0"
+
+
+class RFDetrInstanceSegmentationBlockV1(WorkflowBlock):
+    def __init__(self, api_key: Optional[str] = None) -> None:
+        self._api_key = api_key
+        self._logged_choices: set = set()
+
+    @classmethod
+    def get_init_parameters(cls) -> List[str]:
+        return ["api_key"]
+
+    @classmethod
+    def get_manifest(cls) -> Type[WorkflowBlockManifest]:
+        return BlockManifest
+
+    def run(
+        self,
+        images: Batch[WorkflowImageData],
+        model_id: str,
+        confidence_mode: str = "best",
+        custom_confidence: Optional[float] = 0.4,
+        per_class_confidence: Optional[Dict[str, float]] = None,
+        class_filter: Optional[List[str]] = None,
+        max_detections: int = 300,
+        mask_output: str = "dense",
+        preprocess: str = "auto",
+        engine: str = "auto",
+        cuda_graphs: bool = True,
+        precision: str = "fp32",
+        postprocess: str = "auto",
+        pipeline_depth: int = 1,
+    ) -> BlockResult:
+        options = FastpathOptions(
+            preprocess=preprocess,
+            engine=engine,
+            cuda_graphs=cuda_graphs,
+            postprocess=postprocess,
+            precision=precision,
+            mask_output=mask_output,
+            pipeline_depth=pipeline_depth,
+        )
+        runner = RUNNERS.get(model_id=model_id, options=options, api_key=self._api_key)
+        self._log_stage_choices_once(runner)
+        request = PostprocessRequest(
+            threshold=resolve_threshold(
+                confidence_mode=confidence_mode,
+                custom_confidence=custom_confidence,
+                per_class_confidence=per_class_confidence,
+                class_names=runner.class_names,
+                recommended_parameters=getattr(runner.loaded.model, "recommended_parameters", None),
+            ),
+            max_detections=max_detections,
+            mask_format=mask_output,
+        )
+        frames = [image.numpy_image for image in images]
+        detections, _ = runner.infer(frames, request)
+        results = []
+        for image, frame_detections in zip(images, detections):
+            inference_id = str(uuid.uuid4())
+            results.append(
+                {
+                    "inference_id": inference_id,
+                    "predictions": to_sv_detections(
+                        frame_detections,
+                        class_names=runner.class_names,
+                        image=image,
+                        inference_id=inference_id,
+                        class_filter=class_filter,
+                    ),
+                    "model_id": model_id,
+                }
+            )
+        return results
+
+    def _log_stage_choices_once(self, runner: SegmentationRunner) -> None:
+        step = getattr(self, "_workflow_step_name", None) or BLOCK_TYPE
+        for choice in runner.choices:
+            key = (id(runner), choice)
+            if key in self._logged_choices:
+                continue
+            self._logged_choices.add(key)
+            if choice.fallback_reason:
+                LOGGER.warning(
+                    "step %s: %s=%s resolved to %s: %s",
+                    step, choice.stage, choice.requested, choice.selected, choice.fallback_reason,
+                )
+            else:
+                LOGGER.info("step %s: %s=%s -> %s", step, choice.stage, choice.requested, choice.selected)
