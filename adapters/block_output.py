@@ -67,6 +67,20 @@ def to_sv_detections(
     return attach_parents_coordinates_to_sv_detections(detections=result, image=image)
 
 
+def empty_frame_detections(frame, mask_format: str = "dense") -> FrameDetections:
+    """No detections for a frame that could not be processed (keeps its size when it has one)."""
+    shape = getattr(frame, "shape", (0, 0))
+    height, width = (int(shape[0]), int(shape[1])) if len(shape) >= 2 else (0, 0)
+    return FrameDetections(
+        xyxy=np.zeros((0, 4), dtype=np.float32),
+        confidence=np.zeros((0,), dtype=np.float32),
+        class_id=np.zeros((0,), dtype=np.int64),
+        image_size=(height, width),
+        dense_masks=None if mask_format == "rle" else np.zeros((0, height, width), dtype=bool),
+        rle_masks=[] if mask_format == "rle" else None,
+    )
+
+
 def _class_filter_mask(
     class_id: np.ndarray, class_names: Sequence[str], class_filter: Optional[Sequence[str]]
 ) -> np.ndarray:

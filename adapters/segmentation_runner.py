@@ -47,7 +47,7 @@ class SegmentationRunner:
     def infer(
         self, frames: Sequence[Frame], request: PostprocessRequest
     ) -> Tuple[List[FrameDetections], StageTimings]:
-        frames = normalise_frames(frames)
+        frames = normalise_frames(frames)  # cheap when the block already normalised them
         timings = StageTimings()
         with self._lock:
             started = time.perf_counter()

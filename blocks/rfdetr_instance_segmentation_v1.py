@@ -38,7 +38,8 @@ from inference.core.workflows.prototypes.block import (
     WorkflowBlockManifest,
 )
 
-from inference_fastpath.adapters.block_output import to_sv_detections
+from inference_fastpath.adapters.block_output import empty_frame_detections, to_sv_detections
+from inference_fastpath.adapters.frames import InvalidFrameError, normalise_frame
 from inference_fastpath.adapters.options import FastpathOptions
 from inference_fastpath.adapters.segmentation_runner import RUNNERS, SegmentationRunner
 from inference_fastpath.adapters.stages.contracts import PostprocessRequest
@@ -302,10 +303,12 @@ class RFDetrInstanceSegmentationBlockV1(WorkflowBlock):
             max_detections=max_detections,
             mask_format=mask_output,
         )
-        frames = [image.numpy_image for image in images]
-        detections, _ = runner.infer(frames, request)
+        frames, invalid = self._valid_frames(images, mask_output)
+        detections, _ = runner.infer(frames, request) if frames else ([], None)
+        detections = iter(detections)
         results = []
-        for image, frame_detections in zip(images, detections):
+        for index, image in enumerate(images):
+            frame_detections = invalid[index] if index in invalid else next(detections)
             inference_id = str(uuid.uuid4())
             results.append(
                 {
@@ -321,6 +324,28 @@ class RFDetrInstanceSegmentationBlockV1(WorkflowBlock):
                 }
             )
         return results
+
+    def _valid_frames(self, images: Batch[WorkflowImageData], mask_output: str):
+        """Frames the model can run on, and an empty result for each one it cannot.
+
+        A bad frame must not stop a video stream (an exception would end InferencePipeline's
+        inference thread), so it yields no detections and an error log naming the frame.
+        """
+        frames, invalid = [], {}
+        for index, image in enumerate(images):
+            try:
+                frames.append(normalise_frame(image.numpy_image, index))
+            except InvalidFrameError as error:
+                video = image.video_metadata
+                LOGGER.error(
+                    "step %s: skipping frame %s of source %s: %s",
+                    getattr(self, "_workflow_step_name", BLOCK_TYPE),
+                    getattr(video, "frame_number", "?"),
+                    getattr(video, "video_identifier", "?"),
+                    error,
+                )
+                invalid[index] = empty_frame_detections(image.numpy_image, mask_output)
+        return frames, invalid
 
     def _log_stage_choices_once(self, runner: SegmentationRunner) -> None:
         step = getattr(self, "_workflow_step_name", None) or BLOCK_TYPE

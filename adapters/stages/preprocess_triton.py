@@ -1,0 +1,598 @@
+"""Triton preprocess stage: frames -> normalised NCHW batch, byte-exact with inference-models.
+
+Reproduces ``inference_models.models.rfdetr.pre_processing.pre_process_network_input`` for uint8
+frames (numpy HWC, or uint8 tensors HWC / CHW):
+
+* optional static crop;
+* when the model package has ``dataset_version_resize_dimensions`` and a resize mode other than
+  stretch, the dataset-version step first: ``cv2.resize`` (INTER_LINEAR) letterbox /
+  letterbox-reflect-edges (both pad with the constant ``padding_value``), center-crop (crop/pad,
+  no resize) or fit-longer-edge into a uint8 canvas (Triton ``_cv2_linear_canvas_kernel``);
+* then one PIL ``BILINEAR`` antialiased stretch to the network size fused with the colour swap,
+  ``/255`` and mean/std normalisation (Triton ``_pil_resample_normalize_kernel``).
+
+Metadata is computed on the host by :func:`plan_frame` with the reference's arithmetic.
+
+Uploads: numpy frames are copied into a reusable pinned staging buffer (two slots, so filling
+one never waits on the copy of the previous call) and sent with one async copy on the stage's
+own CUDA stream; CUDA uint8 tensors are read in place. The stage records ``ready_event`` on its
+stream instead of synchronising the host. Without CUDA it runs the same kernels through
+``TRITON_INTERPRET=1`` on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from inference_models.entities import ColorFormat, ImageDimensions
+from inference_models.models.auto_loaders.entities import PreProcessingOverrides
+from inference_models.models.common.roboflow.model_packages import (
+    ColorMode,
+    ImagePreProcessing,
+    NetworkInputDefinition,
+    PreProcessingMetadata,
+    ResizeMode,
+    StaticCropOffset,
+)
+
+from inference_fastpath.adapters.stages.contracts import Frame, PreprocessedBatch
+from inference_fastpath.kernels.preprocess_resize_normalize import (
+    Box,
+    ResizeNormalizeOp,
+    interpreter_active,
+    normalization_lut,
+)
+
+_STAGING_ALIGN = 16  # keeps every staged frame 16-byte aligned (Triton specialises on it)
+_PLAN_CACHE_SIZE = 64
+
+
+class PlanningError(ValueError):
+    """The frame cannot be preprocessed (the reference would fail on it too)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Host-side planning (same arithmetic as the reference)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CanvasStep:
+    """Dataset-version step: ``cv2.resize`` of ``source`` (frame coordinates) into ``box`` of a
+    ``width`` x ``height`` uint8 canvas filled with ``pad_value`` elsewhere."""
+
+    width: int
+    height: int
+    source: Box
+    box: Box
+    pad_value: int
+
+
+@dataclass(frozen=True)
+class FramePlan:
+    crop: Box  # region of the frame fed to the PIL stretch (static crop) when no canvas step
+    canvas: Optional[CanvasStep]
+    swap_rb: bool
+    metadata: PreProcessingMetadata
+
+    @property
+    def launch_key(self) -> Tuple:
+        """Frames with equal keys (and equal shapes) can share one kernel launch."""
+        return (self.crop, self.canvas, self.swap_rb)
+
+
+def _static_crop(
+    height: int,
+    width: int,
+    image_pre_processing: ImagePreProcessing,
+    overrides: Optional[PreProcessingOverrides],
+) -> Tuple[Box, StaticCropOffset]:
+    config = image_pre_processing.static_crop
+    disabled = overrides is not None and overrides.disable_static_crop
+    if not config or not config.enabled or disabled:
+        return (0, 0, width, height), StaticCropOffset(
+            offset_x=0, offset_y=0, crop_width=width, crop_height=height
+        )
+    x_min = int(config.x_min / 100 * width)
+    y_min = int(config.y_min / 100 * height)
+    x_max = int(config.x_max / 100 * width)
+    y_max = int(config.y_max / 100 * height)
+    # numpy slicing semantics (clamped, possibly empty), as image[y_min:y_max, x_min:x_max]
+    xs = range(width)[x_min:x_max]
+    ys = range(height)[y_min:y_max]
+    if len(xs) == 0 or len(ys) == 0:
+        raise PlanningError(f"static crop leaves an empty image from {width}x{height}")
+    offset = StaticCropOffset(
+        offset_x=x_min, offset_y=y_min, crop_width=len(xs), crop_height=len(ys)
+    )
+    return (xs.start, ys.start, len(xs), len(ys)), offset
+
+
+def _letterbox_step(
+    crop: Box, canvas_w: int, canvas_h: int, pad_value: int
+) -> Tuple[CanvasStep, dict]:
+    width, height = crop[2], crop[3]
+    scale = min(canvas_w / width, canvas_h / height)
+    new_w, new_h = int(width * scale), int(height * scale)
+    if new_w < 1 or new_h < 1:
+        raise PlanningError(f"letterbox of {width}x{height} into {canvas_w}x{canvas_h} is empty")
+    pad_top = int((canvas_h - new_h) / 2)
+    pad_left = int((canvas_w - new_w) / 2)
+    step = CanvasStep(canvas_w, canvas_h, crop, (pad_left, pad_top, new_w, new_h), pad_value)
+    meta = dict(
+        pad_left=pad_left,
+        pad_top=pad_top,
+        pad_right=canvas_w - pad_left - new_w,
+        pad_bottom=canvas_h - pad_top - new_h,
+        inference_size=ImageDimensions(height=canvas_h, width=canvas_w),
+        scale_width=scale,
+        scale_height=scale,
+    )
+    return step, meta
+
+
+def _center_crop_axis(image: int, canvas: int) -> Tuple[int, int, int, int, int]:
+    """(canvas offset, image offset, copied length, reported pad before, reported pad after)."""
+    canvas_pad = max(canvas - image, 0)
+    canvas_before = canvas_pad // 2
+    image_extra = max(image - canvas, 0)
+    image_before = image_extra // 2
+    if canvas > image:
+        reported = (canvas_before, canvas_pad - canvas_before)
+    else:
+        reported = (-image_before, -(image_extra - image_before))
+    return canvas_before, image_before, min(image, canvas), reported[0], reported[1]
+
+
+def _center_crop_step(crop: Box, canvas_w: int, canvas_h: int) -> Tuple[CanvasStep, dict]:
+    cx, ix, w, pad_left, pad_right = _center_crop_axis(crop[2], canvas_w)
+    cy, iy, h, pad_top, pad_bottom = _center_crop_axis(crop[3], canvas_h)
+    source = (crop[0] + ix, crop[1] + iy, w, h)
+    step = CanvasStep(canvas_w, canvas_h, source, (cx, cy, w, h), 0)  # zero canvas, no resize
+    meta = dict(
+        pad_left=pad_left,
+        pad_top=pad_top,
+        pad_right=pad_right,
+        pad_bottom=pad_bottom,
+        inference_size=ImageDimensions(height=canvas_h, width=canvas_w),
+        scale_width=1.0,
+        scale_height=1.0,
+    )
+    return step, meta
+
+
+def _fit_longer_edge_step(crop: Box, canvas_w: int, canvas_h: int) -> Tuple[CanvasStep, dict]:
+    width, height = crop[2], crop[3]
+    scale_x, scale_y = canvas_w / width, canvas_h / height
+    if scale_x < scale_y:
+        new_w, new_h = canvas_w, round(scale_x * height)
+    else:
+        new_w, new_h = round(scale_y * width), canvas_h
+    if new_w < 1 or new_h < 1:
+        raise PlanningError(f"fit-longer-edge of {width}x{height} is empty")
+    step = CanvasStep(new_w, new_h, crop, (0, 0, new_w, new_h), 0)
+    meta = dict(
+        pad_left=0,
+        pad_top=0,
+        pad_right=0,
+        pad_bottom=0,
+        inference_size=ImageDimensions(height=new_h, width=new_w),
+        scale_width=new_w / width,
+        scale_height=new_h / height,
+    )
+    return step, meta
+
+
+def _needs_canvas_step(network_input: NetworkInputDefinition) -> bool:
+    return (
+        network_input.dataset_version_resize_dimensions is not None
+        and network_input.resize_mode != ResizeMode.STRETCH_TO
+    )
+
+
+def plan_frame(
+    height: int,
+    width: int,
+    network_input: NetworkInputDefinition,
+    image_pre_processing: ImagePreProcessing,
+    input_color_mode: Optional[ColorMode],
+    overrides: Optional[PreProcessingOverrides] = None,
+) -> FramePlan:
+    """Geometry, colour swap and ``PreProcessingMetadata`` of one ``height`` x ``width`` frame,
+    computed exactly as RF-DETR's ``pre_process_network_input`` (numpy path) does."""
+    target = network_input.training_input_size
+    if target is None:
+        raise PlanningError("network_input has no training_input_size")
+    target_size = ImageDimensions(width=target.width, height=target.height)
+    original_size = ImageDimensions(width=width, height=height)
+    crop, crop_offset = _static_crop(height, width, image_pre_processing, overrides)
+    size_after = ImageDimensions(width=crop[2], height=crop[3])
+
+    if not _needs_canvas_step(network_input):
+        # `None != color_mode` is True: the reference swaps when no input format is given.
+        swap_rb = input_color_mode != network_input.color_mode
+        metadata = PreProcessingMetadata(
+            pad_left=0,
+            pad_top=0,
+            pad_right=0,
+            pad_bottom=0,
+            original_size=original_size,
+            size_after_pre_processing=size_after,
+            inference_size=target_size,
+            scale_width=target_size.width / size_after.width,
+            scale_height=target_size.height / size_after.height,
+            static_crop_offset=crop_offset,
+        )
+        return FramePlan(crop, None, swap_rb, metadata)
+
+    dims = network_input.dataset_version_resize_dimensions
+    mode = network_input.resize_mode
+    if mode in (ResizeMode.LETTERBOX, ResizeMode.LETTERBOX_REFLECT_EDGES):
+        pad = network_input.padding_value or 0
+        step, meta = _letterbox_step(crop, dims.width, dims.height, pad)
+    elif mode == ResizeMode.CENTER_CROP:
+        step, meta = _center_crop_step(crop, dims.width, dims.height)
+    elif mode == ResizeMode.FIT_LONGER_EDGE:
+        step, meta = _fit_longer_edge_step(crop, dims.width, dims.height)
+    else:  # pragma: no cover - ResizeMode has no other member
+        raise PlanningError(f"unsupported resize mode {mode}")
+    # The dataset-version handler defaults a missing input format to BGR.
+    swap_rb = (input_color_mode or ColorMode.BGR) != network_input.color_mode
+    metadata = PreProcessingMetadata(
+        original_size=original_size,
+        size_after_pre_processing=size_after,
+        static_crop_offset=crop_offset,
+        nonsquare_intermediate_size=meta.pop("inference_size"),
+        inference_size=target_size,
+        **meta,
+    )
+    return FramePlan(crop, step, swap_rb, metadata)
+
+
+def rfdetr_normalization_lut(network_input: NetworkInputDefinition) -> torch.Tensor:
+    """LUT of RF-DETR's ``TF.to_tensor`` (always ``/255``) followed by its normalisation: mean/std
+    when given, otherwise ``* (255 / scaling_factor)`` for a scaling factor other than 255."""
+    if network_input.normalization:
+        mean, std = network_input.normalization
+        return normalization_lut(mean, std)
+    factor = network_input.scaling_factor
+    if factor is not None and factor != 255:
+        return normalization_lut(None, None, multiplier=255.0 / factor)
+    return normalization_lut(None, None)
+
+
+# --------------------------------------------------------------------------------------------
+# Frames -> device views
+# --------------------------------------------------------------------------------------------
+
+
+def _tensor_as_hwc(frame: torch.Tensor) -> torch.Tensor:
+    # Same layout rule as the reference's `_tensor_to_hwc_uint8`.
+    if frame.dim() == 3 and frame.shape[0] in (1, 3, 4) and frame.shape[-1] not in (1, 3, 4):
+        return frame.permute(1, 2, 0)
+    return frame
+
+
+def _frame_hw(frame: Frame) -> Tuple[int, int]:
+    if isinstance(frame, torch.Tensor):
+        frame = _tensor_as_hwc(frame)
+    return int(frame.shape[0]), int(frame.shape[1])
+
+
+def _frame_problem(frame: Frame, device: torch.device) -> Optional[str]:
+    if isinstance(frame, np.ndarray):
+        if frame.dtype != np.uint8:
+            return f"numpy frame of dtype {frame.dtype} (uint8 only)"
+        shape = frame.shape
+    elif isinstance(frame, torch.Tensor):
+        if frame.dtype != torch.uint8:
+            return f"tensor frame of dtype {frame.dtype} (uint8 only)"
+        if frame.device.type != "cpu" and frame.device != device:
+            return f"tensor frame on {frame.device}, stage runs on {device}"
+        shape = tuple(_tensor_as_hwc(frame).shape)
+    else:
+        return f"frame of type {type(frame).__name__}"
+    if len(shape) != 3 or shape[2] != 3:
+        return f"frame of shape {tuple(shape)} (3-channel HWC only)"
+    if shape[0] < 1 or shape[1] < 1:
+        return f"empty frame {tuple(shape)}"
+    return None
+
+
+def _normalize_device(device: torch.device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+class _Staging:
+    """Host staging for numpy frames: two pinned slots (CUDA) plus one device buffer.
+
+    On CPU the host slot is used directly as the kernel source.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self._device = device
+        self._cuda = device.type == "cuda"
+        self._host: List[Optional[torch.Tensor]] = [None, None]
+        self._copied: List[Optional[torch.cuda.Event]] = [None, None]
+        self._slot = 0
+        self._device_buf: Optional[torch.Tensor] = None
+
+    def upload(self, frames: Sequence[np.ndarray]) -> List[torch.Tensor]:
+        """Copy ``frames`` into staging, send them (async, current stream), return device views."""
+        offsets, total = [], 0
+        for frame in frames:
+            offsets.append(total)
+            total += -(-frame.nbytes // _STAGING_ALIGN) * _STAGING_ALIGN
+        slot = self._slot
+        self._slot ^= 1
+        if self._copied[slot] is not None:
+            self._copied[slot].synchronize()  # copy from this slot two calls ago (long done)
+        host = self._host[slot]
+        if host is None or host.numel() < total:
+            host = torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=self._cuda)
+            self._host[slot] = host
+        host_np = host.numpy()
+        for frame, offset in zip(frames, offsets):
+            view = host_np[offset : offset + frame.nbytes].reshape(frame.shape)
+            np.copyto(view, frame)  # any input strides
+        if not self._cuda:
+            return [self._view(host, frame.shape, offset) for frame, offset in zip(frames, offsets)]
+        if self._device_buf is None or self._device_buf.numel() < total:
+            self._device_buf = torch.empty(max(total, 1), dtype=torch.uint8, device=self._device)
+        self._device_buf[:total].copy_(host[:total], non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._copied[slot] = event
+        return [self._view(self._device_buf, f.shape, o) for f, o in zip(frames, offsets)]
+
+    @staticmethod
+    def _view(buffer: torch.Tensor, shape: Tuple[int, ...], offset: int) -> torch.Tensor:
+        size = int(np.prod(shape))
+        return buffer[offset : offset + size].view(*shape)
+
+
+def _group_frames(sources: List[torch.Tensor], plans: List[FramePlan]) -> List[Tuple[int, torch.Tensor]]:
+    """Split into runs of consecutive frames that share a plan, a shape and strides and sit at a
+    constant distance in one storage; each run becomes one batched (N, H, W, 3) view."""
+    groups: List[Tuple[int, torch.Tensor]] = []
+    start = 0
+    while start < len(sources):
+        first = sources[start]
+        end, delta = start + 1, None
+        while end < len(sources):
+            cand, prev = sources[end], sources[end - 1]
+            step = cand.data_ptr() - prev.data_ptr()
+            same = (
+                plans[end].launch_key == plans[start].launch_key
+                and cand.shape == first.shape
+                and cand.stride() == first.stride()
+                and cand.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+                and step > 0
+                and (delta is None or step == delta)
+            )
+            if not same:
+                break
+            delta = step
+            end += 1
+        count = end - start
+        batched = torch.as_strided(
+            first,
+            (count, *first.shape),
+            (delta or 0, *first.stride()),
+            first.storage_offset(),
+        )
+        groups.append((start, batched))
+        start = end
+    return groups
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------
+
+
+class TritonPreprocess:
+    """Preprocess stage (``PreprocessStage`` protocol) running the fused Triton kernels."""
+
+    name = "triton_preprocess"
+
+    def __init__(
+        self,
+        network_input: NetworkInputDefinition,
+        image_pre_processing: ImagePreProcessing,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+        input_color_format: Optional[ColorFormat] = "bgr",
+        pre_processing_overrides: Optional[PreProcessingOverrides] = None,
+    ) -> None:
+        if dtype not in (torch.float32, torch.float16):
+            raise ValueError(f"dtype must be float32 or float16, got {dtype}")
+        self.network_input = network_input
+        self.image_pre_processing = image_pre_processing
+        self.device = _normalize_device(device)
+        self.dtype = dtype
+        self.input_color_mode = ColorMode(input_color_format) if input_color_format else None
+        self.overrides = pre_processing_overrides
+        self._config_problem = self._check_config()
+        self._lock = threading.Lock()  # one call at a time: staging/output buffers are reused
+        self._plan_lock = threading.Lock()
+        self._plans: "OrderedDict[Tuple[int, int], FramePlan]" = OrderedDict()
+        self._cuda = self.device.type == "cuda"
+        self._stream = torch.cuda.Stream(self.device) if self._config_problem is None and self._cuda else None
+        self._op = ResizeNormalizeOp(self.device)
+        self._staging = _Staging(self.device)
+        self._out: Optional[torch.Tensor] = None
+        self._canvas: Optional[torch.Tensor] = None
+        self._lut: Optional[torch.Tensor] = None
+        if self._config_problem is None:
+            self._lut = rfdetr_normalization_lut(network_input).to(self.device)
+
+    # -- support checks ----------------------------------------------------------------------
+
+    def _check_config(self) -> Optional[str]:
+        ni, ipp, ov = self.network_input, self.image_pre_processing, self.overrides
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            return "CUDA device requested but CUDA is not available"
+        if self.device.type == "cpu" and not interpreter_active():
+            return "no CUDA and Triton interpreter off (set TRITON_INTERPRET=1 before import)"
+        if self.device.type not in ("cuda", "cpu"):
+            return f"device {self.device} is not supported"
+        if ni.training_input_size is None:
+            return "network input has no fixed training_input_size"
+        if ni.input_channels != 3:
+            return f"network expects {ni.input_channels} channels (3 only)"
+        if ipp.grayscale and ipp.grayscale.enabled and not (ov and ov.disable_grayscale):
+            return "grayscale preprocessing is not implemented in the Triton stage"
+        if ipp.contrast and ipp.contrast.enabled and not (ov and ov.disable_contrast_enhancement):
+            return f"contrast preprocessing ({ipp.contrast.type.value}) is not implemented"
+        if _needs_canvas_step(ni) and ni.resize_mode in (
+            ResizeMode.LETTERBOX,
+            ResizeMode.LETTERBOX_REFLECT_EDGES,
+        ) and not 0 <= (ni.padding_value or 0) <= 255:
+            return f"padding_value {ni.padding_value} is not a uint8 value"
+        if ni.normalization:
+            mean, std = ni.normalization
+            if len(mean) != 3 or len(std) != 3:
+                return "normalization must have 3 means and 3 stds"
+            if any(float(np.float32(s)) == 0.0 for s in std):
+                return "normalization std is zero"
+        return None
+
+    def unsupported_reason(self, frames: Sequence[Frame]) -> Optional[str]:
+        """Why this stage cannot process ``frames`` (None when it can)."""
+        if self._config_problem is not None:
+            return self._config_problem
+        if len(frames) == 0:
+            return "empty batch"
+        for index, frame in enumerate(frames):
+            problem = _frame_problem(frame, self.device)
+            if problem is None:
+                try:
+                    self._plan(*_frame_hw(frame))
+                except PlanningError as error:
+                    problem = str(error)
+            if problem is not None:
+                return f"frame {index}: {problem}"
+        return None
+
+    # -- planning / buffers ------------------------------------------------------------------
+
+    def _plan(self, height: int, width: int) -> FramePlan:
+        key = (height, width)
+        with self._plan_lock:
+            plan = self._plans.get(key)
+            if plan is not None:
+                self._plans.move_to_end(key)
+                return plan
+        plan = plan_frame(
+            height, width, self.network_input, self.image_pre_processing,
+            self.input_color_mode, self.overrides,
+        )
+        with self._plan_lock:
+            self._plans[key] = plan
+            while len(self._plans) > _PLAN_CACHE_SIZE:
+                self._plans.popitem(last=False)
+        return plan
+
+    def _output(self, batch: int) -> torch.Tensor:
+        size = self.network_input.training_input_size
+        if self._out is None or self._out.shape[0] < batch:
+            self._out = torch.empty(
+                (batch, 3, size.height, size.width), dtype=self.dtype, device=self.device
+            )
+        return self._out[:batch]
+
+    def _check_out(self, out: torch.Tensor, batch: int) -> None:
+        size = self.network_input.training_input_size
+        expected = (batch, 3, size.height, size.width)
+        if tuple(out.shape) != expected:
+            raise ValueError(f"out has shape {tuple(out.shape)}, expected {expected}")
+        if out.dtype not in (torch.float32, torch.float16):
+            raise ValueError(f"out must be float32 or float16, got {out.dtype}")
+        if out.device != self.device:
+            raise ValueError(f"out is on {out.device}, stage runs on {self.device}")
+
+    def _canvas_buffer(self, count: int, step: CanvasStep) -> torch.Tensor:
+        need = count * step.height * step.width * 3
+        if self._canvas is None or self._canvas.numel() < need:
+            self._canvas = torch.empty(need, dtype=torch.uint8, device=self.device)
+        return self._canvas[:need].view(count, step.height, step.width, 3)
+
+    # -- run ----------------------------------------------------------------------------------
+
+    def __call__(
+        self, frames: Sequence[Frame], out: Optional[torch.Tensor] = None
+    ) -> PreprocessedBatch:
+        """Preprocess ``frames`` into ``out`` (or the stage's reusable buffer, valid until the
+        next call). On CUDA, consumers must wait on ``ready_event`` before reading."""
+        reason = self.unsupported_reason(frames)
+        if reason is not None:
+            raise ValueError(f"TritonPreprocess cannot run: {reason}")
+        with self._lock:
+            if not self._cuda:
+                return self._run(frames, out)
+            producer = torch.cuda.current_stream(self.device)
+            self._stream.wait_stream(producer)  # frames / `out` readers queued so far come first
+            with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
+                batch = self._run(frames, out)
+                batch.ready_event = torch.cuda.Event()
+                batch.ready_event.record(self._stream)
+            if out is not None:
+                out.record_stream(self._stream)
+            for frame in frames:
+                if isinstance(frame, torch.Tensor) and frame.is_cuda:
+                    frame.record_stream(self._stream)
+            return batch
+
+    def _run(self, frames: Sequence[Frame], out: Optional[torch.Tensor]) -> PreprocessedBatch:
+        plans = [self._plan(*_frame_hw(frame)) for frame in frames]
+        if out is None:
+            out = self._output(len(frames))
+        else:
+            self._check_out(out, len(frames))
+        sources = self._sources(frames)
+        for start, group in _group_frames(sources, plans):
+            plan = plans[start]
+            target = out[start : start + group.shape[0]]
+            self._launch(plan, group, target)
+        return PreprocessedBatch(tensor=out, metadata=[plan.metadata for plan in plans])
+
+    def _sources(self, frames: Sequence[Frame]) -> List[torch.Tensor]:
+        """(H, W, 3) uint8 views on the stage device; host frames go through staging."""
+        sources: List[Optional[torch.Tensor]] = [None] * len(frames)
+        host_index, host_frames = [], []
+        for index, frame in enumerate(frames):
+            if isinstance(frame, torch.Tensor) and frame.device == self.device:
+                sources[index] = _tensor_as_hwc(frame)
+            else:
+                array = frame if isinstance(frame, np.ndarray) else _tensor_as_hwc(frame).numpy()
+                host_index.append(index)
+                host_frames.append(array)
+        if host_frames:
+            for index, view in zip(host_index, self._staging.upload(host_frames)):
+                sources[index] = view
+        return sources  # type: ignore[return-value]
+
+    def _launch(self, plan: FramePlan, group: torch.Tensor, target: torch.Tensor) -> None:
+        if plan.canvas is None:
+            self._op.resize_normalize(
+                group, target, self._lut, crop=plan.crop, swap_rb=plan.swap_rb
+            )
+            return
+        step = plan.canvas
+        canvas = self._canvas_buffer(group.shape[0], step)
+        self._op.linear_resize_into_canvas(
+            group, canvas, crop=step.source, box=step.box, pad_value=step.pad_value
+        )
+        self._op.resize_normalize(canvas, target, self._lut, swap_rb=plan.swap_rb)
+
+
+__all__ = ["CanvasStep", "FramePlan", "PlanningError", "TritonPreprocess", "plan_frame", "rfdetr_normalization_lut"]

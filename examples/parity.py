@@ -1,0 +1,83 @@
+"""Compares two sets of detections of the same frame (ours vs the stock block, fast vs reference stage)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Dict, Optional
+
+import numpy as np
+import supervision as sv
+
+from inference_fastpath.adapters.masks import largest_external_contour
+
+
+@dataclass
+class ParityReport:
+    count_a: int
+    count_b: int
+    classes_equal: bool
+    max_confidence_diff: float
+    max_box_diff_px: float
+    min_mask_iou: float
+
+    def within(self, confidence: float = 1e-5, box_px: float = 1.0, mask_iou: float = 0.999) -> bool:
+        return (
+            self.count_a == self.count_b
+            and self.classes_equal
+            and self.max_confidence_diff <= confidence
+            and self.max_box_diff_px <= box_px
+            and self.min_mask_iou >= mask_iou
+        )
+
+    def as_dict(self) -> Dict[str, float]:
+        return asdict(self)
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+def as_polygon_mask(mask: np.ndarray) -> np.ndarray:
+    """The mask the stock block ends up with: its largest external contour, filled again.
+
+    The stock v3 block sends polygons through the inference response and rasterises them back, so
+    extra connected components and holes of a mask are lost there. Comparing our dense masks through
+    this same lossy step isolates the model/postprocess numerics from that detour.
+    """
+    import cv2
+
+    polygon = largest_external_contour(mask)
+    filled = np.zeros(mask.shape, dtype=np.uint8)
+    if len(polygon) >= 3:
+        cv2.fillPoly(filled, [polygon.astype(np.int32)], color=1)
+    return filled.astype(bool)
+
+
+def compare_detections(
+    a: sv.Detections, b: sv.Detections, polygonise_a: bool = False
+) -> ParityReport:
+    """Detections must be in the same order (both paths sort by confidence)."""
+    count_a, count_b = len(a), len(b)
+    n = min(count_a, count_b)
+    classes_equal = count_a == count_b and np.array_equal(a.class_id[:n], b.class_id[:n])
+    conf = float(np.max(np.abs(a.confidence[:n] - b.confidence[:n]))) if n else 0.0
+    box = float(np.max(np.abs(a.xyxy[:n] - b.xyxy[:n]))) if n else 0.0
+    ious = []
+    if a.mask is not None and b.mask is not None:
+        for i in range(n):
+            mask_a = as_polygon_mask(a.mask[i]) if polygonise_a else a.mask[i]
+            ious.append(mask_iou(mask_a, b.mask[i]))
+    return ParityReport(
+        count_a=count_a,
+        count_b=count_b,
+        classes_equal=bool(classes_equal),
+        max_confidence_diff=conf,
+        max_box_diff_px=box,
+        min_mask_iou=min(ious) if ious else 1.0,
+    )
+
+
+def mean_detections(batches) -> Optional[float]:
+    counts = [len(d) for d in batches if d is not None]
+    return float(np.mean(counts)) if counts else None
