@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Dict, List, Sequence, Tuple
+from collections import deque
+from typing import Deque, Dict, List, Sequence, Tuple
 
 from inference_fastpath.adapters.frames import normalise_frames
 from inference_fastpath.adapters.model_loading import MODEL_REGISTRY, LoadedModel
@@ -39,6 +40,8 @@ class SegmentationRunner:
         self.postprocess, postprocess_choice = select_postprocess(options, loaded)
         self.choices: Tuple[StageChoice, ...] = (preprocess_choice, engine_choice, postprocess_choice)
         self._lock = threading.Lock()
+        # Per-run stage timings of the most recent runs, for benchmarks (bounded, never grows).
+        self.timings: Deque[StageTimings] = deque(maxlen=10_000)
 
     @property
     def class_names(self) -> Tuple[str, ...]:

@@ -39,10 +39,15 @@ def _import_attribute(module: str, attribute: str) -> Tuple[Optional[Any], Optio
         return None, f"{module}.{attribute} is unavailable ({type(error).__name__}: {error})"
 
 
-def triton_runnable(device: torch.device) -> Optional[str]:
-    """None when Triton kernels can run for `device`, else the reason they cannot."""
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return "Triton kernels need a CUDA device (or TRITON_INTERPRET=1 for testing)"
+def triton_runnable(device: torch.device, requested: str) -> Optional[str]:
+    """None when Triton kernels should run for `device`, else the reason they will not.
+
+    `auto` takes Triton on CUDA only; an explicit request may also run under the CPU interpreter
+    (TRITON_INTERPRET=1), which is how CI checks the kernels' numerics.
+    """
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1" and requested != "auto"
+    if device.type != "cuda" and not interpreted:
+        return "Triton kernels need a CUDA device (explicit choices also run with TRITON_INTERPRET=1)"
     try:
         importlib.import_module("triton")
     except Exception as error:
@@ -58,7 +63,7 @@ def select_preprocess(options: FastpathOptions, loaded: LoadedModel) -> Tuple[Ca
     reference = ReferencePreprocess(loaded.model)
     if options.preprocess == "reference":
         return reference, StageChoice("preprocess", "reference", "reference")
-    reason = triton_runnable(loaded.device)
+    reason = triton_runnable(loaded.device, options.preprocess)
     stage = None
     if reason is None:
         stage_class, reason = _import_attribute(
@@ -109,7 +114,7 @@ def select_postprocess(options: FastpathOptions, loaded: LoadedModel) -> Tuple[C
     reference = ReferencePostprocess(num_classes=num_classes, classes_re_mapping=re_mapping)
     if options.postprocess == "reference":
         return reference, StageChoice("postprocess", "reference", "reference")
-    reason = triton_runnable(loaded.device)
+    reason = triton_runnable(loaded.device, options.postprocess)
     stage = None
     if reason is None:
         stage_class, reason = _import_attribute(

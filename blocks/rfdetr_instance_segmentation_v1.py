@@ -7,6 +7,7 @@ for RF-DETR; every optimization is a per-block option shown in the builder's add
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from typing import Dict, List, Literal, Optional, Type, Union
 
@@ -255,6 +256,7 @@ class RFDetrInstanceSegmentationBlockV1(WorkflowBlock):
     def __init__(self, api_key: Optional[str] = None) -> None:
         self._api_key = api_key
         self._logged_choices: set = set()
+        self._last_run_finished: Optional[float] = None
 
     @classmethod
     def get_init_parameters(cls) -> List[str]:
@@ -281,6 +283,7 @@ class RFDetrInstanceSegmentationBlockV1(WorkflowBlock):
         postprocess: str = "auto",
         pipeline_depth: int = 1,
     ) -> BlockResult:
+        run_started = time.perf_counter()
         options = FastpathOptions(
             preprocess=preprocess,
             engine=engine,
@@ -304,8 +307,9 @@ class RFDetrInstanceSegmentationBlockV1(WorkflowBlock):
             mask_format=mask_output,
         )
         frames, invalid = self._valid_frames(images, mask_output)
-        detections, _ = runner.infer(frames, request) if frames else ([], None)
+        detections, timings = runner.infer(frames, request) if frames else ([], None)
         detections = iter(detections)
+        output_started = time.perf_counter()
         results = []
         for index, image in enumerate(images):
             frame_detections = invalid[index] if index in invalid else next(detections)
@@ -323,7 +327,18 @@ class RFDetrInstanceSegmentationBlockV1(WorkflowBlock):
                     "model_id": model_id,
                 }
             )
+        self._record_timings(runner, timings, run_started, output_started)
         return results
+
+    def _record_timings(self, runner, timings, run_started: float, output_started: float) -> None:
+        finished = time.perf_counter()
+        if timings is not None:
+            timings.output_ms = (finished - output_started) * 1e3
+            # Time between two runs of this step: waiting for the next decoded frame + workflow overhead.
+            if self._last_run_finished is not None:
+                timings.extra["between_runs_ms"] = (run_started - self._last_run_finished) * 1e3
+            runner.timings.append(timings)
+        self._last_run_finished = finished
 
     def _valid_frames(self, images: Batch[WorkflowImageData], mask_output: str):
         """Frames the model can run on, and an empty result for each one it cannot.

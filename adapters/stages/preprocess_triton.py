@@ -25,7 +25,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -42,6 +42,7 @@ from inference_models.models.common.roboflow.model_packages import (
 
 from inference_fastpath.adapters.stages.contracts import Frame, PreprocessedBatch
 from inference_fastpath.kernels.preprocess_resize_normalize import (
+    OUTPUT_DTYPES,
     Box,
     ResizeNormalizeOp,
     interpreter_active,
@@ -254,16 +255,18 @@ def plan_frame(
     return FramePlan(crop, step, swap_rb, metadata)
 
 
-def rfdetr_normalization_lut(network_input: NetworkInputDefinition) -> torch.Tensor:
+def rfdetr_normalization_lut(
+    network_input: NetworkInputDefinition, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """LUT of RF-DETR's ``TF.to_tensor`` (always ``/255``) followed by its normalisation: mean/std
     when given, otherwise ``* (255 / scaling_factor)`` for a scaling factor other than 255."""
     if network_input.normalization:
         mean, std = network_input.normalization
-        return normalization_lut(mean, std)
+        return normalization_lut(mean, std, dtype=dtype)
     factor = network_input.scaling_factor
     if factor is not None and factor != 255:
-        return normalization_lut(None, None, multiplier=255.0 / factor)
-    return normalization_lut(None, None)
+        return normalization_lut(None, None, multiplier=255.0 / factor, dtype=dtype)
+    return normalization_lut(None, None, dtype=dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -413,8 +416,8 @@ class TritonPreprocess:
         input_color_format: Optional[ColorFormat] = "bgr",
         pre_processing_overrides: Optional[PreProcessingOverrides] = None,
     ) -> None:
-        if dtype not in (torch.float32, torch.float16):
-            raise ValueError(f"dtype must be float32 or float16, got {dtype}")
+        if dtype not in OUTPUT_DTYPES:
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
         self.network_input = network_input
         self.image_pre_processing = image_pre_processing
         self.device = _normalize_device(device)
@@ -431,9 +434,9 @@ class TritonPreprocess:
         self._staging = _Staging(self.device)
         self._out: Optional[torch.Tensor] = None
         self._canvas: Optional[torch.Tensor] = None
-        self._lut: Optional[torch.Tensor] = None
+        self._luts: Dict[torch.dtype, torch.Tensor] = {}  # one per output dtype
         if self._config_problem is None:
-            self._lut = rfdetr_normalization_lut(network_input).to(self.device)
+            self._lut(dtype)
 
     # -- support checks ----------------------------------------------------------------------
 
@@ -515,10 +518,17 @@ class TritonPreprocess:
         expected = (batch, 3, size.height, size.width)
         if tuple(out.shape) != expected:
             raise ValueError(f"out has shape {tuple(out.shape)}, expected {expected}")
-        if out.dtype not in (torch.float32, torch.float16):
-            raise ValueError(f"out must be float32 or float16, got {out.dtype}")
+        if out.dtype not in OUTPUT_DTYPES:
+            raise ValueError(f"out must be float32, float16 or bfloat16, got {out.dtype}")
         if out.device != self.device:
             raise ValueError(f"out is on {out.device}, stage runs on {self.device}")
+
+    def _lut(self, dtype: torch.dtype) -> torch.Tensor:
+        lut = self._luts.get(dtype)
+        if lut is None:  # built once per dtype; a blocking copy (first call only)
+            lut = rfdetr_normalization_lut(self.network_input, dtype).to(self.device)
+            self._luts[dtype] = lut
+        return lut
 
     def _canvas_buffer(self, count: int, step: CanvasStep) -> torch.Tensor:
         need = count * step.height * step.width * 3
@@ -584,7 +594,7 @@ class TritonPreprocess:
     def _launch(self, plan: FramePlan, group: torch.Tensor, target: torch.Tensor) -> None:
         if plan.canvas is None:
             self._op.resize_normalize(
-                group, target, self._lut, crop=plan.crop, swap_rb=plan.swap_rb
+                group, target, self._lut(target.dtype), crop=plan.crop, swap_rb=plan.swap_rb
             )
             return
         step = plan.canvas
@@ -592,7 +602,7 @@ class TritonPreprocess:
         self._op.linear_resize_into_canvas(
             group, canvas, crop=step.source, box=step.box, pad_value=step.pad_value
         )
-        self._op.resize_normalize(canvas, target, self._lut, swap_rb=plan.swap_rb)
+        self._op.resize_normalize(canvas, target, self._lut(target.dtype), swap_rb=plan.swap_rb)
 
 
 __all__ = ["CanvasStep", "FramePlan", "PlanningError", "TritonPreprocess", "plan_frame", "rfdetr_normalization_lut"]
