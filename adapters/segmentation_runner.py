@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Deque, Dict, List, Sequence, Tuple
 
 from inference_fastpath.adapters.frames import normalise_frames
@@ -25,6 +26,7 @@ from inference_fastpath.adapters.stages.contracts import (
     Frame,
     FrameDetections,
     PostprocessRequest,
+    RawOutputs,
     StageTimings,
 )
 
@@ -39,7 +41,10 @@ class SegmentationRunner:
         self.engine, engine_choice = select_engine(options, loaded)
         self.postprocess, postprocess_choice = select_postprocess(options, loaded)
         self.choices: Tuple[StageChoice, ...] = (preprocess_choice, engine_choice, postprocess_choice)
-        self._lock = threading.Lock()
+        # Launches (which write the engine's static buffers) and completions are each serialised;
+        # a completion may overlap the next launch (depth-2 scheduling).
+        self._launch_lock = threading.Lock()
+        self._complete_lock = threading.Lock()
         # Per-run stage timings of the most recent runs, for benchmarks (bounded, never grows).
         self.timings: Deque[StageTimings] = deque(maxlen=10_000)
 
@@ -47,23 +52,43 @@ class SegmentationRunner:
     def class_names(self) -> Tuple[str, ...]:
         return self.loaded.class_names
 
-    def infer(
-        self, frames: Sequence[Frame], request: PostprocessRequest
-    ) -> Tuple[List[FrameDetections], StageTimings]:
+    def launch(self, frames: Sequence[Frame]) -> "Launched":
+        """Preprocess + engine. On a GPU this only enqueues work; the outputs are read in `complete`."""
         frames = normalise_frames(frames)  # cheap when the block already normalised them
         timings = StageTimings()
-        with self._lock:
+        with self._launch_lock:
             started = time.perf_counter()
             batch = self.preprocess(frames)
             after_preprocess = time.perf_counter()
             raw = self.engine(batch)
             after_engine = time.perf_counter()
-            detections = self.postprocess(raw, batch.metadata, request)
-            finished = time.perf_counter()
         timings.preprocess_ms = (after_preprocess - started) * 1e3
         timings.engine_ms = (after_engine - after_preprocess) * 1e3
-        timings.postprocess_ms = (finished - after_engine) * 1e3
-        return detections, timings
+        return Launched(metadata=batch.metadata, raw=raw, timings=timings)
+
+    def complete(
+        self, launched: "Launched", request: PostprocessRequest
+    ) -> Tuple[List[FrameDetections], StageTimings]:
+        """Postprocess; ends with the detections on the host."""
+        with self._complete_lock:
+            started = time.perf_counter()
+            detections = self.postprocess(launched.raw, launched.metadata, request)
+            launched.timings.postprocess_ms = (time.perf_counter() - started) * 1e3
+        return detections, launched.timings
+
+    def infer(
+        self, frames: Sequence[Frame], request: PostprocessRequest
+    ) -> Tuple[List[FrameDetections], StageTimings]:
+        return self.complete(self.launch(frames), request)
+
+
+@dataclass
+class Launched:
+    """A batch whose engine work has been submitted."""
+
+    metadata: list
+    raw: RawOutputs
+    timings: StageTimings
 
 
 class _RunnerCache:

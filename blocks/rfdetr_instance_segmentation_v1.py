@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from concurrent.futures import Future
 from typing import Dict, List, Literal, Optional, Type, Union
 
 from pydantic import ConfigDict, Field, PositiveInt, model_validator
@@ -42,6 +43,12 @@ from inference.core.workflows.prototypes.block import (
 from inference_fastpath.adapters.block_output import empty_frame_detections, to_sv_detections
 from inference_fastpath.adapters.frames import InvalidFrameError, normalise_frame
 from inference_fastpath.adapters.options import FastpathOptions
+from inference_fastpath.adapters.scheduler import FutureScheduler
+from inference_fastpath.adapters.stream_pipelining import (
+    declare_step_depth,
+    declared_step_depth,
+    enable_runtime_pipelining,
+)
 from inference_fastpath.adapters.segmentation_runner import RUNNERS, SegmentationRunner
 from inference_fastpath.adapters.stages.contracts import PostprocessRequest
 from inference_fastpath.adapters.thresholds import resolve_threshold
@@ -218,6 +225,7 @@ class BlockManifest(WorkflowBlockManifest):
     def _check_custom_confidence(self) -> "BlockManifest":
         if self.confidence_mode == "custom" and self.custom_confidence is None:
             raise ValueError("`custom_confidence` is required when `confidence_mode` is 'custom'")
+        declare_step_depth(self.name, self.pipeline_depth)
         return self
 
     @classmethod
@@ -257,6 +265,7 @@ class RFDetrInstanceSegmentationBlockV1(WorkflowBlock):
         self._api_key = api_key
         self._logged_choices: set = set()
         self._last_run_finished: Optional[float] = None
+        self._future_scheduler: Optional[FutureScheduler] = None
 
     @classmethod
     def get_init_parameters(cls) -> List[str]:
@@ -307,9 +316,27 @@ class RFDetrInstanceSegmentationBlockV1(WorkflowBlock):
             mask_format=mask_output,
         )
         frames, invalid = self._valid_frames(images, mask_output)
-        detections, timings = runner.infer(frames, request) if frames else ([], None)
+
+        def launch():
+            return runner.launch(frames) if frames else None
+
+        def finish(launched):
+            detections, timings = runner.complete(launched, request) if launched else ([], None)
+            output_started = time.perf_counter()
+            results = self._block_results(images, detections, invalid, runner, model_id, class_filter)
+            self._record_timings(runner, timings, run_started, output_started)
+            return results
+
+        if pipeline_depth > 1:
+            futures = self._scheduler(pipeline_depth).submit(launch, finish, count=len(images))
+            return [
+                {"inference_id": _inference_id_of(future), "predictions": _predictions_of(future), "model_id": model_id}
+                for future in futures
+            ]
+        return finish(launch())
+
+    def _block_results(self, images, detections, invalid, runner, model_id, class_filter) -> BlockResult:
         detections = iter(detections)
-        output_started = time.perf_counter()
         results = []
         for index, image in enumerate(images):
             frame_detections = invalid[index] if index in invalid else next(detections)
@@ -327,8 +354,46 @@ class RFDetrInstanceSegmentationBlockV1(WorkflowBlock):
                     "model_id": model_id,
                 }
             )
-        self._record_timings(runner, timings, run_started, output_started)
         return results
+
+    # --- depth-2 scheduling (see adapters/scheduler.py and adapters/stream_pipelining.py) ---
+
+    def __setattr__(self, name, value) -> None:
+        super().__setattr__(name, value)
+        if name == "_workflow_step_name":  # set by the Execution Engine right after construction
+            super().__setattr__("_declared_depth", declared_step_depth(value))
+
+    def _scheduler(self, depth: int) -> FutureScheduler:
+        if self._future_scheduler is None or self._future_scheduler.depth != depth:
+            if self._future_scheduler is not None:
+                self._future_scheduler.close()
+            self._future_scheduler = FutureScheduler(depth)
+        return self._future_scheduler
+
+    def is_stream_pipelined(self) -> bool:
+        pipelined = getattr(self, "_declared_depth", 1) > 1
+        if pipelined:
+            # InferencePipeline asks this (or the next method) once at init and from then on relies on
+            # the process-wide switch; make sure it is on before the first frame.
+            enable_runtime_pipelining()
+        return pipelined
+
+    def can_activate_stream_pipeline(self) -> bool:
+        return self.is_stream_pipelined()
+
+    def stream_pipeline_depth(self) -> int:
+        # Each run returns futures of its *own* frames, so the runtime must not shift the pairing.
+        return 0
+
+    def flush_stream_pipeline_outputs(self) -> list:
+        return []  # nothing is held back between runs: every submitted frame already has its futures
+
+    def close_stream_pipeline(self) -> None:
+        if self._future_scheduler is not None:
+            self._future_scheduler.close()  # finishes every submitted frame first
+
+    def close(self) -> None:
+        self.close_stream_pipeline()
 
     def _record_timings(self, runner, timings, run_started: float, output_started: float) -> None:
         finished = time.perf_counter()
@@ -376,3 +441,25 @@ class RFDetrInstanceSegmentationBlockV1(WorkflowBlock):
                 )
             else:
                 LOGGER.info("step %s: %s=%s -> %s", step, choice.stage, choice.requested, choice.selected)
+
+
+def _select(future: Future, key: str) -> Future:
+    selected: Future = Future()
+
+    def copy(done: Future) -> None:
+        error = done.exception()
+        if error is not None:
+            selected.set_exception(error)
+        else:
+            selected.set_result(done.result()[key])
+
+    future.add_done_callback(copy)
+    return selected
+
+
+def _predictions_of(future: Future) -> Future:
+    return _select(future, "predictions")
+
+
+def _inference_id_of(future: Future) -> Future:
+    return _select(future, "inference_id")

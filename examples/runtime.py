@@ -83,6 +83,7 @@ def run_pipeline(
     on_result: Optional[Callable[[Dict[str, Any], Any], None]] = None,
     warmup_frames: int = 1,
     max_fps: Optional[float] = None,
+    stop_after: Optional[int] = None,
 ) -> PipelineRun:
     """Runs ``InferencePipeline.init_with_workflow`` to the end of the video(s), dropping no frame."""
     configure_environment()
@@ -113,6 +114,8 @@ def run_pipeline(
                 run.last_result_at = now
                 if on_result is not None:
                     on_result(prediction, frame)
+        if stop_after is not None and len(run.results) >= stop_after:
+            pipeline.terminate()  # stop mid-stream; frames already handed to the workflow still arrive
 
     def on_status(update) -> None:
         if getattr(update, "severity", None) is not None and update.severity.name == "ERROR":

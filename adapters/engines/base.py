@@ -95,6 +95,27 @@ def plan_batch_chunks(
     return chunks
 
 
+def order_output_names(names: Sequence[str]) -> Tuple[str, str, str]:
+    """Orders three output names as (boxes, logits, masks).
+
+    Recognises the usual spellings (``dets``/``boxes``/``pred_boxes``, ``labels``/``logits``/
+    ``pred_logits``, ``masks``/``pred_masks``); anything else keeps the given order, which is the
+    order of RF-DETR exports (boxes, class logits, mask logits).
+    """
+    if len(names) != 3:
+        raise ValueError(f"expected 3 outputs (boxes, logits, masks), got {list(names)}")
+    patterns = (("box", "det"), ("logit", "label", "class", "score"), ("mask",))
+    picked = []
+    for options in patterns:
+        found = [n for n in names if any(o in n.lower() for o in options)]
+        if len(found) != 1:
+            return names[0], names[1], names[2]
+        picked.append(found[0])
+    if len(set(picked)) != 3:
+        return names[0], names[1], names[2]
+    return picked[0], picked[1], picked[2]
+
+
 def is_same_buffer(tensor: torch.Tensor, buffer: torch.Tensor) -> bool:
     """True when ``tensor`` is exactly ``buffer`` (same memory, dtype, shape and strides)."""
     return (
@@ -336,8 +357,9 @@ class EngineBase(abc.ABC):
             if run is not None:
                 self.stats.graph_replays += 1
                 outs = tuple(o[:n] if o.shape[0] != n else o for o in run.outputs)
-                if self.output_mode == "copy":
-                    outs = tuple(o.clone() for o in outs)
+                if self.output_mode == "copy" or any(o.dtype != torch.float32 for o in outs):
+                    # Owned copies (float32 as the contract wants), enqueued before any later replay.
+                    outs = tuple(o.float() if o.dtype != torch.float32 else o.clone() for o in outs)
                     run.release(None)  # the clones are enqueued on this stream before any replay
                     return (*outs, self._parking_release(outs), (phys, h, w))
                 return (*outs, run.release, (phys, h, w))

@@ -46,7 +46,7 @@ from __future__ import annotations
 import copy
 import logging
 import types
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -82,7 +82,8 @@ def prepare_capture_safe_module(network: nn.Module, dtype: torch.dtype = torch.f
         if isinstance(module, MSDeformAttn):
             module.forward = types.MethodType(_capture_safe_msdeform_forward, module)
     prepared.to(dtype=dtype)
-    prepared.requires_grad_(False)
+    # Parameters keep requires_grad: the engine runs under no_grad anyway, and turning it off
+    # switches nn.MultiheadAttention to another kernel path (not bitwise equal to model.forward).
     return prepared
 
 
@@ -286,3 +287,60 @@ class TorchEngine(EngineBase):
             raw = self(PreprocessedBatch(tensor=buffer, metadata=[]))
             if raw.release is not None:
                 raw.release(None)
+
+
+def build_random_model(
+    model_type: str = "rfdetr-seg-nano",
+    *,
+    device: Union[str, torch.device] = "cpu",
+    seed: int = 0,
+) -> Any:
+    """An ``RFDetrForInstanceSegmentationTorch`` with random weights, built offline.
+
+    For tests and benchmarks (timings do not depend on the weights). Mirrors what inference-models'
+    ``from_checkpoint_file`` assembles: the architecture config for ``model_type``, a stretch-resize
+    inference config at the config's resolution and one class name per class-head output.
+    """
+    from inference_models.models.common.roboflow.model_packages import (
+        ColorMode,
+        DivisiblePadding,
+        InferenceConfig,
+        NetworkInputDefinition,
+        ResizeMode,
+        TrainingInputSize,
+    )
+    from inference_models.models.rfdetr.post_processor import PostProcess
+    from inference_models.models.rfdetr.rfdetr_base_pytorch import build_model
+    from inference_models.models.rfdetr.rfdetr_instance_segmentation_pytorch import (
+        CONFIG_FOR_MODEL_TYPE,
+        RFDetrForInstanceSegmentationTorch,
+    )
+
+    device = torch.device(device)
+    config = CONFIG_FOR_MODEL_TYPE[model_type](device=device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        network = build_model(config=config).eval().to(device)
+    divisibility = config.num_windows * config.patch_size
+    inference_config = InferenceConfig(
+        network_input=NetworkInputDefinition(
+            training_input_size=TrainingInputSize(height=config.resolution, width=config.resolution),
+            dynamic_spatial_size_supported=True,
+            dynamic_spatial_size_mode=DivisiblePadding(type="pad-to-be-divisible", value=divisibility),
+            color_mode=ColorMode.BGR,
+            resize_mode=ResizeMode.STRETCH_TO,
+            input_channels=3,
+            scaling_factor=255,
+            normalization=([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+        )
+    )
+    num_outputs = network.class_embed.bias.shape[0]
+    return RFDetrForInstanceSegmentationTorch(
+        model=network,
+        inference_config=inference_config,
+        class_names=[f"class_{i}" for i in range(num_outputs)],
+        classes_re_mapping=None,
+        device=device,
+        post_processor=PostProcess(),
+        resolution=config.resolution,
+    )

@@ -342,10 +342,8 @@ class _Staging:
         if host is None or host.numel() < total:
             host = torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=self._cuda)
             self._host[slot] = host
-        host_np = host.numpy()
         for frame, offset in zip(frames, offsets):
-            view = host_np[offset : offset + frame.nbytes].reshape(frame.shape)
-            np.copyto(view, frame)  # any input strides
+            self._fill(self._view(host, frame.shape, offset), frame)
         if not self._cuda:
             return [self._view(host, frame.shape, offset) for frame, offset in zip(frames, offsets)]
         if self._device_buf is None or self._device_buf.numel() < total:
@@ -355,6 +353,13 @@ class _Staging:
         event.record()
         self._copied[slot] = event
         return [self._view(self._device_buf, f.shape, o) for f, o in zip(frames, offsets)]
+
+    @staticmethod
+    def _fill(view: torch.Tensor, frame: np.ndarray) -> None:
+        if all(stride >= 0 for stride in frame.strides):
+            view.copy_(torch.from_numpy(frame))  # torch's CPU copy runs multi-threaded
+        else:
+            np.copyto(view.numpy(), frame)  # negative strides (e.g. frame[:, ::-1])
 
     @staticmethod
     def _view(buffer: torch.Tensor, shape: Tuple[int, ...], offset: int) -> torch.Tensor:
@@ -429,7 +434,8 @@ class TritonPreprocess:
         self._plan_lock = threading.Lock()
         self._plans: "OrderedDict[Tuple[int, int], FramePlan]" = OrderedDict()
         self._cuda = self.device.type == "cuda"
-        self._stream = torch.cuda.Stream(self.device) if self._config_problem is None and self._cuda else None
+        usable_cuda = self._cuda and self._config_problem is None
+        self._stream = torch.cuda.Stream(self.device) if usable_cuda else None
         self._op = ResizeNormalizeOp(self.device)
         self._staging = _Staging(self.device)
         self._out: Optional[torch.Tensor] = None
@@ -542,7 +548,13 @@ class TritonPreprocess:
         self, frames: Sequence[Frame], out: Optional[torch.Tensor] = None
     ) -> PreprocessedBatch:
         """Preprocess ``frames`` into ``out`` (or the stage's reusable buffer, valid until the
-        next call). On CUDA, consumers must wait on ``ready_event`` before reading."""
+        next call).
+
+        On CUDA the work runs on the stage's stream after everything already queued on the
+        caller's current stream (where frames are produced and ``out`` is read); consumers wait
+        on ``ready_event``. A consumer that keeps the stage's own buffer on another stream past
+        the next call should ``record_stream`` it.
+        """
         reason = self.unsupported_reason(frames)
         if reason is not None:
             raise ValueError(f"TritonPreprocess cannot run: {reason}")
@@ -605,4 +617,11 @@ class TritonPreprocess:
         self._op.resize_normalize(canvas, target, self._lut(target.dtype), swap_rb=plan.swap_rb)
 
 
-__all__ = ["CanvasStep", "FramePlan", "PlanningError", "TritonPreprocess", "plan_frame", "rfdetr_normalization_lut"]
+__all__ = [
+    "CanvasStep",
+    "FramePlan",
+    "PlanningError",
+    "TritonPreprocess",
+    "plan_frame",
+    "rfdetr_normalization_lut",
+]

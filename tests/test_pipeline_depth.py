@@ -1,0 +1,87 @@
+"""pipeline_depth=2 through a real InferencePipeline: every frame paired with its own result, none lost."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from inference_fastpath.adapters.scheduler import WORKER_THREAD_PREFIX
+from inference_fastpath.examples.parity import compare_detections
+from inference_fastpath.examples.runtime import execution_engine, run_pipeline
+from inference_fastpath.workflows import FASTPATH, load_workflow
+
+from conftest import read_frames, write_clip
+
+pytestmark = pytest.mark.slow
+REFERENCE = dict(preprocess="reference", postprocess="reference")
+
+
+def _workflow(depth: int) -> dict:
+    return load_workflow(FASTPATH, pipeline_depth=depth, **REFERENCE)
+
+
+def _no_worker_threads() -> bool:
+    return not [t for t in threading.enumerate() if t.name.startswith(WORKER_THREAD_PREFIX)]
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory, clip_path):
+    directory = tmp_path_factory.mktemp("depth")
+    frames = read_frames(clip_path, count=4, step=20)
+    return {n: str(write_clip(directory / f"clip{n}.mp4", frames[:n])) for n in (1, 2, 4)}
+
+
+def test_depth_2_equals_depth_1_frame_by_frame(demo_model_dir, clips):
+    params = {"model_id": demo_model_dir}
+    synchronous = run_pipeline(clips[4], _workflow(1), params)
+    pipelined = run_pipeline(clips[4], _workflow(2), params)
+    assert not synchronous.errors and not pipelined.errors
+    assert pipelined.frame_ids == synchronous.frame_ids == [1, 2, 3, 4]
+    for a, b in zip(synchronous.results, pipelined.results):
+        report = compare_detections(a["predictions"], b["predictions"])
+        assert report.within(confidence=0.0, box_px=0.0, mask_iou=1.0), report
+        assert isinstance(b["inference_id"], str)
+    assert _no_worker_threads()
+
+
+@pytest.mark.parametrize("frames", [1, 2])
+def test_short_videos_flush_their_last_frame(demo_model_dir, clips, frames):
+    run = run_pipeline(clips[frames], _workflow(2), {"model_id": demo_model_dir})
+    assert not run.errors
+    assert run.frame_ids == list(range(1, frames + 1))
+    assert all(len(r["predictions"]) > 0 for r in run.results)
+    assert _no_worker_threads()
+
+
+def test_two_sources_are_pipelined_and_complete(demo_model_dir, clips):
+    run = run_pipeline([clips[2], clips[4]], _workflow(2), {"model_id": demo_model_dir})
+    assert not run.errors
+    per_source = {}
+    for source, frame_id in zip(run.source_ids, run.frame_ids):
+        per_source.setdefault(source, []).append(frame_id)
+    assert sorted(per_source.values(), key=len) == [[1, 2], [1, 2, 3, 4]]
+    assert _no_worker_threads()
+
+
+def test_termination_mid_stream_delivers_every_frame_the_block_took(demo_model_dir, clip_path, tmp_path):
+    from inference_fastpath.adapters.segmentation_runner import RUNNERS
+
+    clip = write_clip(tmp_path / "ten.mp4", read_frames(clip_path, count=10, step=3))
+    RUNNERS.clear()
+    run = run_pipeline(str(clip), _workflow(2), {"model_id": demo_model_dir}, stop_after=2)
+    runner = next(iter(RUNNERS._runners.values()))
+    assert 2 <= len(run.results) < 10
+    assert len(run.results) == len(runner.timings), "a frame the block finished was not delivered"
+    assert run.frame_ids == sorted(set(run.frame_ids))
+    assert _no_worker_threads()
+
+
+def test_execution_engine_outside_a_pipeline_returns_complete_results(demo_model_dir, clip_frames):
+    import supervision as sv
+
+    result = execution_engine(_workflow(2)).run(
+        runtime_parameters={"image": clip_frames[:2], "model_id": demo_model_dir}
+    )
+    assert [type(r["predictions"]) for r in result] == [sv.Detections, sv.Detections]
+    assert all(isinstance(r["inference_id"], str) for r in result)
