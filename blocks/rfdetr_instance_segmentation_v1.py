@@ -12,7 +12,7 @@ import uuid
 from concurrent.futures import Future
 from typing import Dict, List, Literal, Optional, Type, Union
 
-from pydantic import ConfigDict, Field, PositiveInt, model_validator
+from pydantic import ConfigDict, Field, PositiveInt, field_validator, model_validator
 
 from inference.core.workflows.execution_engine.entities.base import (
     Batch,
@@ -20,6 +20,7 @@ from inference.core.workflows.execution_engine.entities.base import (
     WorkflowImageData,
 )
 from inference.core.workflows.execution_engine.entities.types import (
+    BOOLEAN_KIND,
     DICTIONARY_KIND,
     FLOAT_ZERO_TO_ONE_KIND,
     IMAGE_KIND,
@@ -149,7 +150,7 @@ class BlockManifest(WorkflowBlockManifest):
             **ADDITIONAL,
         },
     )
-    preprocess: Literal["auto", "triton", "reference"] = Field(
+    preprocess: Union[Literal["auto", "triton", "reference"], Selector(kind=[STRING_KIND])] = Field(
         default="auto",
         description="Image preprocessing implementation.",
         json_schema_extra={
@@ -161,7 +162,7 @@ class BlockManifest(WorkflowBlockManifest):
             **ADDITIONAL,
         },
     )
-    engine: Literal["auto", "tensorrt", "torch", "onnx"] = Field(
+    engine: Union[Literal["auto", "tensorrt", "torch", "onnx"], Selector(kind=[STRING_KIND])] = Field(
         default="auto",
         description="Inference engine for the model package.",
         json_schema_extra={
@@ -174,7 +175,7 @@ class BlockManifest(WorkflowBlockManifest):
             **ADDITIONAL,
         },
     )
-    cuda_graphs: bool = Field(
+    cuda_graphs: Union[bool, Selector(kind=[BOOLEAN_KIND])] = Field(
         default=True,
         description="Capture the engine in a CUDA graph once and replay it per frame (GPU only; falls back "
         "to eager execution with a logged reason when capture is impossible).",
@@ -183,7 +184,7 @@ class BlockManifest(WorkflowBlockManifest):
             **ADDITIONAL,
         },
     )
-    precision: Literal["fp32", "fp16", "bf16"] = Field(
+    precision: Union[Literal["fp32", "fp16", "bf16"], Selector(kind=[STRING_KIND])] = Field(
         default="fp32",
         description="Compute precision of the torch engine (TensorRT/ONNX packages keep their own).",
         json_schema_extra={
@@ -196,7 +197,7 @@ class BlockManifest(WorkflowBlockManifest):
             **ADDITIONAL,
         },
     )
-    postprocess: Literal["auto", "fused", "reference"] = Field(
+    postprocess: Union[Literal["auto", "fused", "reference"], Selector(kind=[STRING_KIND])] = Field(
         default="auto",
         description="Postprocessing implementation (scores, boxes, masks).",
         json_schema_extra={
@@ -220,6 +221,16 @@ class BlockManifest(WorkflowBlockManifest):
             **ADDITIONAL,
         },
     )
+
+    @field_validator("pipeline_depth", "mask_output", mode="before")
+    @classmethod
+    def _fixed_at_pipeline_start(cls, value, info):
+        if isinstance(value, str) and value.startswith("$"):
+            raise ValueError(
+                f"`{info.field_name}` is fixed when the workflow is compiled (it shapes the pipeline / the "
+                f"output kind) and cannot come from a selector such as {value!r}; write the value itself."
+            )
+        return value
 
     @model_validator(mode="after")
     def _check_custom_confidence(self) -> "BlockManifest":

@@ -48,18 +48,48 @@ def test_blocks_loader_finds_our_block_through_the_environment_variable():
 def test_schema_lists_every_option_with_allowed_values_and_ui_metadata(described_block):
     properties = described_block.block_schema["properties"]
     for name, allowed in OPTIONS.items():
-        assert properties[name]["enum"] == allowed, name
+        assert _enum_of(properties[name]) == allowed, name
         assert properties[name].get("additional_section") is True, name
         assert set(properties[name]["values_metadata"]) == {str(v) for v in allowed}, name
         assert all(meta["name"] and meta["description"] for meta in properties[name]["values_metadata"].values())
         assert properties[name]["description"]
-    assert properties["cuda_graphs"]["type"] == "boolean"
+    assert "boolean" in [v.get("type") for v in properties["cuda_graphs"].get("anyOf", [properties["cuda_graphs"]])]
     assert properties["cuda_graphs"]["default"] is True
     assert properties["cuda_graphs"]["relevant_for"]["engine"]["values"] == ["auto", "tensorrt", "torch"]
     assert set(OPTIONS) <= set(ALLOWED_VALUES)
     for name in ("images", "model_id", "confidence_mode", "custom_confidence", "class_filter",
                  "max_detections", "per_class_confidence"):
         assert name in properties, name
+
+
+def _enum_of(schema: dict) -> list:
+    if "enum" in schema:
+        return schema["enum"]
+    return next(option["enum"] for option in schema["anyOf"] if "enum" in option)
+
+
+def _accepts_selector(schema: dict) -> bool:
+    # Workflows selectors appear in the schema as a `reference` string matching `$inputs.*`/`$steps.*`.
+    return any(option.get("reference") is True and "$inputs" in option.get("pattern", "")
+               for option in schema.get("anyOf", []))
+
+
+def test_runtime_switchable_options_accept_selectors_and_fixed_ones_do_not(described_block):
+    properties = described_block.block_schema["properties"]
+    for name in ("preprocess", "engine", "postprocess", "precision", "cuda_graphs"):
+        assert "anyOf" in properties[name] and _accepts_selector(properties[name]), name
+    for name in ("pipeline_depth", "mask_output"):
+        assert "anyOf" not in properties[name], name
+
+
+def test_selector_for_pipeline_depth_is_rejected_with_a_clear_message():
+    import pydantic
+
+    from inference_fastpath.blocks.rfdetr_instance_segmentation_v1 import BlockManifest
+
+    with pytest.raises(pydantic.ValidationError) as error:
+        BlockManifest(type=BLOCK_TYPE, name="s", images="$inputs.image", model_id="m", pipeline_depth="$inputs.depth")
+    assert "fixed when the workflow is compiled" in str(error.value) and "pipeline_depth" in str(error.value)
 
 
 def test_outputs_follow_the_mask_output_option(described_block):
