@@ -30,6 +30,14 @@ ENGINE_TO_BACKEND = {"torch": "torch", "onnx": "onnx", "tensorrt": "trt"}
 class ModelLoadingError(ValueError):
     """The model could not be loaded; the message names the model_id and the reason."""
 
+    status_code = 400
+
+
+class ModelNotFoundError(ModelLoadingError):
+    """`model_id` names a local path with no package there."""
+
+    status_code = 404
+
 
 @dataclass(frozen=True)
 class ModelKey:
@@ -98,7 +106,7 @@ def load_rfdetr_segmentation_model(key: ModelKey, api_key: Optional[str] = None)
     if looks_like_local_path(model_id):
         path = Path(model_id).expanduser()
         if not path.is_dir():
-            raise ModelLoadingError(
+            raise ModelNotFoundError(
                 f"`model_id` {model_id!r} looks like a local path but no model package directory exists there."
             )
         if not (path / "model_config.json").is_file():

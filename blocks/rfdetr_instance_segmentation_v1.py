@@ -10,6 +10,7 @@ import logging
 import time
 import uuid
 from concurrent.futures import Future
+from contextlib import contextmanager
 from typing import Dict, List, Literal, Optional, Type, Union
 
 from pydantic import ConfigDict, Field, PositiveInt, field_validator, model_validator
@@ -35,6 +36,7 @@ from inference.core.workflows.execution_engine.entities.types import (
     ImageInputField,
     Selector,
 )
+from inference.core.workflows.errors import ClientCausedStepExecutionError
 from inference.core.workflows.prototypes.block import (
     BlockResult,
     WorkflowBlock,
@@ -43,7 +45,8 @@ from inference.core.workflows.prototypes.block import (
 
 from inference_fastpath.adapters.block_output import empty_frame_detections, to_sv_detections
 from inference_fastpath.adapters.frames import InvalidFrameError, normalise_frame
-from inference_fastpath.adapters.options import FastpathOptions
+from inference_fastpath.adapters.model_loading import ModelLoadingError
+from inference_fastpath.adapters.options import FastpathOptions, InvalidOptionError
 from inference_fastpath.adapters.scheduler import FutureScheduler
 from inference_fastpath.adapters.stream_pipelining import (
     declare_step_depth,
@@ -304,28 +307,29 @@ class RFDetrInstanceSegmentationBlockV1(WorkflowBlock):
         pipeline_depth: int = 1,
     ) -> BlockResult:
         run_started = time.perf_counter()
-        options = FastpathOptions(
-            preprocess=preprocess,
-            engine=engine,
-            cuda_graphs=cuda_graphs,
-            postprocess=postprocess,
-            precision=precision,
-            mask_output=mask_output,
-            pipeline_depth=pipeline_depth,
-        )
-        runner = RUNNERS.get(model_id=model_id, options=options, api_key=self._api_key)
-        self._log_stage_choices_once(runner)
-        request = PostprocessRequest(
-            threshold=resolve_threshold(
-                confidence_mode=confidence_mode,
-                custom_confidence=custom_confidence,
-                per_class_confidence=per_class_confidence,
-                class_names=runner.class_names,
-                recommended_parameters=getattr(runner.loaded.model, "recommended_parameters", None),
-            ),
-            max_detections=max_detections,
-            mask_format=mask_output,
-        )
+        with self._client_errors():
+            options = FastpathOptions(
+                preprocess=preprocess,
+                engine=engine,
+                cuda_graphs=cuda_graphs,
+                postprocess=postprocess,
+                precision=precision,
+                mask_output=mask_output,
+                pipeline_depth=pipeline_depth,
+            )
+            runner = RUNNERS.get(model_id=model_id, options=options, api_key=self._api_key)
+            self._log_stage_choices_once(runner)
+            request = PostprocessRequest(
+                threshold=resolve_threshold(
+                    confidence_mode=confidence_mode,
+                    custom_confidence=custom_confidence,
+                    per_class_confidence=per_class_confidence,
+                    class_names=runner.class_names,
+                    recommended_parameters=getattr(runner.loaded.model, "recommended_parameters", None),
+                ),
+                max_detections=max_detections,
+                mask_format=mask_output,
+            )
         frames, invalid = self._valid_frames(images, mask_output)
 
         def launch():
@@ -345,6 +349,21 @@ class RFDetrInstanceSegmentationBlockV1(WorkflowBlock):
                 for future in futures
             ]
         return finish(launch())
+
+    @contextmanager
+    def _client_errors(self):
+        """Client mistakes (bad option value from a selector, unknown model, bad thresholds) surface as
+        the runtime's client error, so the HTTP server answers 4xx naming the step and the cause."""
+        try:
+            yield
+        except (InvalidOptionError, ModelLoadingError, ValueError) as error:
+            raise ClientCausedStepExecutionError(
+                block_id=getattr(self, "_workflow_step_name", BLOCK_TYPE),
+                status_code=getattr(error, "status_code", 400),
+                public_message=str(error),
+                context="workflow_execution | step_execution | fastpath_setup",
+                inner_error=error,
+            ) from error
 
     def _block_results(self, images, detections, invalid, runner, model_id, class_filter) -> BlockResult:
         detections = iter(detections)
