@@ -181,12 +181,14 @@ class EngineBase(abc.ABC):
         self._lock = threading.RLock()
         self._is_cuda = self.device.type == "cuda"
         self._stream = torch.cuda.Stream(device=self.device) if self._is_cuda else None
+        self._capture_stream: Optional["torch.cuda.Stream"] = None  # warm-up + capture, reused
         # (physical batch, h, w) -> full-size static input buffer
         self._input_buffers: Dict[Tuple[int, int, int], torch.Tensor] = {}
         # (physical batch, h, w) -> event after the last forward that read that buffer
         self._input_free_events: Dict[Tuple[int, int, int], Any] = {}
         # fresh outputs a consumer released but whose reads may still be running
         self._parked: Deque[Tuple[Any, Tuple[torch.Tensor, ...]]] = deque()
+        self._parked_lock = threading.Lock()  # consumers release without waiting for a running call
         self._warmup_iters = max(1, int(warmup_iters))
         self.cuda_graphs_requested = bool(cuda_graphs)
         self.cuda_graphs_unavailable_reason: Optional[str] = None
@@ -241,6 +243,11 @@ class EngineBase(abc.ABC):
         return None
 
     # ------------------------------------------------------------------ public API
+
+    @property
+    def stream(self) -> Optional["torch.cuda.Stream"]:
+        """The engine's dedicated CUDA stream (None on the CPU)."""
+        return self._stream
 
     @property
     def cuda_graphs_active(self) -> bool:
@@ -313,7 +320,8 @@ class EngineBase(abc.ABC):
                 self._graphs.clear()
             self._input_buffers.clear()
             self._input_free_events.clear()
-            self._parked.clear()
+            with self._parked_lock:
+                self._parked.clear()
 
     def describe(self) -> Dict[str, Any]:
         return {
@@ -351,7 +359,7 @@ class EngineBase(abc.ABC):
             if not is_same_buffer(x, view):
                 view.copy_(x, non_blocking=True)
                 if x.is_cuda:
-                    x.record_stream(stream)  # read here, possibly allocated on another stream
+                    _record_stream(x, stream)  # read here, possibly allocated on another stream
                 self.stats.input_copies += 1
             run = self._graphs.run(key, full)
             if run is not None:
@@ -371,7 +379,7 @@ class EngineBase(abc.ABC):
                 src = src.to(self.device, non_blocking=True)
                 self.stats.input_copies += 1
             elif src.is_cuda:
-                src.record_stream(stream)
+                _record_stream(src, stream)
         outs = self._run_eager(src, n)
         return (*outs, self._parking_release(outs), buffer_key)
 
@@ -399,13 +407,21 @@ class EngineBase(abc.ABC):
         buf = self._input_buffers.get(key)
         if buf is None:
             buf = torch.zeros((phys, 3, h, w), dtype=self.input_dtype, device=self.device)
+            if self._is_cuda:
+                _record_stream(buf, self._stream)  # may be allocated on a producer's stream
             self._input_buffers[key] = buf
         return buf
 
     def _capture_graph(self, key: GraphKey, static_input: torch.Tensor) -> CapturedGraph:
         fn, keepalive = self._graph_forward_fn(key, static_input)
+        if self._capture_stream is None:
+            self._capture_stream = torch.cuda.Stream(device=self.device)
         return capture_cuda_graph(
-            fn, device=self.device, warmup_iters=self._warmup_iters, keepalive=keepalive
+            fn,
+            device=self.device,
+            warmup_iters=self._warmup_iters,
+            keepalive=keepalive,
+            stream=self._capture_stream,
         )
 
     def _before_graph_eviction(self, key: GraphKey) -> None:
@@ -430,14 +446,15 @@ class EngineBase(abc.ABC):
                 return
             if event is None:
                 event = self._record_on_current_stream()
-            with self._lock:
+            with self._parked_lock:
                 self._parked.append((event, tensors))
 
         return release
 
     def _reap_parked(self) -> None:
-        while self._parked and self._parked[0][0].query():
-            self._parked.popleft()
+        with self._parked_lock:
+            while self._parked and self._parked[0][0].query():
+                self._parked.popleft()
 
 
 class ModelForwardEngine(EngineBase):
@@ -475,6 +492,15 @@ def model_input_hw(model: Any, default: Tuple[int, int] = (312, 312)) -> Tuple[i
     if resolution is not None:
         return int(resolution), int(resolution)
     return default
+
+
+def _record_stream(tensor: torch.Tensor, stream: Any) -> None:
+    """Tells the caching allocator ``tensor`` is used on ``stream``; a no-op for memory it does not
+    own (e.g. a DLPack frame from a decoder), whose lifetime the producer manages."""
+    try:
+        tensor.record_stream(stream)
+    except RuntimeError:
+        pass
 
 
 def _noop_release() -> Callable[..., None]:

@@ -26,7 +26,7 @@ import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Generic, Hashable, Iterator, List, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Callable, Generic, Hashable, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 
@@ -272,14 +272,18 @@ def capture_cuda_graph(
     warmup_iters: int = 2,
     keepalive: Any = None,
     capture_error_mode: str = "thread_local",
+    stream: Optional["torch.cuda.Stream"] = None,
 ) -> CapturedGraph:
     """Warms ``fn`` up on a side stream, then captures one call of it into a new private pool.
 
     ``fn`` must read only static tensors and return the tensors it produces; those become the
     graph's static outputs. Replay happens on whatever stream is current when ``replay()`` runs.
+    Pass the same side ``stream`` for every capture of an engine: libraries keep per-stream state
+    (PyTorch caches a cuBLAS workspace per handle and stream), so a fresh stream per capture would
+    grow memory with every recapture.
     """
     caller = torch.cuda.current_stream(device)
-    side = torch.cuda.Stream(device=device)
+    side = stream if stream is not None else torch.cuda.Stream(device=device)
     side.wait_stream(caller)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.device(device), torch.cuda.stream(side):

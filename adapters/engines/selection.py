@@ -60,6 +60,8 @@ def select_engine(
         backend = "unknown"
         reasons.append(f"could not tell the model's backend ({error!r})")
     native = backend if backend in ("tensorrt", "torch", "onnx") else None
+    if native is None:
+        reasons.append(f"unrecognised model type {type(model).__name__}: using its own forward")
     if requested != "auto" and requested != native:
         reasons.append(
             f"engine '{requested}' is not possible for a {backend} model package "

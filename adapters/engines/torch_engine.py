@@ -37,8 +37,9 @@ level (every change is an instance attribute of the copy):
 
 There are no data-dependent output shapes in this path (top-k is over a fixed ``num_queries``) and
 no other host transfers: backbone masks and position embeddings are built on the device from Python
-ints. Inputs of another dtype are cast inside the forward (so inside the graph); outputs are always
-float32.
+ints. Static input buffers have the compute dtype (fp16 under ``precision="fp16"``), so a
+preprocess producing that dtype writes straight into them; an fp32 batch is cast while it is copied
+in, which is the same rounding as casting inside the network. Outputs are always float32.
 """
 
 from __future__ import annotations
@@ -260,7 +261,7 @@ class TorchEngine(EngineBase):
         super().__init__(
             device=device,
             input_hw=hw,
-            input_dtype=torch.float32,  # the preprocess writes fp32; the cast runs inside the graph
+            input_dtype=self.compute_dtype,
             cuda_graphs=cuda_graphs,
             graph_cache_size=graph_cache_size,
             max_inflight=max_inflight,

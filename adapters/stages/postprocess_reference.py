@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import List
 
 import numpy as np
+import torch
 from inference_models.models.common.roboflow.model_packages import PreProcessingMetadata
 from inference_models.models.rfdetr.common import (
     post_process_instance_segmentation_results,
@@ -36,6 +37,8 @@ class ReferencePostprocess:
         metadata: List[PreProcessingMetadata],
         request: PostprocessRequest,
     ) -> List[FrameDetections]:
+        if raw.done_event is not None:  # engines run on their own stream: order our reads after them
+            torch.cuda.current_stream(raw.boxes.device).wait_event(raw.done_event)
         arguments = dict(
             bboxes=raw.boxes,
             logits=raw.logits,
