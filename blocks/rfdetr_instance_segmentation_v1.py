@@ -340,6 +340,8 @@ class RFDetrInstanceSegmentationBlockV1(WorkflowBlock):
             output_started = time.perf_counter()
             results = self._block_results(images, detections, invalid, runner, model_id, class_filter)
             self._record_timings(runner, timings, run_started, output_started)
+            if launched is not None and runner.timeline is not None:
+                runner.timeline.mark(launched.trace, "result_ready")
             return results
 
         if pipeline_depth > 1:

@@ -25,8 +25,9 @@ from inference_fastpath.examples.runtime import configure_environment
 
 configure_environment()
 
-import cv2  # noqa: E402
 import torch  # noqa: E402
+
+from inference_fastpath.examples.video_io import read_frames, video_fps, write_clip  # noqa: E402
 
 PRESETS: Dict[str, Dict[str, object]] = {
     "reference": dict(preprocess="reference", engine="auto", cuda_graphs=False, postprocess="reference"),
@@ -47,22 +48,8 @@ def parse_config(text: str) -> tuple:
 
 
 def truncated_clip(video: str, frames: int, directory: Path) -> str:
-    capture = cv2.VideoCapture(video)
-    fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
     path = directory / f"first{frames}.mp4"
-    writer = None
-    for _ in range(frames):
-        ok, frame = capture.read()
-        if not ok:
-            break
-        if writer is None:
-            height, width = frame.shape[:2]
-            writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
-        writer.write(frame)
-    capture.release()
-    if writer is not None:
-        writer.release()
-    return str(path)
+    return str(write_clip(path, read_frames(video, count=frames), fps=video_fps(video)))
 
 
 def stage_medians(runner) -> Dict[str, float]:
@@ -79,14 +66,48 @@ def stage_medians(runner) -> Dict[str, float]:
     return {k: round(statistics.median(v), 3) for k, v in values.items() if v}
 
 
-def run_configuration(name: str, workflow: dict, video: str, model: str, warmup: int) -> Dict[str, object]:
+def decode_fps(video: str) -> float:
+    """How fast OpenCV decodes the clip alone: the rate the video source can feed at most."""
+    import cv2
+
+    capture = cv2.VideoCapture(video)
+    started, frames = time.perf_counter(), 0
+    while capture.read()[0]:
+        frames += 1
+    capture.release()
+    return frames / (time.perf_counter() - started)
+
+
+def gpu_bound_fps(timeline: List[Dict[str, float]]) -> Optional[float]:
+    """Frames/s if only the GPU work (preprocess + engine) limited the rate, from the timeline."""
+    spans = []
+    previous_done = None
+    for row in timeline:
+        ready, done = row.get("preprocess_done_gpu"), row.get("engine_done_gpu")
+        if ready is None or done is None:
+            continue
+        start = ready if previous_done is None else max(ready, previous_done)
+        spans.append(done - start)
+        previous_done = done
+    spans = spans[len(spans) // 5:]  # skip the warm-up (graph capture, kernel compilation)
+    return 1000.0 / statistics.median(spans) if spans else None
+
+
+def run_configuration(
+    name: str, workflow: dict, video: str, model: str, warmup: int, options: Optional[dict] = None
+) -> Dict[str, object]:
+    from inference_fastpath.adapters.options import FastpathOptions
     from inference_fastpath.adapters.segmentation_runner import RUNNERS
+    from inference_fastpath.adapters.timeline import Timeline
     from inference_fastpath.examples.runtime import run_pipeline
 
     RUNNERS.clear()  # each configuration starts from a fresh runner (the loaded model stays cached)
+    runner = None
+    if options is not None:  # ours: build the step's runner up front and record its timeline
+        runner = RUNNERS.get(model_id=model, options=FastpathOptions.from_values(options))
+        runner.timeline = Timeline(runner.loaded.device)
     run = run_pipeline(video, workflow, {"model_id": model}, warmup_frames=warmup)
     detections = [len(r["predictions"]) for r in run.results if r.get("predictions") is not None]
-    runner = next(iter(RUNNERS._runners.values()), None)  # noqa: SLF001 - benchmark introspection
     result = {
         "name": name,
         "frames": len(run.results),
@@ -98,6 +119,9 @@ def run_configuration(name: str, workflow: dict, video: str, model: str, warmup:
         "stages_ms": stage_medians(runner),
         "stage_choices": [vars(c) for c in runner.choices] if runner else [],
     }
+    if runner is not None and runner.timeline is not None:
+        result["timeline"] = runner.timeline.resolve()
+        result["gpu_bound_fps"] = gpu_bound_fps(result["timeline"])
     fps = f"{result['fps']:.2f}" if result["fps"] else "n/a"
     print(f"{name:>14}: {result['frames']} frames, {fps} fps, {result['mean_detections']:.1f} det/frame "
           f"{result['stages_ms']}", flush=True)
@@ -125,6 +149,42 @@ def plot(results: List[Dict[str, object]], path: str) -> None:
     print(f"chart: {path}")
 
 
+def plot_timeline(result: Dict[str, object], path: str, frames: int = 12) -> None:
+    """Per frame: host launch (preprocess+engine submit), GPU work, host postprocess, result ready."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = result["timeline"][-frames:]
+    origin = rows[0]["launch_start"]
+    figure, axis = plt.subplots(figsize=(9, 0.35 * len(rows) + 1.2))
+    for y, row in enumerate(rows):
+        def span(a, b, color, label):
+            if a in row and b in row and row[b] >= row[a]:
+                axis.broken_barh([(row[a] - origin, row[b] - row[a])], (y - 0.4, 0.8), color=color,
+                                 label=label if y == 0 else None)
+        span("launch_start", "engine_submitted", "#9ecae1", "host: preprocess + engine submit")
+        span("launch_start", "engine_done_gpu", "#3182bd", None)
+        span("engine_submitted", "postprocess_done", "#fdae6b", "host: waiting + postprocess")
+        if "preprocess_done_gpu" in row and "engine_done_gpu" in row:
+            axis.broken_barh([(row["preprocess_done_gpu"] - origin, row["engine_done_gpu"] - row["preprocess_done_gpu"])],
+                             (y - 0.15, 0.3), color="#08519c", label="GPU: engine" if y == 0 else None)
+        if "result_ready" in row:
+            axis.plot(row["result_ready"] - origin, y, "k|", markersize=12, label="result ready" if y == 0 else None)
+    axis.set_yticks(range(len(rows)))
+    axis.set_yticklabels([f"frame {int(r['index']) + 1}" for r in rows])
+    axis.invert_yaxis()
+    axis.set_xlabel("ms")
+    axis.set_title(f"{result['name']}: last {len(rows)} frames")
+    axis.legend(loc="lower right", fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    print(f"timeline: {path}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--video", help="video file (default: bundled clip)")
@@ -146,9 +206,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     configurations += [parse_config(text) for text in args.config]
     with tempfile.TemporaryDirectory() as directory:
         video = truncated_clip(source, args.frames, Path(directory))
+        decode_rate = decode_fps(video)
+        print(f"decode alone: {decode_rate:.1f} fps", flush=True)
         results = [run_configuration("stock-v3", load_workflow(STOCK_V3), video, model, args.warmup)]
         for name, options in configurations:
-            results.append(run_configuration(name, load_workflow(FASTPATH, **options), video, model, args.warmup))
+            workflow = load_workflow(FASTPATH, **options)
+            results.append(run_configuration(name, workflow, video, model, args.warmup, options=options))
+    for result in results:
+        bound = min(filter(None, [decode_rate, result.get("gpu_bound_fps")]))
+        result["slowest_stage_bound_fps"] = bound
+        result["fraction_of_bound"] = (result["fps"] / bound) if result["fps"] and "gpu_bound_fps" in result else None
     report = {
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
@@ -157,11 +224,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "frames": args.frames,
         "warmup": args.warmup,
         "model": model,
+        "decode_fps": decode_rate,
         "results": results,
     }
     Path(args.out).write_text(json.dumps(report, indent=2, default=str))
     print(f"results: {args.out}")
     plot(results, args.png or str(Path(args.out).with_suffix(".png")))
+    for result in results:
+        if result.get("timeline"):
+            plot_timeline(result, str(Path(args.out).with_name(f"{Path(args.out).stem}-timeline-{result['name']}.png")))
     return 0 if all(not r["errors"] for r in results) else 1
 
 

@@ -64,7 +64,7 @@ CLASS_NAMES: Tuple[str, ...] = (
     "juliett",
 )
 # Bump whenever the construction below changes, so cached packages are rebuilt.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2  # 2: calibrated on BGR frames, as InferencePipeline and the stock block pass them
 STAMP_FILE = "demo_model_stamp.json"
 NOTE = (
     "random weights, NOT a trained model; detections are not semantic. The class head was "
@@ -88,7 +88,7 @@ _INFERENCE_CONFIG: Dict[str, Any] = {
     "network_input": {
         "training_input_size": {"height": RESOLUTION, "width": RESOLUTION},
         "dynamic_spatial_size_supported": False,
-        "color_mode": "bgr",
+        "color_mode": "rgb",  # trained-RF-DETR convention: BGR video frames are swapped to RGB
         "resize_mode": "stretch",
         "input_channels": 3,
         "scaling_factor": 255,
@@ -426,7 +426,7 @@ def run_reference_pipeline(model: Any, frames: Sequence[np.ndarray]) -> List[Any
     """inference-models reference path: pre_process -> forward -> post_process (defaults)."""
     results: List[Any] = []
     for frame in frames:
-        pre_processed, metadata = model.pre_process(frame)
+        pre_processed, metadata = model.pre_process(frame, input_color_format="bgr")
         raw = model.forward(pre_processed)
         results.extend(model.post_process(raw, metadata, confidence=CONFIDENCE))
     return results
@@ -501,7 +501,7 @@ def build_demo_model(
         metadata: List[Any] = []
         with torch.inference_mode(), _capture_class_embed_input(network) as captured:
             for first in range(0, len(frames), BATCH_SIZE):
-                batch, batch_meta = reference.pre_process(frames[first : first + BATCH_SIZE])
+                batch, batch_meta = reference.pre_process(frames[first : first + BATCH_SIZE], input_color_format="bgr")
                 raw = network(batch)
                 outputs.append({k: raw[k] for k in ("pred_boxes", "pred_masks")})
                 metadata.extend(batch_meta)

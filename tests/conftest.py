@@ -15,10 +15,11 @@ os.environ.setdefault("CORE_MODEL_GAZE_ENABLED", "False")
 from pathlib import Path  # noqa: E402
 from typing import List  # noqa: E402
 
-import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+from inference_fastpath.examples.video_io import read_frames, write_clip  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -44,33 +45,9 @@ def demo_model_dir(clip_path) -> str:
     return str(build_demo_model(clip_path=clip_path))
 
 
-def read_frames(path: Path, count: int, step: int = 1) -> List[np.ndarray]:
-    capture = cv2.VideoCapture(str(path))
-    frames = []
-    index = 0
-    while len(frames) < count:
-        ok, frame = capture.read()
-        if not ok:
-            break
-        if index % step == 0:
-            frames.append(frame)
-        index += 1
-    capture.release()
-    return frames
-
-
 @pytest.fixture(scope="session")
 def clip_frames(clip_path) -> List[np.ndarray]:
     return read_frames(clip_path, count=4, step=15)
-
-
-def write_clip(path: Path, frames: List[np.ndarray], fps: float = 25.0) -> Path:
-    height, width = frames[0].shape[:2]
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
-    for frame in frames:
-        writer.write(frame)
-    writer.release()
-    return path
 
 
 @pytest.fixture(scope="session")

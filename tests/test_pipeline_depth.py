@@ -11,7 +11,7 @@ from inference_fastpath.examples.parity import compare_detections
 from inference_fastpath.examples.runtime import execution_engine, run_pipeline
 from inference_fastpath.workflows import FASTPATH, load_workflow
 
-from conftest import read_frames, write_clip
+from inference_fastpath.examples.video_io import read_frames, write_clip
 
 pytestmark = pytest.mark.slow
 REFERENCE = dict(preprocess="reference", postprocess="reference")
