@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# GPU-host checks, run from the repository root on a machine with CUDA but no package index:
+#   bash examples/gpu_checks.sh tests|micro|e2e [WHEEL_DIR]
+# The wheelhouse (inference + inference-models for Python 3.12, built by the team's make-wheelhouse
+# script, plus pytest) is installed once per machine into /tmp/site. Logs and JSON go to $OUT (or ./out).
+# Every step has its own timeout so one hang cannot eat the whole session.
+set -u
+phase="${1:-tests}"
+wheels="${2:-.whl}"
+out="${OUT:-./out}"
+mkdir -p "$out"
+
+if [ ! -f /tmp/site/.installed ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$wheels"/*.whl \
+    >/tmp/site-install.log 2>&1 && touch /tmp/site/.installed || { tail -5 /tmp/site-install.log; exit 1; }
+fi
+# The repository root is the package `inference_fastpath`: expose it under that name.
+mkdir -p /tmp/pkgroot && ln -sfn "$(pwd)" /tmp/pkgroot/inference_fastpath
+export PYTHONPATH="/tmp/pkgroot:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 DISABLE_VERSION_CHECK=True METRICS_ENABLED=False ACTIVE_LEARNING_ENABLED=False
+export ALLOW_INFERENCE_MODELS_DIRECTLY_ACCESS_LOCAL_PACKAGES=True CORE_MODEL_GAZE_ENABLED=False
+export WORKFLOWS_PLUGINS=inference_fastpath
+
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$out/device.txt"
+
+# The demo model is rebuilt on each fresh machine (weights are too large to carry); ~1 minute.
+timeout 240 python3 -m inference_fastpath.examples.demo_model 2>&1 | tail -3 | tee "$out/demo_model.txt"
+
+case "$phase" in
+  tests)
+    timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu -rs 2>&1 | tee "$out/gpu_tests.log" | tail -30
+    timeout 240 python3 -m pytest -q -p no:cacheprovider ${KERNEL_TESTS:-tests/kernels} -rs 2>&1 | tee "$out/kernel_tests.log" | tail -15
+    ;;
+  micro)
+    timeout 150 python3 -m inference_fastpath.kernels.bench_preprocess_resize_normalize --out "$out/bench_preprocess.json" 2>&1 | tee "$out/bench_preprocess.log" | tail -20
+    [ -f kernels/bench_postprocess.py ] && timeout 150 python3 -m inference_fastpath.kernels.bench_postprocess --out "$out/bench_postprocess.json" 2>&1 | tee "$out/bench_postprocess.log" | tail -25
+    timeout 200 python3 -m inference_fastpath.examples.bench_engine --out "$out/bench_engine.json" 2>&1 | tee "$out/bench_engine.log" | tail -20
+    ;;
+  e2e)
+    timeout 420 python3 -m inference_fastpath.examples.benchmark --frames "${FRAMES:-150}" --warmup 10 \
+      --presets "${PRESETS:-reference,fast,fast-depth2}" ${EXTRA_CONFIGS:-} --out "$out/bench_e2e.json" 2>&1 \
+      | grep -v -i "warn" | tee "$out/bench_e2e.log" | tail -30
+    ;;
+  *) echo "unknown phase $phase"; exit 2 ;;
+esac
