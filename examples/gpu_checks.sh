@@ -20,6 +20,8 @@ export PYTHONPATH="/tmp/pkgroot:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 DISABLE_VERSION_CHECK=True METRICS_ENABLED=False ACTIVE_LEARNING_ENABLED=False
 export ALLOW_INFERENCE_MODELS_DIRECTLY_ACCESS_LOCAL_PACKAGES=True CORE_MODEL_GAZE_ENABLED=False
 export WORKFLOWS_PLUGINS=inference_fastpath
+# The wheelhouse's hydra registers a pytest plugin that fails to import there; we need none.
+export PYTEST_DISABLE_PLUGIN_AUTOLOAD=1
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$out/device.txt"
