@@ -46,7 +46,8 @@ def test_reference_choices_have_no_fallback_reason(loaded_on_cpu):
     assert pre.fallback_reason is None and post.fallback_reason is None
 
 
-def test_block_logs_each_stage_choice_once_per_step(loaded_on_cpu, caplog):
+def test_block_logs_each_stage_choice_once_per_step(loaded_on_cpu, caplog, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     from inference_fastpath.adapters.segmentation_runner import SegmentationRunner
     from inference_fastpath.blocks.rfdetr_instance_segmentation_v1 import RFDetrInstanceSegmentationBlockV1
 
