@@ -34,6 +34,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--engine", default="auto", choices=["auto", "tensorrt", "torch", "onnx"])
     parser.add_argument("--postprocess", default="auto", choices=["auto", "fused", "reference"])
     parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    parser.add_argument("--mask-output", default="dense", choices=["dense", "rle"])
     parser.add_argument("--no-cuda-graphs", action="store_true")
     parser.add_argument("--pipeline-depth", type=int, default=1, choices=[1, 2])
     parser.add_argument("--confidence", type=float, help="custom confidence threshold")

@@ -1,0 +1,64 @@
+"""The examples users run: the annotated workflow, run_video.py and the benchmark harness (small, CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from inference_fastpath.examples.runtime import execution_engine
+from inference_fastpath.examples.video_io import read_frames, write_clip
+from inference_fastpath.workflows import FASTPATH_ANNOTATED, load_workflow
+
+pytestmark = pytest.mark.slow
+REFERENCE = dict(preprocess="reference", postprocess="reference")
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory, clip_path):
+    return str(write_clip(tmp_path_factory.mktemp("tiny") / "tiny.mp4", read_frames(clip_path, count=3, step=30)))
+
+
+def test_chaining_into_stock_annotators_draws_the_masks(demo_model_dir, clip_frames):
+    frame = clip_frames[0]
+    result = execution_engine(load_workflow(FASTPATH_ANNOTATED, **REFERENCE)).run(
+        runtime_parameters={"image": [frame], "model_id": demo_model_dir}
+    )[0]
+    detections, annotated = result["predictions"], result["annotated"].numpy_image
+    assert len(detections) > 0 and annotated.shape == frame.shape
+    changed = np.any(annotated != frame, axis=2)
+    inside = np.any(detections.mask, axis=0)
+    assert changed[inside].mean() > 0.5, "the mask annotator did not paint the detected pixels"
+
+
+def test_run_video_writes_an_annotated_video(demo_model_dir, tiny_clip, tmp_path, capsys):
+    from inference_fastpath.examples.run_video import main
+
+    out = tmp_path / "annotated.mp4"
+    assert main(["--video", tiny_clip, "--model", demo_model_dir, "--out", str(out),
+                 "--preprocess", "reference", "--postprocess", "reference"]) == 0
+    printed = capsys.readouterr().out
+    assert "processed 3 frames" in printed and "fps" in printed
+    capture = cv2.VideoCapture(str(out))
+    assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 3
+    capture.release()
+
+
+def test_benchmark_runs_stock_and_ours_and_writes_json_and_chart(demo_model_dir, tiny_clip, tmp_path):
+    from inference_fastpath.examples.benchmark import main
+
+    out = tmp_path / "bench.json"
+    assert main(["--video", tiny_clip, "--model", demo_model_dir, "--frames", "3", "--warmup", "1",
+                 "--presets", "reference", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    names = [r["name"] for r in report["results"]]
+    assert names == ["stock-v3", "reference"]
+    for result in report["results"]:
+        assert result["frames"] == 3 and result["frame_ids_in_order"] and result["fps"] > 0
+        assert result["mean_detections"] > 0
+    ours = report["results"][1]
+    assert set(ours["stages_ms"]) >= {"preprocess_ms", "engine_ms", "postprocess_ms", "output_ms"}
+    assert len(ours["timeline"]) == 3
+    assert out.with_suffix(".png").is_file()
