@@ -27,6 +27,7 @@ configure_environment()
 
 import torch  # noqa: E402
 
+from inference_fastpath.examples.parity import compare_detections  # noqa: E402
 from inference_fastpath.examples.video_io import read_frames, video_fps, write_clip  # noqa: E402
 
 PRESETS: Dict[str, Dict[str, object]] = {
@@ -93,9 +94,33 @@ def gpu_bound_fps(timeline: List[Dict[str, float]]) -> Optional[float]:
     return 1000.0 / statistics.median(spans) if spans else None
 
 
+def parity_summary(reports) -> Dict[str, object]:
+    """Worst case over frames of the per-frame comparisons (see examples/parity.py)."""
+    if not reports:
+        return {}
+    return {
+        "frames_compared": len(reports),
+        "frames_within_bars": sum(r.within(confidence=1e-4, box_px=1.0, mask_iou=0.999) for r in reports),
+        "count_mismatches": sum(r.count_a != r.count_b for r in reports),
+        "class_mismatches": sum(not r.classes_equal for r in reports),
+        "max_confidence_diff": max(r.max_confidence_diff for r in reports),
+        "max_box_diff_px": max(r.max_box_diff_px for r in reports),
+        "min_mask_iou": min(r.min_mask_iou for r in reports),
+    }
+
+
 def run_configuration(
-    name: str, workflow: dict, video: str, model: str, warmup: int, options: Optional[dict] = None
+    name: str,
+    workflow: dict,
+    video: str,
+    model: str,
+    warmup: int,
+    options: Optional[dict] = None,
+    keep: Optional[dict] = None,
+    compare_with: Optional[dict] = None,
+    polygonise: bool = False,
 ) -> Dict[str, object]:
+    """Runs one configuration. `keep` collects detections by frame id; `compare_with` checks against them."""
     from inference_fastpath.adapters.options import FastpathOptions
     from inference_fastpath.adapters.segmentation_runner import RUNNERS
     from inference_fastpath.adapters.timeline import Timeline
@@ -106,7 +131,16 @@ def run_configuration(
     if options is not None:  # ours: build the step's runner up front and record its timeline
         runner = RUNNERS.get(model_id=model, options=FastpathOptions.from_values(options))
         runner.timeline = Timeline(runner.loaded.device)
-    run = run_pipeline(video, workflow, {"model_id": model}, warmup_frames=warmup)
+    reports = []
+
+    def on_result(prediction, frame) -> None:
+        detections = prediction.get("predictions")
+        if keep is not None:
+            keep[frame.frame_id] = detections
+        if compare_with is not None and frame.frame_id in compare_with:
+            reports.append(compare_detections(detections, compare_with[frame.frame_id], polygonise_a=polygonise))
+
+    run = run_pipeline(video, workflow, {"model_id": model}, warmup_frames=warmup, on_result=on_result)
     detections = [len(r["predictions"]) for r in run.results if r.get("predictions") is not None]
     result = {
         "name": name,
@@ -118,13 +152,14 @@ def run_configuration(
         "errors": run.errors,
         "stages_ms": stage_medians(runner),
         "stage_choices": [vars(c) for c in runner.choices] if runner else [],
+        "parity": parity_summary(reports),
     }
     if runner is not None and runner.timeline is not None:
         result["timeline"] = runner.timeline.resolve()
         result["gpu_bound_fps"] = gpu_bound_fps(result["timeline"])
     fps = f"{result['fps']:.2f}" if result["fps"] else "n/a"
     print(f"{name:>14}: {result['frames']} frames, {fps} fps, {result['mean_detections']:.1f} det/frame "
-          f"{result['stages_ms']}", flush=True)
+          f"{result['stages_ms']} parity={result['parity']}", flush=True)
     return result
 
 
@@ -208,10 +243,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         video = truncated_clip(source, args.frames, Path(directory))
         decode_rate = decode_fps(video)
         print(f"decode alone: {decode_rate:.1f} fps", flush=True)
-        results = [run_configuration("stock-v3", load_workflow(STOCK_V3), video, model, args.warmup)]
-        for name, options in configurations:
+        # Detections are compared frame by frame: our first configuration against the stock block
+        # (through the stock polygon step, see examples/parity.py), every later one against our first.
+        stock, ours_first = {}, {}
+        results = [run_configuration("stock-v3", load_workflow(STOCK_V3), video, model, args.warmup, keep=stock)]
+        for index, (name, options) in enumerate(configurations):
             workflow = load_workflow(FASTPATH, **options)
-            results.append(run_configuration(name, workflow, video, model, args.warmup, options=options))
+            results.append(run_configuration(
+                name, workflow, video, model, args.warmup, options=options,
+                keep=ours_first if index == 0 else None,
+                compare_with=stock if index == 0 else ours_first,
+                polygonise=index == 0,
+            ))
     for result in results:
         bound = min(filter(None, [decode_rate, result.get("gpu_bound_fps")]))
         result["slowest_stage_bound_fps"] = bound

@@ -61,4 +61,5 @@ def test_benchmark_runs_stock_and_ours_and_writes_json_and_chart(demo_model_dir,
     ours = report["results"][1]
     assert set(ours["stages_ms"]) >= {"preprocess_ms", "engine_ms", "postprocess_ms", "output_ms"}
     assert len(ours["timeline"]) == 3
+    assert ours["parity"]["frames_compared"] == 3 and ours["parity"]["frames_within_bars"] == 3
     assert out.with_suffix(".png").is_file()
