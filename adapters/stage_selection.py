@@ -59,29 +59,40 @@ def _model_inference_config(loaded: LoadedModel):
     return getattr(loaded.model, "_inference_config", None)
 
 
+def _build_triton_stage(
+    requested: str, device: torch.device, module: str, class_name: str, make: Callable[[Any], Any]
+) -> Tuple[Optional[Any], Optional[str]]:
+    """(stage, None) when the Triton stage can run and builds, else (None, reason)."""
+    reason = triton_runnable(device, requested)
+    if reason is not None:
+        return None, reason
+    stage_class, reason = _import_attribute(module, class_name)
+    if stage_class is None:
+        return None, reason
+    try:
+        return make(stage_class), None
+    except Exception as error:
+        return None, f"{class_name} could not be built: {type(error).__name__}: {error}"
+
+
 def select_preprocess(options: FastpathOptions, loaded: LoadedModel) -> Tuple[Callable, StageChoice]:
     reference = ReferencePreprocess(loaded.model)
     if options.preprocess == "reference":
         return reference, StageChoice("preprocess", "reference", "reference")
-    reason = triton_runnable(loaded.device, options.preprocess)
-    stage = None
-    if reason is None:
-        stage_class, reason = _import_attribute(
-            "inference_fastpath.adapters.stages.preprocess_triton", "TritonPreprocess"
-        )
+    def make(stage_class):
         config = _model_inference_config(loaded)
-        if stage_class is not None and config is None:
-            reason = f"the {loaded.backend} model exposes no inference config to plan the resize from"
-        elif stage_class is not None:
-            try:
-                stage = stage_class(
-                    network_input=config.network_input,
-                    image_pre_processing=config.image_pre_processing,
-                    device=loaded.device,
-                    dtype=_engine_input_dtype(options),
-                )
-            except Exception as error:
-                reason = f"Triton preprocess could not be built: {type(error).__name__}: {error}"
+        if config is None:
+            raise ValueError(f"the {loaded.backend} model exposes no inference config to plan the resize from")
+        return stage_class(
+            network_input=config.network_input,
+            image_pre_processing=config.image_pre_processing,
+            device=loaded.device,
+            dtype=_engine_input_dtype(options),
+        )
+
+    stage, reason = _build_triton_stage(
+        options.preprocess, loaded.device, "inference_fastpath.adapters.stages.preprocess_triton", "TritonPreprocess", make
+    )
     if stage is None:
         return reference, StageChoice("preprocess", options.preprocess, "reference", reason)
     return _with_frame_fallback(stage, reference), StageChoice("preprocess", options.preprocess, "triton")
@@ -114,17 +125,10 @@ def select_postprocess(options: FastpathOptions, loaded: LoadedModel) -> Tuple[C
     reference = ReferencePostprocess(num_classes=num_classes, classes_re_mapping=re_mapping)
     if options.postprocess == "reference":
         return reference, StageChoice("postprocess", "reference", "reference")
-    reason = triton_runnable(loaded.device, options.postprocess)
-    stage = None
-    if reason is None:
-        stage_class, reason = _import_attribute(
-            "inference_fastpath.adapters.stages.postprocess_fused", "FusedPostprocess"
-        )
-        if stage_class is not None:
-            try:
-                stage = stage_class(num_classes=num_classes, classes_re_mapping=re_mapping, device=loaded.device)
-            except Exception as error:
-                reason = f"fused postprocess could not be built: {type(error).__name__}: {error}"
+    stage, reason = _build_triton_stage(
+        options.postprocess, loaded.device, "inference_fastpath.adapters.stages.postprocess_fused", "FusedPostprocess",
+        lambda stage_class: stage_class(num_classes=num_classes, classes_re_mapping=re_mapping, device=loaded.device),
+    )
     if stage is None:
         return reference, StageChoice("postprocess", options.postprocess, "reference", reason)
     return _with_request_fallback(stage, reference), StageChoice("postprocess", options.postprocess, "fused")
