@@ -1,0 +1,570 @@
+"""Fused (Triton) RF-DETR instance-segmentation postprocess stage.
+
+Drop-in twin of the reference stage built on inference-models'
+``post_process_instance_segmentation_results`` / ``..._to_rle_masks``: same
+detections, same order, same boxes, pixel-identical dense masks, byte-identical RLE
+and the same polygons (largest ``cv2.findContours`` contour of the dense mask).
+
+Per batch the host waits on the device twice: once for a small header (the compact
+selection + per-detection RLE transition counts or dense-mask bounding boxes), once
+for the mask payload (RLE transition positions or bit-packed foreground crops).
+Nothing is synchronised per detection; the raw outputs are released after the
+second wait.
+
+``unsupported_reason`` lists what the stage does not do, so the adapter can fall back
+to the reference with a logged reason instead of returning something different.
+
+Helpers at the bottom build ``PreProcessingMetadata`` / synthetic RF-DETR outputs and
+save/load recorded engine outputs (``.pt``) for tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import cv2
+import numpy as np
+import torch
+from inference_models.entities import ImageDimensions
+from inference_models.models.common.roboflow.model_packages import (
+    PreProcessingMetadata,
+    StaticCropOffset,
+)
+
+from inference_fastpath.adapters.stages.contracts import (
+    FrameDetections,
+    PostprocessRequest,
+    RawOutputs,
+)
+from inference_fastpath.kernels.postprocess_mask_dense import (
+    binarize_with_torch,
+    calibrate_accumulation,
+    crop_layout,
+    extent_bands,
+    launch_dense_pack,
+    launch_extents,
+    make_mask_plan,
+    paste_crops,
+    reduce_extents,
+)
+from inference_fastpath.kernels.postprocess_mask_rle import (
+    launch_rle_count,
+    launch_rle_emit,
+    transitions_to_coco_rle,
+    transitions_to_crop,
+)
+from inference_fastpath.kernels.postprocess_select import (
+    FrameGeometry,
+    FrameSelection,
+    _geometry_params,
+    decode_selection,
+    frame_geometry,
+    select_detections,
+)
+
+_FORMATS = ("dense", "rle", "polygon")
+_MIN_QUERIES = 33  # torch.topk(k <= 32) orders ties with a bitonic sort we do not replay
+
+
+class FusedPostprocess:
+    """Triton postprocess for RF-DETR segmentation (see module docstring).
+
+    Not thread-safe (reuses pinned host buffers); use one instance per worker.
+    Pass ``raw`` to :meth:`unsupported_reason` when available: checks that depend on
+    the engine outputs (dtypes, query count, padding vs mask grid) otherwise only run
+    inside ``__call__``, which raises ``ValueError`` instead of falling back.
+    """
+
+    name = "fused_postprocess"
+
+    def __init__(self, num_classes: int, classes_re_mapping: Optional[Any], device: Union[str, torch.device]):
+        self.num_classes = int(num_classes)
+        self.classes_re_mapping = classes_re_mapping
+        self.device = torch.device(device)
+        self._class_mapping: Optional[torch.Tensor] = None
+        if classes_re_mapping is not None:
+            self._class_mapping = classes_re_mapping.class_mapping.to(self.device, torch.int32)
+        self._n_output_classes = self.num_classes
+        if self._class_mapping is not None:
+            mapping = classes_re_mapping.class_mapping
+            self._n_output_classes = int(mapping.max().item()) + 1 if mapping.numel() else 0
+        self._acc_mode: Optional[int] = None
+        self._params_cache: Dict[Tuple[FrameGeometry, ...], torch.Tensor] = {}
+        self._pinned: Dict[Tuple[str, torch.dtype], torch.Tensor] = {}
+        if self.device.type == "cuda" and torch.cuda.is_available():
+            self.accumulation_mode()  # one-off kernel compile + check at build time, not mid-stream
+
+    # ------------------------------------------------------------------ capability checks
+
+    def _triton_usable(self) -> bool:
+        if self.device.type == "cuda":
+            return torch.cuda.is_available()
+        return os.environ.get("TRITON_INTERPRET") == "1"
+
+    def accumulation_mode(self) -> int:
+        """Resize accumulation recipe matching torch on this device (-1: none matches)."""
+        if self._acc_mode is None:
+            self._acc_mode = calibrate_accumulation(self.device)
+        return self._acc_mode
+
+    def unsupported_reason(
+        self,
+        metadata: Sequence[PreProcessingMetadata],
+        request: PostprocessRequest,
+        raw: Optional[RawOutputs] = None,
+    ) -> Optional[str]:
+        """Why this stage cannot reproduce the reference for this call, or None.
+
+        ``raw`` is optional; without it, output-dependent checks (dtypes, query count,
+        padding vs mask grid) are done again at call time, which raises ``ValueError``.
+        """
+        if not self._triton_usable():
+            return f"fused postprocess needs a CUDA device or TRITON_INTERPRET=1 (device={self.device})"
+        if request.mask_format not in _FORMATS:
+            return f"mask_format {request.mask_format!r} is not supported"
+        if request.max_detections is not None and int(request.max_detections) < 0:
+            return "negative max_detections"
+        thr = request.threshold
+        if isinstance(thr, torch.Tensor):
+            if thr.dim() != 1:
+                return "per-class threshold must be a 1-D tensor"
+            if thr.numel() < self._n_output_classes:
+                return "per-class threshold is shorter than the class list"
+        for meta in metadata:
+            if min(meta.pad_left, meta.pad_top, meta.pad_right, meta.pad_bottom) < 0:
+                return "negative letterbox padding"
+        if raw is not None:
+            reason = self._raw_reason(metadata, raw)
+            if reason:
+                return reason
+        if self.accumulation_mode() < 0:
+            return "torch's bilinear resize arithmetic could not be reproduced on this device"
+        return None
+
+    def _raw_reason(self, metadata: Sequence[PreProcessingMetadata], raw: RawOutputs) -> Optional[str]:
+        if raw.logits.dtype != torch.float32 or raw.boxes.dtype != torch.float32:
+            return "fused selection needs float32 logits and boxes"
+        if raw.masks.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return f"unsupported mask dtype {raw.masks.dtype}"
+        if raw.logits.dim() != 3 or raw.boxes.dim() != 3 or raw.masks.dim() != 4:
+            return "unexpected engine output ranks"
+        if raw.logits.shape[1] < _MIN_QUERIES:
+            return "fewer than 33 queries (top-k tie order not reproduced)"
+        if len(metadata) != raw.logits.shape[0]:
+            return "metadata length does not match the batch"
+        mh, mw = raw.masks.shape[-2:]
+        for meta in metadata:
+            try:
+                frame_geometry(meta, mh, mw)
+            except ValueError as error:
+                return str(error)
+        return None
+
+    # ------------------------------------------------------------------ main entry
+
+    def __call__(
+        self,
+        raw: RawOutputs,
+        metadata: List[PreProcessingMetadata],
+        request: PostprocessRequest,
+    ) -> List[FrameDetections]:
+        reason = self.unsupported_reason(metadata, request, raw)
+        if reason is not None:
+            # raw outputs are left untouched (not released) so the caller can fall back
+            raise ValueError(f"FusedPostprocess cannot handle this call: {reason}")
+        if raw.done_event is not None and self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).wait_event(raw.done_event)
+        try:
+            return self._run(raw, metadata, request)
+        finally:
+            # every kernel reading the raw outputs has completed once _run returns
+            # (it waits for its last device->host copy), so the buffers may be reused
+            if raw.release is not None:
+                raw.release()
+
+    def _run(self, raw: RawOutputs, metadata: List[PreProcessingMetadata],
+             request: PostprocessRequest) -> List[FrameDetections]:
+        masks = raw.masks.contiguous()  # kernels index (Q, mh, mw) planes directly
+        mh, mw = int(masks.shape[-2]), int(masks.shape[-1])
+        geoms = [frame_geometry(m, mh, mw) for m in metadata]
+        selection = select_detections(
+            raw.logits,
+            raw.boxes,
+            geoms,
+            request.threshold,
+            self.num_classes,
+            self._class_mapping,
+            request.max_detections,
+            params=self._params(geoms),
+        )
+        plans = [make_mask_plan(g, mh, mw, self.device) for g in geoms]
+        queries = selection.queries_device()
+        bins = [
+            binarize_with_torch(masks[b], queries[b], plan) if plan.binary_source else None
+            for b, plan in enumerate(plans)
+        ]
+        mode = self.accumulation_mode()
+        if request.mask_format == "dense":
+            return self._dense(masks, selection, geoms, plans, bins, mode)
+        return self._runs(masks, selection, geoms, plans, bins, mode, request.mask_format)
+
+    # ------------------------------------------------------------------ formats
+
+    def _dense(self, masks, selection, geoms, plans, bins, mode) -> List[FrameDetections]:
+        cap = selection.capacity
+        extents = []
+        for b, plan in enumerate(plans):
+            per_band = torch.empty((cap, extent_bands(plan)[0], 4), dtype=torch.int32, device=self.device)
+            launch_extents(masks[b], bins[b], selection.packed[b], cap, plan, per_band, mode)
+            extents.append(reduce_extents(per_band))
+        header = torch.cat([selection.packed.reshape(-1)] + [e.reshape(-1) for e in extents])
+        host_header = self._to_host(header, "header")
+        n_sel = selection.packed.numel()
+        frames = decode_selection(host_header[:n_sel].reshape(selection.packed.shape), cap)
+        host_ext = host_header[n_sel:].reshape(len(plans), cap, 4)
+        layouts, base = [], 0
+        for b, (frame, plan) in enumerate(zip(frames, plans)):
+            layout, size = crop_layout(host_ext[b, : len(frame.confidence)], plan.canvas[1])
+            layout[:, 0] += base
+            layouts.append(layout)
+            base += size
+        flat = torch.empty(max(base, 1), dtype=torch.uint8, device=self.device)
+        for b, plan in enumerate(plans):
+            if len(layouts[b]):
+                crops = torch.from_numpy(layouts[b]).to(self.device)
+                launch_dense_pack(masks[b], bins[b], selection.packed[b], layouts[b], crops, plan, flat, mode)
+        host = self._to_host(flat[:base], "payload") if base else np.zeros(0, np.uint8)
+        return [
+            self._frame(frame, geoms[b], dense_masks=paste_crops(host, layouts[b], *plan.canvas))
+            for b, (frame, plan) in enumerate(zip(frames, plans))
+        ]
+
+    def _runs(self, masks, selection, geoms, plans, bins, mode, fmt: str) -> List[FrameDetections]:
+        cap = selection.capacity
+        widths = [p.canvas[1] for p in plans]
+        counts = torch.zeros(cap * sum(widths), dtype=torch.int32, device=self.device)
+        starts = np.concatenate([[0], np.cumsum([cap * w for w in widths])]).astype(int)
+        for b, plan in enumerate(plans):
+            view = counts[starts[b] : starts[b + 1]].view(cap, widths[b])
+            launch_rle_count(masks[b], bins[b], selection.packed[b], cap, plan, view, mode)
+        counts64 = counts.to(torch.int64)
+        offsets = torch.cumsum(counts64, 0) - counts64
+        per_det = torch.cat([counts[starts[b] : starts[b + 1]].view(cap, widths[b]).sum(1, dtype=torch.int32)
+                             for b in range(len(plans))])
+        header = torch.cat([selection.packed.reshape(-1), per_det])
+        host_header = self._to_host(header, "header")
+        n_sel = selection.packed.numel()
+        frames = decode_selection(host_header[:n_sel].reshape(selection.packed.shape), cap)
+        det_totals = host_header[n_sel:].reshape(len(plans), cap).astype(np.int64)
+        total = int(sum(det_totals[b, : len(f.confidence)].sum() for b, f in enumerate(frames)))
+        positions = torch.empty(max(total, 1), dtype=torch.int32, device=self.device)
+        for b, (frame, plan) in enumerate(zip(frames, plans)):
+            n = len(frame.confidence)
+            if n == 0:
+                continue
+            off = offsets[starts[b] : starts[b] + n * widths[b]].view(n, widths[b])
+            launch_rle_emit(masks[b], bins[b], selection.packed[b], n, plan, off, positions, mode)
+        host_pos = self._to_host(positions[:total], "payload") if total else np.zeros(0, np.int32)
+        results, cursor = [], 0
+        for b, (frame, plan) in enumerate(zip(frames, plans)):
+            hc, wc = plan.canvas
+            items = []
+            for i in range(len(frame.confidence)):
+                k = int(det_totals[b, i])
+                trans = host_pos[cursor : cursor + k]
+                cursor += k
+                items.append(transitions_to_coco_rle(trans, hc, wc) if fmt == "rle" else _polygon(trans, hc, wc))
+            if fmt == "rle":
+                results.append(self._frame(frame, geoms[b], rle_masks=items))
+            else:
+                results.append(self._frame(frame, geoms[b], polygons=items))
+        return results
+
+    # ------------------------------------------------------------------ plumbing
+
+    @staticmethod
+    def _frame(frame: FrameSelection, geometry: FrameGeometry, **masks) -> FrameDetections:
+        return FrameDetections(
+            xyxy=frame.xyxy.astype(np.float32, copy=False),
+            confidence=frame.confidence.astype(np.float32, copy=False),
+            class_id=frame.class_id.astype(np.int64, copy=False),
+            image_size=(geometry.image_h, geometry.image_w),
+            **masks,
+        )
+
+    def _params(self, geoms: Sequence[FrameGeometry]) -> torch.Tensor:
+        key = tuple(geoms)
+        cached = self._params_cache.get(key)
+        if cached is None:
+            if len(self._params_cache) > 32:
+                self._params_cache.clear()
+            cached = torch.from_numpy(_geometry_params(geoms)).to(self.device)
+            self._params_cache[key] = cached
+        return cached
+
+    def _to_host(self, tensor: torch.Tensor, slot: str) -> np.ndarray:
+        """Device -> host copy through a reused pinned buffer on CUDA (one wait).
+
+        The result aliases the buffer of ``slot`` until the next copy into that slot.
+        """
+        tensor = tensor.reshape(-1)
+        if tensor.device.type != "cuda":
+            return tensor.numpy()
+        n = tensor.numel()
+        key = (slot, tensor.dtype)
+        buf = self._pinned.get(key)
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(max(n, 1 << 16), dtype=tensor.dtype, pin_memory=True)
+            self._pinned[key] = buf
+        buf[:n].copy_(tensor, non_blocking=True)
+        torch.cuda.current_stream(tensor.device).synchronize()
+        return buf[:n].numpy()
+
+
+def _polygon(transitions: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Largest external contour (CHAIN_APPROX_SIMPLE) of the mask, as inference's mask2poly."""
+    crop = transitions_to_crop(transitions, height, width)
+    if crop is None:
+        return np.zeros((0, 2), dtype=np.float32)
+    image, x0, y0 = crop
+    contours = cv2.findContours(image, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE, offset=(x0, y0))[0]
+    if not contours:
+        return np.zeros((0, 2), dtype=np.float32)
+    largest = contours[int(np.argmax([len(c) for c in contours]))]
+    return np.asarray(largest).reshape(-1, 2).astype(np.float32)
+
+
+# ============================================================================ test helpers
+
+
+def make_metadata(
+    original_hw: Tuple[int, int],
+    inference_hw: Tuple[int, int] = (312, 312),
+    mode: str = "stretch",
+    static_crop: Optional[Tuple[int, int, int, int]] = None,
+) -> PreProcessingMetadata:
+    """``PreProcessingMetadata`` like inference-models' pre-processing produces.
+
+    mode: "stretch" (resize to the network size) or "letterbox" (keep aspect, pad).
+    static_crop: (x, y, width, height) crop applied before resizing.
+    """
+    oh, ow = original_hw
+    ih, iw = inference_hw
+    if static_crop is None:
+        ox = oy = 0
+        ch, cw = oh, ow
+    else:
+        ox, oy, cw, ch = static_crop
+    pad = (0, 0, 0, 0)
+    if mode == "stretch":
+        sw, sh = iw / cw, ih / ch
+    elif mode == "letterbox":
+        s = min(iw / cw, ih / ch)
+        nw, nh = round(cw * s), round(ch * s)
+        left, top = (iw - nw) // 2, (ih - nh) // 2
+        pad = (left, top, iw - nw - left, ih - nh - top)
+        sw = sh = s
+    else:
+        raise ValueError(mode)
+    return PreProcessingMetadata(
+        pad_left=pad[0],
+        pad_top=pad[1],
+        pad_right=pad[2],
+        pad_bottom=pad[3],
+        original_size=ImageDimensions(height=oh, width=ow),
+        size_after_pre_processing=ImageDimensions(height=ch, width=cw),
+        inference_size=ImageDimensions(height=ih, width=iw),
+        scale_width=sw,
+        scale_height=sh,
+        static_crop_offset=StaticCropOffset(offset_x=ox, offset_y=oy, crop_width=cw, crop_height=ch),
+    )
+
+
+def synthetic_outputs(
+    batch: int = 1,
+    queries: int = 100,
+    classes: int = 91,
+    mask_hw: Tuple[int, int] = (78, 78),
+    n_confident: int = 10,
+    seed: int = 0,
+    device: Union[str, torch.device] = "cpu",
+) -> RawOutputs:
+    """RF-DETR-seg-like outputs: most queries are background (sigmoid << 0.5),
+    ``n_confident`` queries score one class well above, masks are smooth blobs
+    roughly inside their boxes."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn((batch, queries, classes), generator=gen) * 1.5 - 6.0
+    for b in range(batch):
+        idx = torch.randperm(queries, generator=gen)[:n_confident]
+        cls = torch.randint(0, max(classes - 1, 1), (n_confident,), generator=gen)
+        logits[b, idx, cls] = torch.rand(n_confident, generator=gen) * 6.0 + 0.5
+    cxcy = torch.rand((batch, queries, 2), generator=gen) * 0.8 + 0.1
+    wh = torch.rand((batch, queries, 2), generator=gen) * 0.4 + 0.05
+    boxes = torch.cat([cxcy, wh], dim=-1)
+    mh, mw = mask_hw
+    yy = (torch.arange(mh, dtype=torch.float32) + 0.5)[:, None] / mh
+    xx = (torch.arange(mw, dtype=torch.float32) + 0.5)[None, :] / mw
+    dy = (yy[None, None] - cxcy[..., 1, None, None]) / (wh[..., 1, None, None] / 2)
+    dx = (xx[None, None] - cxcy[..., 0, None, None]) / (wh[..., 0, None, None] / 2)
+    blob = 1.0 - (dx**2 + dy**2)
+    noise = torch.nn.functional.avg_pool2d(
+        torch.randn((batch * queries, 1, mh, mw), generator=gen), 5, 1, 2
+    ).view(batch, queries, mh, mw)
+    masks = blob * 8.0 + noise * 6.0
+    dev = torch.device(device)
+    return RawOutputs(boxes=boxes.to(dev), logits=logits.to(dev), masks=masks.to(dev))
+
+
+def _metadata_to_dict(meta: PreProcessingMetadata) -> Dict[str, Any]:
+    out = {k: getattr(meta, k) for k in ("pad_left", "pad_top", "pad_right", "pad_bottom", "scale_width", "scale_height")}
+    out["original_size"] = list(meta.original_size)
+    out["size_after_pre_processing"] = list(meta.size_after_pre_processing)
+    out["inference_size"] = list(meta.inference_size)
+    out["static_crop_offset"] = list(meta.static_crop_offset)
+    out["nonsquare_intermediate_size"] = (
+        None if meta.nonsquare_intermediate_size is None else list(meta.nonsquare_intermediate_size)
+    )
+    return out
+
+
+def _metadata_from_dict(data: Dict[str, Any]) -> PreProcessingMetadata:
+    nis = data.get("nonsquare_intermediate_size")
+    return PreProcessingMetadata(
+        pad_left=data["pad_left"],
+        pad_top=data["pad_top"],
+        pad_right=data["pad_right"],
+        pad_bottom=data["pad_bottom"],
+        original_size=ImageDimensions(*data["original_size"]),
+        size_after_pre_processing=ImageDimensions(*data["size_after_pre_processing"]),
+        inference_size=ImageDimensions(*data["inference_size"]),
+        scale_width=data["scale_width"],
+        scale_height=data["scale_height"],
+        static_crop_offset=StaticCropOffset(*data["static_crop_offset"]),
+        nonsquare_intermediate_size=None if nis is None else ImageDimensions(*nis),
+    )
+
+
+def save_recorded_outputs(path: str, raw: RawOutputs, metadata: Sequence[PreProcessingMetadata],
+                          info: Optional[Dict[str, Any]] = None) -> None:
+    """Save engine outputs + their metadata to a ``.pt`` file (CPU tensors, plain types)."""
+    torch.save(
+        {
+            "boxes": raw.boxes.detach().cpu(),
+            "logits": raw.logits.detach().cpu(),
+            "masks": raw.masks.detach().cpu(),
+            "metadata": [_metadata_to_dict(m) for m in metadata],
+            "info": dict(info or {}),
+        },
+        path,
+    )
+
+
+def load_recorded_outputs(path: str, device: Union[str, torch.device] = "cpu"
+                          ) -> Tuple[RawOutputs, List[PreProcessingMetadata], Dict[str, Any]]:
+    """Inverse of :func:`save_recorded_outputs`."""
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    dev = torch.device(device)
+    raw = RawOutputs(boxes=data["boxes"].to(dev), logits=data["logits"].to(dev), masks=data["masks"].to(dev))
+    return raw, [_metadata_from_dict(m) for m in data["metadata"]], dict(data.get("info", {}))
+
+
+def mask_to_polygon(mask: np.ndarray) -> np.ndarray:
+    """Same contract as inference's ``mask2poly`` (largest RETR_EXTERNAL /
+    CHAIN_APPROX_SIMPLE contour, float32 (K, 2)), without importing ``inference``."""
+    contours = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)[0]
+    if not contours:
+        return np.zeros((0, 2), dtype=np.float32)
+    largest = contours[int(np.argmax([len(c) for c in contours]))]
+    return np.asarray(largest).reshape(-1, 2).astype(np.float32)
+
+
+def reference_detections(
+    raw: RawOutputs,
+    metadata: Sequence[PreProcessingMetadata],
+    request: PostprocessRequest,
+    num_classes: int,
+    classes_re_mapping: Optional[Any] = None,
+) -> List[FrameDetections]:
+    """The inference-models reference, converted to ``FrameDetections`` (tests/bench).
+
+    "dense" and "polygon" use ``post_process_instance_segmentation_results`` (polygons via
+    :func:`mask_to_polygon` on its masks); "rle" uses
+    ``post_process_instance_segmentation_results_to_rle_masks`` (its torch path unless
+    inference-models' own Triton RLE postprocess is enabled).
+    """
+    from inference_models.models.rfdetr.common import (
+        post_process_instance_segmentation_results,
+        post_process_instance_segmentation_results_to_rle_masks,
+    )
+
+    args = dict(
+        bboxes=raw.boxes,
+        logits=raw.logits,
+        masks=raw.masks,
+        pre_processing_meta=list(metadata),
+        threshold=request.threshold,
+        num_classes=num_classes,
+        classes_re_mapping=classes_re_mapping,
+        max_detections=request.max_detections,
+    )
+    if request.mask_format == "rle":
+        dets = post_process_instance_segmentation_results_to_rle_masks(**args)
+    else:
+        dets = post_process_instance_segmentation_results(**args)
+    frames = []
+    for det, meta in zip(dets, metadata):
+        common = dict(
+            xyxy=det.xyxy.float().cpu().numpy().reshape(-1, 4),
+            confidence=det.confidence.float().cpu().numpy(),
+            class_id=det.class_id.cpu().numpy().astype(np.int64),
+            image_size=(int(meta.original_size.height), int(meta.original_size.width)),
+        )
+        if request.mask_format == "rle":
+            size = list(det.mask.mask_size)
+            frames.append(FrameDetections(**common, rle_masks=[{"size": size, "counts": c} for c in det.mask.masks]))
+            continue
+        dense = det.mask.cpu().numpy().astype(bool)
+        if request.mask_format == "dense":
+            frames.append(FrameDetections(**common, dense_masks=dense))
+        else:
+            frames.append(FrameDetections(**common, polygons=[mask_to_polygon(m) for m in dense]))
+    return frames
+
+
+def _mask_keys(frame: FrameDetections) -> List[Any]:
+    if frame.dense_masks is not None:
+        return [m.tobytes() + bytes(str(m.shape), "ascii") for m in frame.dense_masks]
+    if frame.rle_masks is not None:
+        return [(bytes(r["counts"]), tuple(r["size"])) for r in frame.rle_masks]
+    if frame.polygons is not None:
+        return [p.tobytes() + bytes(str(p.shape), "ascii") for p in frame.polygons]
+    return [None] * len(frame)
+
+
+def frames_mismatch(ours: FrameDetections, ref: FrameDetections, tie_tolerant: bool = False) -> Optional[str]:
+    """None if ``ours`` equals ``ref`` (same detections, same order, exact boxes, equal
+    masks); otherwise a description. ``tie_tolerant`` accepts any order among
+    detections with exactly equal confidence (torch's CPU top-k/sort order them
+    arbitrarily)."""
+    if tuple(ours.image_size) != tuple(ref.image_size):
+        return f"image_size {ours.image_size} != {ref.image_size}"
+    if len(ours) != len(ref):
+        return f"{len(ours)} detections != {len(ref)}"
+    if ours.dense_masks is not None and ref.dense_masks is not None:
+        if ours.dense_masks.shape != ref.dense_masks.shape:
+            return f"dense shape {ours.dense_masks.shape} != {ref.dense_masks.shape}"
+    rows_o = list(zip(ours.confidence.tolist(), ours.class_id.tolist(), map(tuple, ours.xyxy.tolist()), _mask_keys(ours)))
+    rows_r = list(zip(ref.confidence.tolist(), ref.class_id.tolist(), map(tuple, ref.xyxy.tolist()), _mask_keys(ref)))
+    if not np.array_equal(ours.confidence, ref.confidence):
+        return "confidences differ"
+    if rows_o == rows_r:
+        return None
+    if not tie_tolerant:
+        bad = next(i for i, (a, b) in enumerate(zip(rows_o, rows_r)) if a != b)
+        what = [n for n, x, y in zip(("confidence", "class", "box", "mask"), rows_o[bad], rows_r[bad]) if x != y]
+        return f"detection {bad} differs in {what}"
+    key = lambda r: (r[0], r[1], r[2], str(r[3]))
+    if sorted(rows_o, key=key) != sorted(rows_r, key=key):
+        return "detections differ beyond the order of exact score ties"
+    return None

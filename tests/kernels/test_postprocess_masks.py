@@ -1,0 +1,220 @@
+"""Fused mask kernels (dense bit-packed, RLE, polygons) vs inference-models' reference.
+
+Runs on CUDA when available, else through the Triton interpreter (CPU).
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+from torchvision.transforms import functional as tvf
+
+from inference_fastpath.adapters.stages.contracts import PostprocessRequest, RawOutputs
+from inference_fastpath.adapters.stages.postprocess_fused import (
+    FusedPostprocess,
+    frames_mismatch,
+    make_metadata,
+    reference_detections,
+    synthetic_outputs,
+)
+from inference_fastpath.kernels.postprocess_mask_dense import (
+    axis_taps,
+    calibrate_accumulation,
+    interp_logits_float,
+    probe_axis_taps,
+)
+from inference_fastpath.kernels.postprocess_mask_rle import (
+    transitions_to_coco_rle,
+    transitions_to_counts,
+    transitions_to_crop,
+)
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+NUM_CLASSES = 90
+
+
+@pytest.fixture(scope="module")
+def stage():
+    return FusedPostprocess(NUM_CLASSES, None, DEVICE)
+
+
+def _check(stage, raw, metadata, formats=("dense", "rle", "polygon"), threshold=0.5, max_detections=None):
+    raw = RawOutputs(boxes=raw.boxes.to(DEVICE), logits=raw.logits.to(DEVICE), masks=raw.masks.to(DEVICE))
+    n = None
+    for fmt in formats:
+        req = PostprocessRequest(threshold=threshold, max_detections=max_detections, mask_format=fmt)
+        assert stage.unsupported_reason(metadata, req, raw) is None
+        ours = stage(raw, metadata, req)
+        ref = reference_detections(raw, metadata, req, NUM_CLASSES)
+        for o, r in zip(ours, ref):
+            problem = frames_mismatch(o, r)
+            assert problem is None, f"{fmt}: {problem}"
+        n = [len(o) for o in ours]
+    return n
+
+
+def _with_masks(raw, fill):
+    """Replace the masks of the confident queries with ``fill(h, w)`` logits."""
+    masks = raw.masks.clone()
+    h, w = masks.shape[-2:]
+    masks[:] = fill(h, w)
+    return RawOutputs(boxes=raw.boxes, logits=raw.logits, masks=masks)
+
+
+# ----------------------------------------------------------------------------- resize core
+
+
+@pytest.mark.parametrize("in_size,out_size", [(78, 312), (78, 78), (60, 1080), (7, 9), (78, 79), (13, 200)])
+def test_axis_taps_equal_torch_weights(in_size, out_size):
+    # resizing the identity basis along one axis reads the weights back exactly
+    eye = torch.eye(in_size, device=DEVICE)[:, None, None, :]
+    probed = torch.nn.functional.interpolate(
+        eye, size=(1, out_size), mode="bilinear", align_corners=False, antialias=True
+    )[:, 0, 0, :].cpu().numpy()
+    table, taps = axis_taps(in_size, out_size)
+    probed_table, probed_taps = probe_axis_taps(in_size, out_size, DEVICE)
+    nonzero = table[:, 1:] != 0  # the formula may list zero-weight taps the probe drops
+    assert np.array_equal(table[:, 1:][nonzero], probed_table[:, 1:][probed_table[:, 1:] != 0])
+    ours = np.zeros((in_size, out_size), dtype=np.float32)
+    for o, (first, w0, w1, w2) in enumerate(table):
+        for j, w in enumerate((w0, w1, w2)):
+            if w != 0:
+                ours[int(first) + j, o] = w
+    np.testing.assert_array_equal(ours, probed)
+
+
+def test_calibrated_resize_is_bit_exact():
+    mode = calibrate_accumulation(DEVICE)
+    assert mode >= 0
+    gen = torch.Generator().manual_seed(0)
+    for (gh, gw), (th, tw) in [((78, 78), (240, 320)), ((60, 78), (61, 500)), ((5, 9), (77, 13))]:
+        grid = (torch.randn((gh, gw), generator=gen) * 3).to(DEVICE)
+        ref = tvf.resize(grid[None], [th, tw], interpolation=tvf.InterpolationMode.BILINEAR)[0]
+        assert torch.equal(interp_logits_float(grid, (gh, gw), (th, tw), mode), ref)
+
+
+# ----------------------------------------------------------------------------- host helpers
+
+
+def test_transitions_roundtrip_random_masks():
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        h, w = rng.integers(1, 20, 2)
+        m = rng.random((h, w)) < rng.random()
+        flat = m.T.reshape(-1)  # column-major
+        prev = np.concatenate([[False], flat[:-1]])
+        trans = np.flatnonzero(flat != prev)
+        rle = transitions_to_coco_rle(trans, int(h), int(w))
+        assert rle == mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+        assert sum(transitions_to_counts(trans, int(h * w))) == h * w
+        crop = transitions_to_crop(trans, int(h), int(w))
+        if not m.any():
+            assert crop is None
+            continue
+        img, x0, y0 = crop
+        ys, xs = np.nonzero(m)
+        assert (x0, y0) == (xs.min(), ys.min())
+        np.testing.assert_array_equal(img.astype(bool), m[y0 : ys.max() + 1, x0 : xs.max() + 1])
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_realistic_nano_outputs(stage):
+    raw = synthetic_outputs(n_confident=6, seed=1)
+    assert _check(stage, raw, [make_metadata((96, 128))]) == [6]
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [
+        make_metadata((90, 160), mode="letterbox"),
+        make_metadata((160, 90), mode="letterbox"),
+        make_metadata((140, 120), mode="letterbox", static_crop=(20, 10, 100, 80)),
+        make_metadata((100, 100), static_crop=(40, 30, 80, 90)),  # canvas larger than the frame
+    ],
+    ids=["letterbox-wide", "letterbox-tall", "letterbox+crop", "crop-beyond-frame"],
+)
+def test_geometries(stage, meta):
+    raw = synthetic_outputs(n_confident=3, seed=2)
+    _check(stage, raw, [meta], formats=("dense", "rle"))
+    if meta.static_crop_offset.offset_x:
+        # all-foreground masks: the canvas outside the static crop must stay empty
+        _check(stage, _with_masks(raw, lambda h, w: torch.full((h, w), 3.0)), [meta], formats=("dense", "rle"))
+
+
+@pytest.mark.parametrize("hw", [(20, 10), (10, 20), (5, 300)], ids=["20x10", "10x20", "5x300"])
+def test_frames_smaller_than_mask_grid(stage, hw):
+    mode = "letterbox" if hw == (10, 20) else "stretch"
+    formats = ("dense", "rle", "polygon") if hw == (20, 10) else ("dense", "rle")
+    _check(stage, synthetic_outputs(n_confident=4, seed=3), [make_metadata(hw, mode=mode)], formats=formats)
+
+
+def test_empty_and_full_masks(stage):
+    raw = synthetic_outputs(n_confident=3, seed=4)
+    meta = [make_metadata((40, 56))]
+    _check(stage, _with_masks(raw, lambda h, w: torch.full((h, w), -3.0)), meta)
+    _check(stage, _with_masks(raw, lambda h, w: torch.full((h, w), 2.0)), meta, formats=("dense", "rle"))
+    # exact zeros stay background (strict > 0)
+    _check(stage, _with_masks(raw, lambda h, w: torch.zeros((h, w))), meta, formats=("rle",))
+
+
+def _lines(h, w):
+    m = torch.full((h, w), -4.0)
+    m[:, 5] = 3.0  # 1-pixel-wide column
+    m[9, :] = 3.0  # 1-pixel-high row
+    m[20, 30] = 3.0  # single pixel
+    idx = torch.arange(40, 70)
+    m[idx, idx] = 3.0  # diagonal
+    m[0, :] = 1.0  # touching the borders
+    m[:, -1] = 1.0
+    return m
+
+
+def test_one_pixel_structures_and_borders_at_grid_resolution(stage):
+    # frame == network == mask grid size: the resize is the identity
+    raw = _with_masks(synthetic_outputs(n_confident=2, seed=5), _lines)
+    meta = [make_metadata((78, 78), inference_hw=(78, 78))]
+    _check(stage, raw, meta)
+
+
+def test_thin_upsampled_structures(stage):
+    raw = _with_masks(synthetic_outputs(n_confident=2, seed=6), _lines)
+    _check(stage, raw, [make_metadata((150, 130))], formats=("dense", "rle"))
+
+
+def test_high_frequency_noise(stage):
+    gen = torch.Generator().manual_seed(7)
+    raw = synthetic_outputs(n_confident=2, seed=7)
+    raw.masks = torch.randn(raw.masks.shape, generator=gen)
+    _check(stage, raw, [make_metadata((100, 90))])
+
+
+def test_half_precision_masks(stage):
+    raw = synthetic_outputs(n_confident=3, seed=8)
+    raw.masks = raw.masks.half()
+    _check(stage, raw, [make_metadata((72, 88))], formats=("dense", "rle"))
+
+
+def test_polygons_of_multi_component_masks(stage):
+    def blobs(h, w):
+        yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        m = torch.full((h, w), -2.0)
+        for cy, cx, r in ((15, 15, 6), (50, 60, 12), (60, 20, 3)):
+            m = torch.maximum(m, r - ((yy - cy) ** 2 + (xx - cx) ** 2).float().sqrt())
+        return m
+
+    raw = _with_masks(synthetic_outputs(n_confident=2, seed=9), blobs)
+    _check(stage, raw, [make_metadata((120, 140))], formats=("polygon",))
+
+
+def test_4k_frame(stage):
+    raw = synthetic_outputs(n_confident=1, seed=10)
+    _check(stage, raw, [make_metadata((2160, 3840))], formats=("rle", "dense"))

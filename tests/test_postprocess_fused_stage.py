@@ -1,0 +1,184 @@
+"""FusedPostprocess stage: contract, formats, fallbacks and recorded engine outputs.
+
+Runs on CUDA when available, else through the Triton interpreter (CPU). Recorded
+outputs dropped into ``tests/data/postprocess/*.pt`` (see ``save_recorded_outputs``)
+are picked up automatically.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import glob
+
+import numpy as np
+import pytest
+from inference_models.models.common.roboflow.model_packages import ClassNameRemoval
+from inference_models.models.rfdetr.class_remapping import prepare_class_remapping
+
+from inference_fastpath.adapters.stages.contracts import PostprocessRequest, RawOutputs
+from inference_fastpath.adapters.stages.postprocess_fused import (
+    FusedPostprocess,
+    frames_mismatch,
+    load_recorded_outputs,
+    make_metadata,
+    mask_to_polygon,
+    reference_detections,
+    save_recorded_outputs,
+    synthetic_outputs,
+)
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+NUM_CLASSES = 90
+RECORDED = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "data", "postprocess", "*.pt")))
+
+
+def _device(raw, **extra):
+    return RawOutputs(boxes=raw.boxes.to(DEVICE), logits=raw.logits.to(DEVICE), masks=raw.masks.to(DEVICE), **extra)
+
+
+def _assert_equal(stage, raw, metadata, request, num_classes=NUM_CLASSES, remap=None):
+    ours = stage(raw, metadata, request)
+    ref = reference_detections(raw, metadata, request, num_classes, remap)
+    assert len(ours) == len(ref) == len(metadata)
+    for o, r in zip(ours, ref):
+        problem = frames_mismatch(o, r)
+        assert problem is None, f"{request.mask_format}: {problem}"
+    return ours
+
+
+@pytest.fixture(scope="module")
+def stage():
+    return FusedPostprocess(NUM_CLASSES, None, DEVICE)
+
+
+@pytest.mark.parametrize("fmt", ["dense", "rle", "polygon"])
+def test_batch_of_two_frames_all_formats(stage, fmt):
+    raw = _device(synthetic_outputs(batch=2, n_confident=4, seed=21))
+    meta = [make_metadata((72, 96), mode="letterbox"), make_metadata((64, 48))]
+    ours = _assert_equal(stage, raw, meta, PostprocessRequest(0.5, None, fmt))
+    for frame, m in zip(ours, meta):
+        assert frame.image_size == (m.original_size.height, m.original_size.width)
+        assert frame.xyxy.dtype == np.float32 and frame.xyxy.shape == (len(frame), 4)
+        assert frame.confidence.dtype == np.float32 and frame.class_id.dtype == np.int64
+        filled = [x is not None for x in (frame.dense_masks, frame.rle_masks, frame.polygons)]
+        assert filled == [fmt == "dense", fmt == "rle", fmt == "polygon"]
+    if fmt == "dense":
+        assert ours[0].dense_masks.dtype == bool and ours[0].dense_masks.shape == (len(ours[0]), 72, 96)
+
+
+def test_remapping_thresholds_and_cap():
+    names = [f"c{i}" for i in range(NUM_CLASSES)]
+    _, remap = prepare_class_remapping(
+        names, [ClassNameRemoval(type="class_name_removal", class_name=f"c{i}") for i in (1, 2, 40)], DEVICE
+    )
+    stage = FusedPostprocess(NUM_CLASSES, remap, DEVICE)
+    raw = synthetic_outputs(n_confident=12, seed=22)
+    raw.logits[0, :4, 1] = 4.0
+    raw = _device(raw)
+    thr = torch.linspace(0.25, 0.75, NUM_CLASSES - 3)
+    meta = [make_metadata((64, 64))]
+    _assert_equal(stage, raw, meta, PostprocessRequest(thr, 5, "rle"), remap=remap)
+    _assert_equal(stage, raw, meta, PostprocessRequest(0.3, None, "dense"), remap=remap)
+
+
+@pytest.mark.parametrize("fmt", ["dense", "rle", "polygon"])
+def test_no_detections(stage, fmt):
+    raw = _device(synthetic_outputs(n_confident=0, seed=23))
+    (frame,) = _assert_equal(stage, raw, [make_metadata((30, 40))], PostprocessRequest(0.99, None, fmt))
+    assert len(frame) == 0
+    if fmt == "dense":
+        assert frame.dense_masks.shape == (0, 30, 40)
+
+
+def test_release_called_once_after_reading(stage):
+    calls = []
+    raw = _device(synthetic_outputs(n_confident=2, seed=24), release=lambda: calls.append(1))
+    stage(raw, [make_metadata((32, 32))], PostprocessRequest(0.5, None, "rle"))
+    assert calls == [1]
+
+
+def test_refused_call_does_not_release(stage):
+    calls = []
+    raw = synthetic_outputs(n_confident=2, seed=25)
+    raw = RawOutputs(
+        boxes=raw.boxes.to(DEVICE), logits=raw.logits.half().to(DEVICE), masks=raw.masks.to(DEVICE),
+        release=lambda: calls.append(1),
+    )
+    with pytest.raises(ValueError):
+        stage(raw, [make_metadata((32, 32))], PostprocessRequest(0.5, None, "dense"))
+    assert calls == []
+
+
+def test_done_event_is_waited_on(stage):
+    if not CUDA:
+        pytest.skip("CUDA events")
+    side = torch.cuda.Stream()
+    host = synthetic_outputs(n_confident=3, seed=26)
+    with torch.cuda.stream(side):
+        raw = _device(host)
+        torch.cuda._sleep(20_000_000)  # the outputs "arrive" late on another stream
+        event = torch.cuda.Event()
+        event.record(side)
+    raw.done_event = event
+    meta = [make_metadata((48, 64))]
+    ours = stage(raw, meta, PostprocessRequest(0.5, None, "dense"))
+    torch.cuda.synchronize()
+    ref = reference_detections(raw, meta, PostprocessRequest(0.5, None, "dense"), NUM_CLASSES)
+    assert frames_mismatch(ours[0], ref[0]) is None
+
+
+def test_unsupported_reasons(stage, monkeypatch):
+    meta = [make_metadata((32, 32))]
+    ok = PostprocessRequest(0.5, None, "dense")
+    raw = _device(synthetic_outputs(n_confident=1, seed=27))
+    assert stage.unsupported_reason(meta, ok, raw) is None
+    assert "mask_format" in stage.unsupported_reason(meta, PostprocessRequest(0.5, None, "bitmap"))
+    assert stage.unsupported_reason(meta, PostprocessRequest(0.5, -1, "dense"))
+    assert stage.unsupported_reason(meta, PostprocessRequest(torch.full((10,), 0.5), None, "dense"))
+    half = RawOutputs(boxes=raw.boxes, logits=raw.logits.half(), masks=raw.masks)
+    assert "float32" in stage.unsupported_reason(meta, ok, half)
+    few = RawOutputs(boxes=raw.boxes[:, :32], logits=raw.logits[:, :32], masks=raw.masks[:, :32])
+    assert "queries" in stage.unsupported_reason(meta, ok, few)
+    assert stage.unsupported_reason(meta * 2, ok, raw)
+    if not CUDA:
+        monkeypatch.delenv("TRITON_INTERPRET")
+        assert "CUDA" in stage.unsupported_reason(meta, ok)
+
+
+def test_recorded_outputs_roundtrip(tmp_path, stage):
+    raw = synthetic_outputs(n_confident=3, seed=28)
+    meta = [make_metadata((40, 60), mode="letterbox", static_crop=(5, 5, 50, 30))]
+    path = str(tmp_path / "sample.pt")
+    save_recorded_outputs(path, raw, meta, info={"threshold": 0.5, "num_classes": NUM_CLASSES})
+    loaded, loaded_meta, info = load_recorded_outputs(path, DEVICE)
+    assert loaded_meta == meta and info["threshold"] == 0.5
+    assert torch.equal(loaded.masks.cpu(), raw.masks)
+    _assert_equal(stage, loaded, loaded_meta, PostprocessRequest(0.5, None, "rle"))
+
+
+@pytest.mark.parametrize("path", RECORDED or [None], ids=[os.path.basename(p) for p in RECORDED] or ["none"])
+@pytest.mark.parametrize("fmt", ["dense", "rle", "polygon"])
+def test_recorded_engine_outputs(path, fmt):
+    if path is None:
+        pytest.skip("no recorded outputs in tests/data/postprocess/")
+    raw, meta, info = load_recorded_outputs(path, DEVICE)
+    num_classes = int(info.get("num_classes", NUM_CLASSES))
+    stage = FusedPostprocess(num_classes, None, DEVICE)
+    request = PostprocessRequest(float(info.get("threshold", 0.5)), info.get("max_detections"), fmt)
+    _assert_equal(stage, raw, meta, request, num_classes=num_classes)
+
+
+def test_mask_to_polygon_matches_inference_mask2poly():
+    postprocess = pytest.importorskip("inference.core.utils.postprocess")
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        m = np.zeros((30, 40), np.uint8)
+        for _ in range(rng.integers(0, 4)):
+            y, x = rng.integers(0, 30), rng.integers(0, 40)
+            m[y : y + rng.integers(1, 12), x : x + rng.integers(1, 12)] = 1
+        np.testing.assert_array_equal(mask_to_polygon(m), postprocess.mask2poly(m))
