@@ -47,4 +47,4 @@ case "$phase" in
   *) echo "unknown phase $phase"; exit 2 ;;
 esac
 # At most a few files come back from the GPU host: pack everything into one archive.
-(cd "$out" && tar czf "results-$phase.tgz" --exclude='*.tgz' . && find . -maxdepth 1 -type f ! -name '*.tgz' -delete)
+tar czf "/tmp/results-$phase.tgz" -C "$out" --exclude='*.tgz' . && find "$out" -maxdepth 1 -type f ! -name '*.tgz' -delete && mv "/tmp/results-$phase.tgz" "$out/"
