@@ -112,7 +112,13 @@ def test_run_over_http_matches_the_block_in_process(server, demo_model_dir, clip
     response = _run(server, rle_workflow, {"image": _image_input(frame), "model_id": demo_model_dir})
     assert response.status_code == 200, response.text[:1000]
     rle = response.json()["outputs"][0]["predictions"]["predictions"]
-    assert len(rle) == len(local) and all("rle_mask" in d and d["rle_mask"]["counts"] for d in rle)
+    assert len(rle) == len(local)
+    from pycocotools import mask as mask_utils
+
+    for served_detection, dense in zip(rle, local.mask):
+        encoded = served_detection["rle_mask"]
+        decoded = mask_utils.decode({"size": encoded["size"], "counts": encoded["counts"].encode()})
+        np.testing.assert_array_equal(decoded.astype(bool), dense)
 
 
 @pytest.mark.slow
