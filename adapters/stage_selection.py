@@ -167,7 +167,7 @@ def _with_request_fallback(fast, reference):
     log = _FallbackOnce(f"postprocess={fast.name}")
 
     def run(raw, metadata, request):
-        reason = fast.unsupported_reason(metadata, request)
+        reason = fast.unsupported_reason(metadata, request, raw)
         if reason is not None:
             log.note(reason)
             return reference(raw, metadata, request)

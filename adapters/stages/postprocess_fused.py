@@ -156,9 +156,13 @@ class FusedPostprocess:
         mh, mw = raw.masks.shape[-2:]
         for meta in metadata:
             try:
-                frame_geometry(meta, mh, mw)
+                g = frame_geometry(meta, mh, mw)
             except ValueError as error:
                 return str(error)
+            if self.device.type == "cpu" and g.crop_w == g.target_w == 1 and g.crop_h != g.target_h:
+                # torch's CPU antialiased resize of a (H, 1) -> (H', 1) image returns the first
+                # row everywhere; the fused kernels compute the real resize (as CUDA does)
+                return "1-pixel-wide mask on CPU (torch's CPU resize is wrong there; not replayed)"
         return None
 
     # ------------------------------------------------------------------ main entry

@@ -218,3 +218,17 @@ def test_polygons_of_multi_component_masks(stage):
 def test_4k_frame(stage):
     raw = synthetic_outputs(n_confident=1, seed=10)
     _check(stage, raw, [make_metadata((2160, 3840))], formats=("rle", "dense"))
+
+
+def test_one_pixel_wide_static_crop(stage):
+    # a 1-pixel-wide static crop: the cropped mask grid is 1 column wide and only
+    # stretched vertically; torch's CPU resize is wrong for that shape (it repeats the
+    # first row), so the stage declines on CPU and must be exact on CUDA
+    meta = [make_metadata((130, 9), inference_hw=(100, 100), mode="letterbox", static_crop=(5, 84, 1, 62))]
+    raw = synthetic_outputs(n_confident=2, seed=13, mask_hw=(33, 33))
+    raw.masks[..., 16] = torch.linspace(-3, 3, 33)
+    req = PostprocessRequest(threshold=0.5, max_detections=None, mask_format="rle")
+    if CUDA:
+        _check(stage, raw, meta, formats=("dense", "rle"))
+    else:
+        assert "1-pixel-wide" in stage.unsupported_reason(meta, req, raw)

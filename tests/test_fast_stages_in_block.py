@@ -1,0 +1,42 @@
+"""The fast stages inside the block (Triton interpreter on the CPU) give the reference stages' detections."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from inference_fastpath.examples.parity import compare_detections
+from inference_fastpath.examples.runtime import execution_engine
+from inference_fastpath.workflows import FASTPATH, load_workflow
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("mask_output", ["dense", "rle"])
+def test_triton_preprocess_and_fused_postprocess_match_the_reference(
+    demo_model_dir, clip_frames, monkeypatch, mask_output
+):
+    from inference_fastpath.adapters.segmentation_runner import RUNNERS
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip("needs CUDA or TRITON_INTERPRET=1 (set by .ci/run)")
+    frame = clip_frames[0]
+    params = {"image": [frame], "model_id": demo_model_dir}
+    reference = execution_engine(
+        load_workflow(FASTPATH, preprocess="reference", postprocess="reference", mask_output=mask_output)
+    ).run(runtime_parameters=params)[0]["predictions"]
+    fast = execution_engine(
+        load_workflow(FASTPATH, preprocess="triton", postprocess="fused", mask_output=mask_output)
+    ).run(runtime_parameters=params)[0]["predictions"]
+    fast_runner = [r for key, r in RUNNERS._runners.items() if key[1].postprocess == "fused"][-1]
+    assert [c.selected for c in fast_runner.choices if c.stage != "engine"] == ["triton", "fused"]
+    if mask_output == "rle":
+        assert list(fast.data["rle_mask"]) == list(reference.data["rle_mask"])
+        assert len(fast) == len(reference) > 0
+    else:
+        report = compare_detections(fast, reference)
+        assert report.within(confidence=0.0, box_px=0.0, mask_iou=1.0), report
