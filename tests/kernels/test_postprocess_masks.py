@@ -80,14 +80,21 @@ def test_axis_taps_equal_torch_weights(in_size, out_size):
     )[:, 0, 0, :].cpu().numpy()
     table, taps = axis_taps(in_size, out_size)
     probed_table, probed_taps = probe_axis_taps(in_size, out_size, DEVICE)
-    nonzero = table[:, 1:] != 0  # the formula may list zero-weight taps the probe drops
-    assert np.array_equal(table[:, 1:][nonzero], probed_table[:, 1:][probed_table[:, 1:] != 0])
-    ours = np.zeros((in_size, out_size), dtype=np.float32)
-    for o, (first, w0, w1, w2) in enumerate(table):
-        for j, w in enumerate((w0, w1, w2)):
-            if w != 0:
-                ours[int(first) + j, o] = w
-    np.testing.assert_array_equal(ours, probed)
+    # The stage uses the taps probed on the device: they must reproduce torch's weights exactly.
+    def as_matrix(tap_table):
+        matrix = np.zeros((in_size, out_size), dtype=np.float32)
+        for o, (first, w0, w1, w2) in enumerate(tap_table):
+            for j, w in enumerate((w0, w1, w2)):
+                if w != 0:
+                    matrix[int(first) + j, o] = w
+        return matrix
+
+    np.testing.assert_array_equal(as_matrix(probed_table), probed)
+    # The closed form equals them exactly on the CPU; CUDA computes the weights in another float order.
+    if DEVICE.type == "cpu":
+        np.testing.assert_array_equal(as_matrix(table), probed)
+    else:
+        np.testing.assert_allclose(as_matrix(table), probed, atol=2e-6, rtol=0)
 
 
 def test_calibrated_resize_is_bit_exact():
