@@ -68,6 +68,8 @@ def compare_detections(
         for i in range(n):
             mask_a = as_polygon_mask(a.mask[i]) if polygonise_a else a.mask[i]
             ious.append(mask_iou(mask_a, b.mask[i]))
+    elif "rle_mask" in a.data and "rle_mask" in b.data:
+        ious = [_rle_iou(a.data["rle_mask"][i], b.data["rle_mask"][i]) for i in range(n)]
     return ParityReport(
         count_a=count_a,
         count_b=count_b,
@@ -76,6 +78,14 @@ def compare_detections(
         max_box_diff_px=box,
         min_mask_iou=min(ious) if ious else 1.0,
     )
+
+
+def _rle_iou(a: dict, b: dict) -> float:
+    if a == b:
+        return 1.0
+    from pycocotools import mask as mask_utils
+
+    return mask_iou(mask_utils.decode(a).astype(bool), mask_utils.decode(b).astype(bool))
 
 
 def mean_detections(batches) -> Optional[float]:
