@@ -32,6 +32,7 @@ from inference_models.models.common.roboflow.model_packages import (
     StaticCropOffset,
 )
 
+from inference_fastpath.adapters.masks import largest_external_contour
 from inference_fastpath.adapters.stages.contracts import (
     FrameDetections,
     PostprocessRequest,
@@ -473,14 +474,8 @@ def load_recorded_outputs(path: str, device: Union[str, torch.device] = "cpu"
     return raw, [_metadata_from_dict(m) for m in data["metadata"]], dict(data.get("info", {}))
 
 
-def mask_to_polygon(mask: np.ndarray) -> np.ndarray:
-    """Same contract as inference's ``mask2poly`` (largest RETR_EXTERNAL /
-    CHAIN_APPROX_SIMPLE contour, float32 (K, 2)), without importing ``inference``."""
-    contours = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)[0]
-    if not contours:
-        return np.zeros((0, 2), dtype=np.float32)
-    largest = contours[int(np.argmax([len(c) for c in contours]))]
-    return np.asarray(largest).reshape(-1, 2).astype(np.float32)
+# The stock server's polygon (largest external contour); one implementation for every stage.
+mask_to_polygon = largest_external_contour
 
 
 def reference_detections(
