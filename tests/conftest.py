@@ -55,3 +55,49 @@ def short_clip(tmp_path_factory, clip_path) -> Path:
     """A few frames of the bundled clip, re-encoded, so pipeline tests stay fast on 2 CPU cores."""
     frames = read_frames(clip_path, count=5, step=10)
     return write_clip(tmp_path_factory.mktemp("clips") / "short.mp4", frames)
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_bytes():
+    """Factory: a tiny ONNX graph with RF-DETR's I/O, (N,3,8,8) -> dets (N,5,4), labels (N,5,3),
+    masks (N,5,2,2); `static_batch` fixes N. Used by the CPU and GPU engine tests."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    def build(static_batch=None) -> bytes:
+        rng = np.random.default_rng(0)
+        batch = static_batch if static_batch is not None else "N"
+        inits = [
+            numpy_helper.from_array(rng.standard_normal((3, 20)).astype(np.float32), "w_box"),
+            numpy_helper.from_array(rng.standard_normal((3, 15)).astype(np.float32), "w_cls"),
+            numpy_helper.from_array(np.array([-1, 5, 4], dtype=np.int64), "shape_box"),
+            numpy_helper.from_array(np.array([-1, 5, 3], dtype=np.int64), "shape_cls"),
+            numpy_helper.from_array(np.arange(1, 6, dtype=np.float32).reshape(1, 5, 1, 1), "q_scale"),
+        ]
+        nodes = [
+            helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+            helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
+            helper.make_node("MatMul", ["flat", "w_box"], ["box_flat"]),
+            helper.make_node("Reshape", ["box_flat", "shape_box"], ["dets"]),
+            helper.make_node("MatMul", ["flat", "w_cls"], ["cls_flat"]),
+            helper.make_node("Reshape", ["cls_flat", "shape_cls"], ["labels"]),
+            helper.make_node("AveragePool", ["input"], ["small"], kernel_shape=[4, 4], strides=[4, 4]),
+            helper.make_node("ReduceMean", ["small"], ["chan"], axes=[1], keepdims=1),
+            helper.make_node("Mul", ["chan", "q_scale"], ["masks"]),
+        ]
+        graph = helper.make_graph(
+            nodes,
+            "tiny_rfdetr_io",
+            [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, 8, 8])],
+            [
+                helper.make_tensor_value_info("dets", TensorProto.FLOAT, [batch, 5, 4]),
+                helper.make_tensor_value_info("labels", TensorProto.FLOAT, [batch, 5, 3]),
+                helper.make_tensor_value_info("masks", TensorProto.FLOAT, [batch, 5, 2, 2]),
+            ],
+            initializer=inits,
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        return model.SerializeToString()
+
+    return build

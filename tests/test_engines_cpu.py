@@ -404,53 +404,16 @@ def test_trt_bind_io_sets_shapes_and_addresses():
 # ----------------------------------------------------------------------------- ONNX engine (tiny graph)
 
 
-def _tiny_onnx(tmp_path, static_batch=None) -> str:
-    """(N,3,8,8) -> dets (N,5,4), labels (N,5,3), masks (N,5,2,2); a stand-in with RF-DETR's I/O."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    batch = static_batch if static_batch is not None else "N"
-    inits = [
-        numpy_helper.from_array(rng.standard_normal((3, 20)).astype(np.float32), "w_box"),
-        numpy_helper.from_array(rng.standard_normal((3, 15)).astype(np.float32), "w_cls"),
-        numpy_helper.from_array(np.array([-1, 5, 4], dtype=np.int64), "shape_box"),
-        numpy_helper.from_array(np.array([-1, 5, 3], dtype=np.int64), "shape_cls"),
-        numpy_helper.from_array(np.arange(1, 6, dtype=np.float32).reshape(1, 5, 1, 1), "q_scale"),
-    ]
-    nodes = [
-        helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
-        helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
-        helper.make_node("MatMul", ["flat", "w_box"], ["box_flat"]),
-        helper.make_node("Reshape", ["box_flat", "shape_box"], ["dets"]),
-        helper.make_node("MatMul", ["flat", "w_cls"], ["cls_flat"]),
-        helper.make_node("Reshape", ["cls_flat", "shape_cls"], ["labels"]),
-        helper.make_node("AveragePool", ["input"], ["small"], kernel_shape=[4, 4], strides=[4, 4]),
-        helper.make_node("ReduceMean", ["small"], ["chan"], axes=[1], keepdims=1),
-        helper.make_node("Mul", ["chan", "q_scale"], ["masks"]),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "tiny_rfdetr_io",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, 8, 8])],
-        [
-            helper.make_tensor_value_info("dets", TensorProto.FLOAT, [batch, 5, 4]),
-            helper.make_tensor_value_info("labels", TensorProto.FLOAT, [batch, 5, 3]),
-            helper.make_tensor_value_info("masks", TensorProto.FLOAT, [batch, 5, 2, 2]),
-        ],
-        initializer=inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
+def _tiny_onnx(tmp_path, build, static_batch=None) -> str:
     path = tmp_path / f"tiny_{static_batch}.onnx"
-    onnx.save(model, str(path))
+    path.write_bytes(build(static_batch))
     return str(path)
 
 
-def test_onnx_engine_on_cpu_matches_session(tmp_path):
+def test_onnx_engine_on_cpu_matches_session(tmp_path, tiny_onnx_bytes):
     import onnxruntime
 
-    path = _tiny_onnx(tmp_path)
+    path = _tiny_onnx(tmp_path, tiny_onnx_bytes)
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     engine = OnnxEngine(session)
     assert engine.device.type == "cpu" and engine.input_hw == (8, 8)
@@ -464,15 +427,15 @@ def test_onnx_engine_on_cpu_matches_session(tmp_path):
     assert "does not capture CUDA graphs" in with_graphs.graph_fallback_reason
 
 
-def test_onnx_engine_pads_and_chunks_static_batch(tmp_path):
+def test_onnx_engine_pads_and_chunks_static_batch(tmp_path, tiny_onnx_bytes):
     import onnxruntime
 
-    session = onnxruntime.InferenceSession(_tiny_onnx(tmp_path, static_batch=2), providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(_tiny_onnx(tmp_path, tiny_onnx_bytes, static_batch=2), providers=["CPUExecutionProvider"])
     engine = OnnxEngine(session)
     x = torch.randn(3, 3, 8, 8)
     raw = engine(PreprocessedBatch(tensor=x, metadata=[]))
     assert raw.boxes.shape == (3, 5, 4) and raw.masks.shape == (3, 5, 2, 2)
-    single = OnnxEngine(onnxruntime.InferenceSession(_tiny_onnx(tmp_path), providers=["CPUExecutionProvider"]))
+    single = OnnxEngine(onnxruntime.InferenceSession(_tiny_onnx(tmp_path, tiny_onnx_bytes), providers=["CPUExecutionProvider"]))
     expected = single(PreprocessedBatch(tensor=x, metadata=[]))
     torch.testing.assert_close(raw.boxes, expected.boxes)
     torch.testing.assert_close(raw.masks, expected.masks)
@@ -525,10 +488,10 @@ def test_selection_torch_package(seg_model, monkeypatch):
     assert isinstance(engine, TorchEngine) and engine.precision == "fp32" and "fp16" in reason
 
 
-def test_selection_onnx_package(tmp_path):
+def test_selection_onnx_package(tmp_path, tiny_onnx_bytes):
     import onnxruntime
 
-    model = FakeOnnxModel(onnxruntime.InferenceSession(_tiny_onnx(tmp_path), providers=["CPUExecutionProvider"]))
+    model = FakeOnnxModel(onnxruntime.InferenceSession(_tiny_onnx(tmp_path, tiny_onnx_bytes), providers=["CPUExecutionProvider"]))
     assert selection.detect_backend(model) == "onnx"
     engine, reason = selection.select_engine("auto", False, model)
     assert isinstance(engine, OnnxEngine) and reason is None

@@ -328,54 +328,14 @@ def test_input_buffer_written_in_place_without_copy(model, eager):
 # ----------------------------------------------------------------------------- other engines (when present)
 
 
-def _tiny_onnx_bytes() -> bytes:
-    """(N,3,8,8) -> dets (N,5,4), labels (N,5,3), masks (N,5,2,2): RF-DETR's I/O in miniature."""
-    onnx = pytest.importorskip("onnx")
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    inits = [
-        numpy_helper.from_array(rng.standard_normal((3, 20)).astype(np.float32), "w_box"),
-        numpy_helper.from_array(rng.standard_normal((3, 15)).astype(np.float32), "w_cls"),
-        numpy_helper.from_array(np.array([-1, 5, 4], dtype=np.int64), "shape_box"),
-        numpy_helper.from_array(np.array([-1, 5, 3], dtype=np.int64), "shape_cls"),
-        numpy_helper.from_array(np.arange(1, 6, dtype=np.float32).reshape(1, 5, 1, 1), "q_scale"),
-    ]
-    nodes = [
-        helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
-        helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
-        helper.make_node("MatMul", ["flat", "w_box"], ["box_flat"]),
-        helper.make_node("Reshape", ["box_flat", "shape_box"], ["dets"]),
-        helper.make_node("MatMul", ["flat", "w_cls"], ["cls_flat"]),
-        helper.make_node("Reshape", ["cls_flat", "shape_cls"], ["labels"]),
-        helper.make_node("AveragePool", ["input"], ["small"], kernel_shape=[4, 4], strides=[4, 4]),
-        helper.make_node("ReduceMean", ["small"], ["chan"], axes=[1], keepdims=1),
-        helper.make_node("Mul", ["chan", "q_scale"], ["masks"]),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "tiny_rfdetr_io",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
-        [
-            helper.make_tensor_value_info("dets", TensorProto.FLOAT, ["N", 5, 4]),
-            helper.make_tensor_value_info("labels", TensorProto.FLOAT, ["N", 5, 3]),
-            helper.make_tensor_value_info("masks", TensorProto.FLOAT, ["N", 5, 2, 2]),
-        ],
-        initializer=inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model.SerializeToString()
-
-
-def test_onnx_engine_cuda_iobinding_matches_cpu(tmp_path):
+def test_onnx_engine_cuda_iobinding_matches_cpu(tmp_path, tiny_onnx_bytes):
     ort = pytest.importorskip("onnxruntime")
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("onnxruntime has no CUDA execution provider here")
     from inference_fastpath.adapters.engines.onnx_engine import OnnxEngine
 
     path = tmp_path / "tiny.onnx"
-    path.write_bytes(_tiny_onnx_bytes())
+    path.write_bytes(tiny_onnx_bytes())
     gpu = OnnxEngine.from_path(str(path), device="cuda")
     cpu = OnnxEngine.from_path(str(path), device="cpu")
     assert gpu.device.type == "cuda" and cpu.device.type == "cpu"
@@ -386,14 +346,14 @@ def test_onnx_engine_cuda_iobinding_matches_cpu(tmp_path):
         torch.testing.assert_close(a.cpu(), b, atol=1e-5, rtol=1e-5)
 
 
-def test_tensorrt_engine_graph_equals_eager(tmp_path):
+def test_tensorrt_engine_graph_equals_eager(tmp_path, tiny_onnx_bytes):
     trt = pytest.importorskip("tensorrt")
     from inference_fastpath.adapters.engines.tensorrt_engine import BatchProfile, TensorRTEngine
 
     builder = trt.Builder(trt.Logger(trt.Logger.WARNING))
     network = builder.create_network(0)
     parser = trt.OnnxParser(network, trt.Logger(trt.Logger.WARNING))
-    assert parser.parse(_tiny_onnx_bytes())
+    assert parser.parse(tiny_onnx_bytes())
     config = builder.create_builder_config()
     profile = builder.create_optimization_profile()
     profile.set_shape("input", (1, 3, 8, 8), (2, 3, 8, 8), (4, 3, 8, 8))
