@@ -38,11 +38,12 @@ def to_sv_detections(
 ) -> sv.Detections:
     keep = _class_filter_mask(detections.class_id, class_names, class_filter)
     count = int(keep.sum())
+    keep_all = count == len(keep)  # the usual case: no copy of the (N, H, W) masks
     height, width = detections.image_size
     rle = detections.rle_masks is not None
     dense_masks = None
     if detections.dense_masks is not None:
-        dense_masks = detections.dense_masks[keep]
+        dense_masks = detections.dense_masks if keep_all else detections.dense_masks[keep]
     elif not rle:
         dense_masks = np.zeros((count, height, width), dtype=bool)  # polygons are not an sv mask format
     result = sv.Detections(

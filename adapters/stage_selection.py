@@ -127,7 +127,10 @@ def select_postprocess(options: FastpathOptions, loaded: LoadedModel) -> Tuple[C
         return reference, StageChoice("postprocess", "reference", "reference")
     stage, reason = _build_triton_stage(
         options.postprocess, loaded.device, "inference_fastpath.adapters.stages.postprocess_fused", "FusedPostprocess",
-        lambda stage_class: stage_class(num_classes=num_classes, classes_re_mapping=re_mapping, device=loaded.device),
+        lambda stage_class: stage_class(
+            num_classes=num_classes, classes_re_mapping=re_mapping, device=loaded.device,
+            cuda_graphs=options.cuda_graphs,
+        ),
     )
     if stage is None:
         return reference, StageChoice("postprocess", options.postprocess, "reference", reason)

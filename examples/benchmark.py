@@ -34,6 +34,10 @@ PRESETS: Dict[str, Dict[str, object]] = {
     "reference": dict(preprocess="reference", engine="auto", cuda_graphs=False, postprocess="reference"),
     "fast": dict(preprocess="auto", engine="auto", cuda_graphs=True, postprocess="auto", pipeline_depth=1),
     "fast-depth2": dict(preprocess="auto", engine="auto", cuda_graphs=True, postprocess="auto", pipeline_depth=2),
+    "fast-rle": dict(preprocess="auto", engine="auto", cuda_graphs=True, postprocess="auto", mask_output="rle"),
+    "fast-rle-depth2": dict(
+        preprocess="auto", engine="auto", cuda_graphs=True, postprocess="auto", mask_output="rle", pipeline_depth=2
+    ),
 }
 STAGES = ("between_runs_ms", "preprocess_ms", "engine_ms", "postprocess_ms", "output_ms")
 

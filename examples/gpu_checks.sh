@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU-host checks, run from the repository root on a machine with CUDA but no package index:
-#   bash examples/gpu_checks.sh tests|micro|e2e [WHEEL_DIR]
+#   bash examples/gpu_checks.sh tests|micro|e2e[,...] [WHEEL_DIR]
 # The wheelhouse (inference + inference-models for Python 3.12, built by the team's make-wheelhouse
 # script, plus pytest) is installed once per machine into /tmp/site. Logs and JSON go to $OUT (or ./out).
 # Every step has its own timeout so one hang cannot eat the whole session.
@@ -29,22 +29,28 @@ export PYTEST_DISABLE_PLUGIN_AUTOLOAD=1
 # The demo model is rebuilt on each fresh machine (weights are too large to carry); ~1 minute.
 timeout 240 python3 -m inference_fastpath.examples.demo_model 2>&1 | tail -3 | tee "$out/demo_model.txt"
 
-case "$phase" in
+# Phases run in the order given (comma list), e.g. `tests,micro,e2e`.
+for step in ${phase//,/ }; do
+case "$step" in
   tests)
     [ -n "${GPU_TESTS-tests/gpu}" ] && timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu ${GPU_TESTS-tests/gpu} -rs 2>&1 | tee "$out/gpu_tests.log" | tail -30
-    timeout 240 python3 -m pytest -q -p no:cacheprovider ${KERNEL_TESTS:-tests/kernels} -rs 2>&1 | tee "$out/kernel_tests.log" | tail -15
+    [ -n "${KERNEL_TESTS-tests/kernels}" ] && timeout 240 python3 -m pytest -q -p no:cacheprovider ${KERNEL_TESTS-tests/kernels} -rs 2>&1 | tee "$out/kernel_tests.log" | tail -15
     ;;
-  micro)
-    timeout 150 python3 -m inference_fastpath.kernels.bench_preprocess_resize_normalize --out "$out/bench_preprocess.json" 2>&1 | tee "$out/bench_preprocess.log" | tail -20
-    [ -f kernels/bench_postprocess.py ] && timeout 150 python3 -m inference_fastpath.kernels.bench_postprocess --out "$out/bench_postprocess.json" 2>&1 | tee "$out/bench_postprocess.log" | tail -25
-    timeout 200 python3 -m inference_fastpath.examples.bench_engine --out "$out/bench_engine.json" 2>&1 | tee "$out/bench_engine.log" | tail -20
+  micro)  # MICRO picks the microbenchmarks; *_ARGS pass options to each
+    case ",${MICRO:-pre,post,engine}," in *,pre,*)
+      timeout 150 python3 -m inference_fastpath.kernels.bench_preprocess_resize_normalize --out "$out/bench_preprocess.json" ${PRE_ARGS:-} 2>&1 | tee "$out/bench_preprocess.log" | tail -20 ;; esac
+    case ",${MICRO:-pre,post,engine}," in *,post,*)
+      timeout 200 python3 -m inference_fastpath.kernels.bench_postprocess --out "$out/bench_postprocess.json" ${POST_ARGS:-} 2>&1 | tee "$out/bench_postprocess.log" | tail -25 ;; esac
+    case ",${MICRO:-pre,post,engine}," in *,engine,*)
+      timeout 200 python3 -m inference_fastpath.examples.bench_engine --out "$out/bench_engine.json" ${ENGINE_ARGS:-} 2>&1 | tee "$out/bench_engine.log" | tail -20 ;; esac
     ;;
   e2e)
-    timeout 420 python3 -m inference_fastpath.examples.benchmark --frames "${FRAMES:-150}" --warmup 10 \
+    timeout "${E2E_TIMEOUT:-420}" python3 -m inference_fastpath.examples.benchmark --frames "${FRAMES:-150}" --warmup 10 \
       --presets "${PRESETS:-reference,fast,fast-depth2}" ${EXTRA_CONFIGS:-} --out "$out/bench_e2e.json" 2>&1 \
       | grep -v -i "warn" | tee "$out/bench_e2e.log" | tail -30
     ;;
-  *) echo "unknown phase $phase"; exit 2 ;;
+  *) echo "unknown phase $step"; exit 2 ;;
 esac
+done
 # At most a few files come back from the GPU host: pack everything into one archive.
-tar czf "/tmp/results-$phase.tgz" -C "$out" --exclude='*.tgz' . && find "$out" -maxdepth 1 -type f ! -name '*.tgz' -delete && mv "/tmp/results-$phase.tgz" "$out/"
+tar czf "/tmp/results-${phase//,/-}.tgz" -C "$out" --exclude='*.tgz' . && find "$out" -maxdepth 1 -type f ! -name '*.tgz' -delete && mv "/tmp/results-${phase//,/-}.tgz" "$out/"

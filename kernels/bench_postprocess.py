@@ -10,7 +10,13 @@ result of:
 * ``ref_rle``: inference-models ``post_process_instance_segmentation_results_to_rle_masks``
   (torch path);
 * ``im_triton_rle``: the same call with inference-models' own Triton RLE postprocess
-  (``INFERENCE_MODELS_RFDETR_TRITON_POSTPROC_ENABLED``).
+  (``INFERENCE_MODELS_RFDETR_TRITON_POSTPROC_ENABLED``);
+* ``fused_rle_block`` / ``fused_dense_block``: ours up to the block's ``sv.Detections``;
+* ``stock_like_block``: the stock v3 path after the model: the reference dense post_process,
+  one polygon per mask, and each polygon re-rasterised into a full-frame mask (what the
+  stock block's polygon output turns into inside a workflow);
+* ``fused_gpu_rle`` / ``fused_gpu_dense``: device time of our captured postprocess graph
+  alone (CUDA events around a replay).
 
 Usage::
 
@@ -113,12 +119,17 @@ def run(frames: Dict[str, tuple], kept: tuple, budget_s: float, min_iters: int) 
                 finally:
                     common._TRITON_POSTPROC_ENABLED = False
 
+            image = _workflow_image(hw)
             paths = {
                 "fused_dense": (lambda: stage(raw, meta, dense_req), ref_dense),
                 "fused_rle": (lambda: stage(raw, meta, rle_req), ref_rle),
                 "ref_dense": (ref_dense, None),
                 "ref_rle": (ref_rle, None),
                 "im_triton_rle": (im_triton_rle, ref_rle),
+                # what the block hands to the workflow: sv.Detections with the standard keys
+                "fused_dense_block": (lambda: _block_output(stage(raw, meta, dense_req), image), None),
+                "fused_rle_block": (lambda: _block_output(stage(raw, meta, rle_req), image), None),
+                "stock_like_block": (lambda: _stock_like_output(ref_dense(), image), None),
             }
             expected = {}
             for name, (fn, check) in paths.items():
@@ -142,8 +153,68 @@ def run(frames: Dict[str, tuple], kept: tuple, budget_s: float, min_iters: int) 
                     row["error"] = f"{type(error).__name__}: {error}"
                 rows.append(row)
                 print(_format_row(row), flush=True)
+            for name, request in (("fused_gpu_dense", dense_req), ("fused_gpu_rle", rle_req)):
+                stage(raw, meta, request)  # makes this shape's graph the last one
+                row = {"frame": frame_name, "height": hw[0], "width": hw[1], "kept": n, "path": name}
+                row.update(_time_device_program(stage))
+                rows.append(row)
+                print(_format_row(row), flush=True)
             torch.cuda.empty_cache()
     return rows
+
+
+def _workflow_image(hw):
+    import numpy as np
+    from inference.core.workflows.execution_engine.entities.base import ImageParentMetadata, WorkflowImageData
+
+    return WorkflowImageData(parent_metadata=ImageParentMetadata(parent_id="bench"),
+                             numpy_image=np.zeros((hw[0], hw[1], 3), dtype=np.uint8))
+
+
+def _block_output(frames, image):
+    from inference_fastpath.adapters.block_output import to_sv_detections
+
+    names = [f"class_{i}" for i in range(NUM_CLASSES)]
+    return [to_sv_detections(f, names, image, "bench") for f in frames]
+
+
+def _stock_like_output(frames, image):
+    """What the stock v3 block adds after inference-models' dense post_process: one polygon per
+    mask (largest contour) and, in the workflow, each polygon re-rasterised to a full-frame mask."""
+    import numpy as np
+    import supervision as sv
+
+    from inference_fastpath.adapters.stages.postprocess_fused import mask_to_polygon
+
+    out = []
+    for frame in frames:
+        height, width = frame.image_size
+        polygons = [mask_to_polygon(m) for m in frame.dense_masks]
+        masks = np.zeros((len(polygons), height, width), dtype=bool)
+        for i, polygon in enumerate(polygons):
+            if len(polygon) >= 3:
+                masks[i] = sv.polygon_to_mask(polygon.astype(int), (width, height)) > 0
+        out.append(sv.Detections(xyxy=frame.xyxy.astype(float), confidence=frame.confidence,
+                                 class_id=frame.class_id, mask=masks))
+    return out
+
+
+def _time_device_program(stage, iters: int = 50) -> Dict[str, float]:
+    """Device time of the fused postprocess alone (graph replays between CUDA events)."""
+    captured = stage.last_graph()
+    if captured is None:
+        return {"error": f"no captured graph ({stage.graph_fallback_reason})"}
+    graph, stream = captured
+    times = []
+    with torch.cuda.stream(stream):
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            graph.replay()
+            end.record(stream)
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "iters": iters}
 
 
 def _format_row(row: Dict) -> str:
@@ -157,8 +228,9 @@ def _format_row(row: Dict) -> str:
 
 
 def _table(rows: List[Dict]) -> str:
-    paths = ["fused_dense", "ref_dense", "fused_rle", "ref_rle", "im_triton_rle"]
-    lines = ["frame  kept " + " ".join(f"{p:>14}" for p in paths)]
+    paths = ["fused_gpu_rle", "fused_gpu_dense", "fused_dense", "ref_dense", "fused_rle", "ref_rle", "im_triton_rle",
+             "fused_rle_block", "fused_dense_block", "stock_like_block"]
+    lines = ["frame  kept " + " ".join(f"{p[-14:]:>14}" for p in paths)]
     keys = sorted({(r["frame"], r["kept"]) for r in rows}, key=lambda k: (list(FRAMES).index(k[0]), k[1]))
     for frame, kept in keys:
         cells = []
@@ -170,7 +242,8 @@ def _table(rows: List[Dict]) -> str:
                 flag = "!" if r.get("exact") is False else ""
                 cells.append(f"{r['median_ms']:13.2f}{flag or ' '}")
         lines.append(f"{frame:>5} {kept:>5} " + " ".join(cells))
-    lines.append("(median ms to host-side result; '!' = differs from the reference)")
+    lines.append("(median ms to host-side result, *_block: to the block's sv.Detections, fused_gpu_*: device time"
+                 " of the captured postprocess graph; '!' = differs from the reference)")
     return "\n".join(lines)
 
 
@@ -185,7 +258,8 @@ def _plot(rows: List[Dict], path: str) -> Optional[str]:
     frames = [f for f in FRAMES if any(r["frame"] == f for r in rows)]
     fig, axes = plt.subplots(1, len(frames), figsize=(4.5 * len(frames), 4), squeeze=False)
     for ax, frame in zip(axes[0], frames):
-        for p in ["fused_dense", "ref_dense", "fused_rle", "ref_rle", "im_triton_rle"]:
+        for p in ["fused_gpu_rle", "fused_dense", "ref_dense", "fused_rle", "ref_rle", "im_triton_rle",
+                  "fused_rle_block", "fused_dense_block", "stock_like_block"]:
             pts = sorted((r["kept"], r["median_ms"]) for r in rows if r["frame"] == frame and r["path"] == p and "median_ms" in r)
             if pts:
                 ax.plot([k for k, _ in pts], [t for _, t in pts], marker="o", label=p)
@@ -240,11 +314,12 @@ def compile_check(arch: int = 90) -> int:
         tile = dict(MAXT=taps, MODE=0, SRC_BIN=src_bin, WR=8, WC=16)
         jobs.append((D._extent_kernel, dict(grid_args, masks_ptr=dtype, n_out_ptr="*i32", ext_ptr="*i32"),
                      dict(tile, BY=64, BX=64)))
-        jobs.append((D._dense_pack_kernel, dict(grid_args, masks_ptr=dtype, crops_ptr="*i64", out_ptr="*u8"),
+        jobs.append((D._dense_pack_kernel, dict(grid_args, masks_ptr=dtype, n_out_ptr="*i32", crops_ptr="*i32",
+                                                 out_ptr="*u8", out_limit="i32"),
                      dict(tile, BY=32, BXB=16)))
         for emit in (False, True):
             jobs.append((R._rle_kernel, dict(grid_args, masks_ptr=dtype, n_out_ptr="*i32", counts_ptr="*i32",
-                                             offsets_ptr="*i64", pos_ptr="*i32"),
+                                             offsets_ptr="*i64", pos_ptr="*i32", pos_limit="i32"),
                          dict(tile, EMIT=emit, BX=32, BY=64)))
     failures = 0
     for fn, types, consts in jobs:

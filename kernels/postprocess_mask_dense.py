@@ -63,6 +63,8 @@ ACC_MODES = (ACC_FMA_SEQUENTIAL, ACC_FMA_FIRST, ACC_NO_FMA)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DENSE_ROWS = 128 if _INTERPRET else 32
 DENSE_BYTES = 32 if _INTERPRET else 16
+# Programs per detection of the pack kernel (they stride over the crop's tiles).
+DENSE_PROGRAMS_PER_MASK = 2 if _INTERPRET else 16
 # Extent pass tile (rows x columns).
 EXTENT_ROWS = 512 if _INTERPRET else 64
 EXTENT_COLS = 256 if _INTERPRET else 64
@@ -390,7 +392,7 @@ def _extent_kernel(
 
 @triton.jit
 def _dense_pack_kernel(
-    masks_ptr, bin_ptr, sel_ptr, crops_ptr, out_ptr,
+    masks_ptr, bin_ptr, sel_ptr, n_out_ptr, crops_ptr, out_ptr, out_limit,
     Q, mh, mw, crop_top, crop_left, crop_h, crop_w, th, tw, oy, ox, Hc, Wc,
     ytab, xtab,
     BY: tl.constexpr, BXB: tl.constexpr, MAXT: tl.constexpr, MODE: tl.constexpr,
@@ -398,42 +400,49 @@ def _dense_pack_kernel(
 ):
     """Bit-packed crop of detection ``program_id(0)``'s canvas.
 
-    ``crops_ptr[i] = [out_offset, y0, first_byte, rows, bytes]`` (int64): rows
+    ``crops_ptr[i] = [out_offset, y0, first_byte, rows, bytes]`` (int32): rows
     ``y0 .. y0+rows`` and pixel columns ``8*first_byte .. 8*(first_byte+bytes)`` go to
     ``out[out_offset:]`` row-major, ``bytes`` per row, bit j of a byte = pixel 8k+j.
+    The ``num_programs(1)`` programs of a detection stride over its (BY x BXB) tiles, so
+    the grid does not depend on crop sizes (no host round trip before the launch); rows
+    >= n_out do nothing and nothing is written at or past ``out_limit``.
     """
     i = tl.program_id(0)
-    crop = crops_ptr + i.to(tl.int64) * 5
-    rows = tl.load(crop + 3).to(tl.int32)
-    nbytes = tl.load(crop + 4).to(tl.int32)
-    ty0 = tl.program_id(1) * BY
-    tb0 = tl.program_id(2) * BXB
-    if (ty0 < rows) & (tb0 < nbytes):
-        out_off = tl.load(crop + 0)
-        cy0 = tl.load(crop + 1).to(tl.int32)
-        cb0 = tl.load(crop + 2).to(tl.int32)
-        y0 = cy0 + ty0
-        bx0 = cb0 + tb0
+    if i < tl.load(n_out_ptr):
+        crop = crops_ptr + i.to(tl.int64) * 5
+        out_off = tl.load(crop + 0).to(tl.int64)
+        cy0 = tl.load(crop + 1)
+        cb0 = tl.load(crop + 2)
+        rows = tl.load(crop + 3)
+        nbytes = tl.load(crop + 4)
+        byte_tiles = tl.cdiv(nbytes, BXB)
+        tiles = tl.cdiv(rows, BY) * byte_tiles
         query = tl.load(sel_ptr + SEL_QUERY_WORD + i * SEL_ROW_WORDS)
         gbase = masks_ptr + query.to(tl.int64) * mh * mw
         bbase = bin_ptr + i.to(tl.int64) * th * tw
-        ys = y0 + tl.arange(0, BY)[:, None]
-        xs = bx0 * 8 + tl.arange(0, BXB * 8)[None, :]
-        x_end = tl.minimum(bx0 * 8 + BXB * 8, Wc)
-        uniform, value = _tile_uniform(gbase, y0, tl.minimum(y0 + BY, Hc), bx0 * 8, x_end, mw,
-                                       crop_top, crop_left, crop_h, crop_w, th, tw, oy, ox, ytab,
-                                       xtab, MAXT, WR, WC, SRC_BIN)
-        if uniform:
-            v = ((ys * 0 + value) != 0) & (xs < Wc)
-        else:
-            v = _eval_mask_pixels(gbase, bbase, ys, xs, mw, crop_top, crop_left, crop_h, crop_w, th,
-                                  tw, oy, ox, ytab, xtab, MAXT, MODE, SRC_BIN) & (xs < Wc)
-        bits = tl.reshape(v.to(tl.int32), (BY, BXB, 8)) << tl.arange(0, 8)[None, None, :]
-        packed = tl.sum(bits, axis=2)
-        rel_y = ys - cy0
-        rel_b = bx0 - cb0 + tl.arange(0, BXB)[None, :]
-        dst = out_ptr + out_off + rel_y.to(tl.int64) * nbytes + rel_b
-        tl.store(dst, packed.to(tl.uint8), mask=(rel_y < rows) & (rel_b < nbytes))
+        for t in range(tl.program_id(1), tiles, tl.num_programs(1)):
+            ty0 = (t // byte_tiles) * BY
+            tb0 = (t % byte_tiles) * BXB
+            y0 = cy0 + ty0
+            bx0 = cb0 + tb0
+            ys = y0 + tl.arange(0, BY)[:, None]
+            xs = bx0 * 8 + tl.arange(0, BXB * 8)[None, :]
+            x_end = tl.minimum(bx0 * 8 + BXB * 8, Wc)
+            uniform, value = _tile_uniform(gbase, y0, tl.minimum(y0 + BY, Hc), bx0 * 8, x_end, mw,
+                                           crop_top, crop_left, crop_h, crop_w, th, tw, oy, ox, ytab,
+                                           xtab, MAXT, WR, WC, SRC_BIN)
+            if uniform:
+                v = ((ys * 0 + value) != 0) & (xs < Wc)
+            else:
+                v = _eval_mask_pixels(gbase, bbase, ys, xs, mw, crop_top, crop_left, crop_h, crop_w,
+                                      th, tw, oy, ox, ytab, xtab, MAXT, MODE, SRC_BIN) & (xs < Wc)
+            bits = tl.reshape(v.to(tl.int32), (BY, BXB, 8)) << tl.arange(0, 8)[None, None, :]
+            packed = tl.sum(bits, axis=2)
+            rel_y = ys - cy0
+            rel_b = bx0 - cb0 + tl.arange(0, BXB)[None, :]
+            index = out_off + rel_y.to(tl.int64) * nbytes + rel_b
+            tl.store(out_ptr + index, packed.to(tl.uint8),
+                     mask=(rel_y < rows) & (rel_b < nbytes) & (index < out_limit))
 
 
 # ----------------------------------------------------------------------------- host API
@@ -540,46 +549,44 @@ def reduce_extents(per_band: torch.Tensor) -> torch.Tensor:
     return torch.stack([lo[:, 0], hi[:, 0], lo[:, 1], hi[:, 1]], dim=1).to(torch.int32)
 
 
-def crop_layout(extents: np.ndarray, width: int) -> Tuple[np.ndarray, int]:
-    """Host: per detection ``[out_offset, y0, first_byte, rows, bytes]`` + total bytes.
-
-    Crops are byte aligned (whole bytes of 8 canvas pixels); empty masks get 0 rows.
-    """
-    n = extents.shape[0]
-    layout = np.zeros((n, 5), dtype=np.int64)
-    total = 0
-    wb = (width + 7) // 8
-    for i, (ymin, ymax, xmin, xmax) in enumerate(np.asarray(extents, dtype=np.int64)):
-        if ymax < ymin or xmax < xmin:
-            continue
-        first, last = xmin // 8, min(xmax // 8, wb - 1)
-        rows, nbytes = ymax - ymin + 1, last - first + 1
-        layout[i] = (total, ymin, first, rows, nbytes)
-        total += rows * nbytes
-    return layout, int(total)
+def device_crop_layout(extents: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
+    """Device: per detection ``[out_offset, y0, first_byte, rows, bytes]`` (int32) from
+    (N, 4) extents and the (N,) int64 canvas width of each row's frame; crops are laid out
+    back to back in row order (rows of several frames may be concatenated). Crops are
+    byte aligned (whole bytes of 8 canvas pixels); empty masks (and rows past a frame's
+    detections, whose extents are empty) get zeros."""
+    ext = extents.to(torch.int64)
+    ymin, ymax, xmin, xmax = ext.unbind(1)
+    valid = (ymax >= ymin) & (xmax >= xmin)
+    first = torch.div(xmin, 8, rounding_mode="floor")
+    last = torch.minimum(torch.div(xmax, 8, rounding_mode="floor"), torch.div(widths + 7, 8, rounding_mode="floor") - 1)
+    rows = torch.where(valid, ymax - ymin + 1, 0)
+    nbytes = torch.where(valid, last - first + 1, 0)
+    sizes = rows * nbytes
+    offsets = torch.cumsum(sizes, 0) - sizes
+    layout = torch.stack(
+        [torch.where(valid, offsets, 0), torch.where(valid, ymin, 0), torch.where(valid, first, 0), rows, nbytes],
+        dim=1,
+    )
+    return layout.to(torch.int32)
 
 
 def launch_dense_pack(masks_b: torch.Tensor, bin_b: Optional[torch.Tensor], selection_row: torch.Tensor,
-                      layout: np.ndarray, crops: torch.Tensor, plan: MaskPlan, out: torch.Tensor,
+                      capacity: int, crops: torch.Tensor, plan: MaskPlan, out: torch.Tensor,
                       mode: int) -> None:
-    """Pack the crops described by ``layout`` (host copy of the device tensor ``crops``)
-    of one frame's detections into ``out`` (uint8).
+    """Pack one frame's crops (``crops``: (capacity, 5) int32 from :func:`device_crop_layout`)
+    into ``out`` (uint8); nothing is written past ``out``'s end.
 
     Args:
         masks_b: (Q, mh, mw) mask logits of the frame.
         bin_b: (R, th, tw) uint8 from :func:`binarize_with_torch` when ``plan.binary_source``.
         selection_row: the frame's row of ``SelectionBuffer.packed`` (device, int32).
     """
-    n = layout.shape[0]
-    if n == 0 or layout[:, 3].max(initial=0) == 0:
-        return
     g = plan.geometry
-    BY = min(DENSE_ROWS, triton.next_power_of_2(int(layout[:, 3].max())))
-    BXB = min(DENSE_BYTES, triton.next_power_of_2(int(layout[:, 4].max())))
-    grid = (n, triton.cdiv(int(layout[:, 3].max()), BY), triton.cdiv(int(layout[:, 4].max()), BXB))
+    BY, BXB = DENSE_ROWS, DENSE_BYTES
     ptrs, scalars = _frame_args(masks_b, bin_b, plan)
-    _dense_pack_kernel[grid](
-        *ptrs, selection_row, crops, out, *scalars,
+    _dense_pack_kernel[(capacity, DENSE_PROGRAMS_PER_MASK)](
+        *ptrs, selection_row, selection_row[0:1], crops, out, out.numel(), *scalars,
         BY=BY, BXB=BXB, MAXT=plan.max_taps, MODE=max(mode, 0), SRC_BIN=plan.binary_source,
         WR=window_size(BY, g.crop_h, g.target_h, plan.max_taps),
         WC=window_size(BXB * 8, g.crop_w, g.target_w, plan.max_taps),

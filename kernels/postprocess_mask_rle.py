@@ -47,14 +47,15 @@ RLE_CHUNK = 512 if _INTERPRET else 64
 
 @triton.jit
 def _rle_kernel(
-    masks_ptr, bin_ptr, sel_ptr, n_out_ptr, counts_ptr, offsets_ptr, pos_ptr,
+    masks_ptr, bin_ptr, sel_ptr, n_out_ptr, counts_ptr, offsets_ptr, pos_ptr, pos_limit,
     Q, mh, mw, crop_top, crop_left, crop_h, crop_w, th, tw, oy, ox, Hc, Wc,
     ytab, xtab,
     EMIT: tl.constexpr, BX: tl.constexpr, BY: tl.constexpr, MAXT: tl.constexpr,
     MODE: tl.constexpr, SRC_BIN: tl.constexpr, WR: tl.constexpr, WC: tl.constexpr,
 ):
     """Pass 1 (EMIT=False): transitions per column -> counts[i, x].
-    Pass 2 (EMIT=True): transition positions, written from offsets[i, x]."""
+    Pass 2 (EMIT=True): transition positions, written from offsets[i, x]; positions at or
+    beyond ``pos_limit`` are not written (the host sees the total and sizes up)."""
     i = tl.program_id(0)
     if i < tl.load(n_out_ptr):
         x0 = tl.program_id(1) * BX
@@ -81,7 +82,7 @@ def _rle_kernel(
             if uniform:
                 trans1 = (prev != value) & xvalid
                 if EMIT:
-                    tl.store(pos_ptr + wptr, (xs * Hc + y0).to(tl.int32), mask=trans1)
+                    tl.store(pos_ptr + wptr, (xs * Hc + y0).to(tl.int32), mask=trans1 & (wptr < pos_limit))
                     wptr += trans1.to(tl.int64)
                 total += trans1.to(tl.int32)
                 prev = prev * 0 + value
@@ -101,7 +102,7 @@ def _rle_kernel(
                 if EMIT:
                     rank = tl.cumsum(t32, axis=0) - t32
                     dst = wptr[None, :] + rank.to(tl.int64)
-                    tl.store(pos_ptr + dst, (cols * Hc + ys).to(tl.int32), mask=trans)
+                    tl.store(pos_ptr + dst, (cols * Hc + ys).to(tl.int32), mask=trans & (dst < pos_limit))
                     wptr += tl.sum(t32, axis=0).to(tl.int64)
                 total += tl.sum(t32, axis=0)
                 last = (ys == y0 + BY - 1) & (ys < Hc)
@@ -112,8 +113,8 @@ def _rle_kernel(
             tl.store(counts_ptr + col_row, total, mask=xvalid)
 
 
-def _launch(pass_emit: bool, masks_b, bin_b, sel_row, n_out_dev, n_dets: int, plan: MaskPlan,
-            counts, offsets, positions, mode: int) -> None:
+def _launch(pass_emit: bool, masks_b, bin_b, sel_row, capacity: int, plan: MaskPlan,
+            counts, offsets, positions, pos_limit: int, mode: int) -> None:
     g = plan.geometry
     Hc, Wc = plan.canvas
     # no bigger than the canvas; >= 16 for tl.dot
@@ -121,10 +122,10 @@ def _launch(pass_emit: bool, masks_b, bin_b, sel_row, n_out_dev, n_dets: int, pl
     BX = max(16, min(RLE_BAND, triton.next_power_of_2(Wc)))
     WR = window_size(BY, g.crop_h, g.target_h, plan.max_taps)
     WC = window_size(BX, g.crop_w, g.target_w, plan.max_taps)
-    grid = (n_dets, triton.cdiv(Wc, BX))
+    grid = (capacity, triton.cdiv(Wc, BX))
     _rle_kernel[grid](
-        masks_b, bin_b if bin_b is not None else masks_b, sel_row, n_out_dev, counts, offsets,
-        positions,
+        masks_b, bin_b if bin_b is not None else masks_b, sel_row, sel_row[0:1], counts, offsets,
+        positions, pos_limit,
         masks_b.shape[0], plan.mask_h, plan.mask_w, g.crop_top, g.crop_left, g.crop_h, g.crop_w,
         g.target_h, g.target_w, g.offset_y, g.offset_x, Hc, Wc, plan.ytab, plan.xtab,
         EMIT=pass_emit, BX=BX, BY=BY, MAXT=plan.max_taps, MODE=max(mode, 0),
@@ -137,16 +138,17 @@ def launch_rle_count(masks_b: torch.Tensor, bin_b: Optional[torch.Tensor], sel_r
     """Pass 1 for one frame. ``counts`` is (capacity, Wc) int32 and must be zeroed;
     programs for rows >= n_out (read on device from ``sel_row``) do nothing, so no
     host sync is needed between selection and this pass."""
-    _launch(False, masks_b, bin_b, sel_row, sel_row[0:1], capacity, plan, counts, counts, counts, mode)
+    _launch(False, masks_b, bin_b, sel_row, capacity, plan, counts, counts, counts, 0, mode)
 
 
 def launch_rle_emit(masks_b: torch.Tensor, bin_b: Optional[torch.Tensor], sel_row: torch.Tensor,
-                    n_dets: int, plan: MaskPlan, offsets: torch.Tensor, positions: torch.Tensor,
+                    capacity: int, plan: MaskPlan, offsets: torch.Tensor, positions: torch.Tensor,
                     mode: int) -> None:
-    """Pass 2 for one frame: ``offsets`` (n_dets, Wc) int64 exclusive starts into ``positions``."""
-    if n_dets == 0:
-        return
-    _launch(True, masks_b, bin_b, sel_row, sel_row[0:1], n_dets, plan, offsets, offsets, positions, mode)
+    """Pass 2 for one frame: ``offsets`` (capacity, Wc) int64 exclusive starts into
+    ``positions``; rows >= n_out do nothing and nothing is written past ``positions``'
+    end, so the launch needs no host-side count (it can sit in a CUDA graph)."""
+    _launch(True, masks_b, bin_b, sel_row, capacity, plan, offsets, offsets, positions,
+            positions.numel(), mode)
 
 
 # ----------------------------------------------------------------------------- host side

@@ -96,10 +96,12 @@ def test_no_detections(stage, fmt):
 
 
 def test_release_called_once_after_reading(stage):
+    """Released once, as soon as the inputs are copied (with the copy's event on CUDA)."""
     calls = []
-    raw = _device(synthetic_outputs(n_confident=2, seed=24), release=lambda: calls.append(1))
+    raw = _device(synthetic_outputs(n_confident=2, seed=24), release=lambda event=None: calls.append(event))
     stage(raw, [make_metadata((32, 32))], PostprocessRequest(0.5, None, "rle"))
-    assert calls == [1]
+    assert len(calls) == 1
+    assert isinstance(calls[0], torch.cuda.Event) if CUDA else calls[0] is None
 
 
 def test_refused_call_does_not_release(stage):
@@ -107,7 +109,7 @@ def test_refused_call_does_not_release(stage):
     raw = synthetic_outputs(n_confident=2, seed=25)
     raw = RawOutputs(
         boxes=raw.boxes.to(DEVICE), logits=raw.logits.half().to(DEVICE), masks=raw.masks.to(DEVICE),
-        release=lambda: calls.append(1),
+        release=lambda event=None: calls.append(1),
     )
     with pytest.raises(ValueError):
         stage(raw, [make_metadata((32, 32))], PostprocessRequest(0.5, None, "dense"))
@@ -182,3 +184,38 @@ def test_mask_to_polygon_matches_inference_mask2poly():
             y, x = rng.integers(0, 30), rng.integers(0, 40)
             m[y : y + rng.integers(1, 12), x : x + rng.integers(1, 12)] = 1
         np.testing.assert_array_equal(mask_to_polygon(m), postprocess.mask2poly(m))
+
+
+@pytest.mark.parametrize("fmt", ["dense", "rle", "polygon"])
+def test_small_payload_buffers_grow_without_changing_results(monkeypatch, fmt):
+    """A payload longer than the copied prefix, then longer than the device buffer, still
+    gives the reference result; the stage remembers the larger sizes for the next frame."""
+    from inference_fastpath.adapters.stages import postprocess_fused as fused
+
+    monkeypatch.setitem(fused._DEFAULT_SIZES, fused.RUNS, (64, 8))
+    monkeypatch.setitem(fused._DEFAULT_SIZES, fused.DENSE, (64, 8))
+    stage = FusedPostprocess(NUM_CLASSES, None, DEVICE)
+    raw = _device(synthetic_outputs(n_confident=4, seed=31))
+    meta = [make_metadata((48, 64))]
+    request = PostprocessRequest(0.5, None, fmt)
+    _assert_equal(stage, raw, meta, request)
+    (payload, prefix), = stage._sizes.values()
+    assert payload > 64 and prefix > 8, stage._sizes
+    _assert_equal(stage, _device(synthetic_outputs(n_confident=4, seed=32)), meta, request)
+
+
+def test_graph_replays_equal_reference_on_changing_inputs():
+    if not CUDA:
+        pytest.skip("CUDA graphs")
+    stage = FusedPostprocess(NUM_CLASSES, None, DEVICE, cuda_graphs=True)
+    meta = [make_metadata((720, 1280)), make_metadata((480, 640), mode="letterbox")]
+    for seed in range(4):  # first call captures, the next ones replay on new data
+        for fmt in ("rle", "dense"):
+            _assert_equal(stage, _device(synthetic_outputs(batch=2, n_confident=6, seed=40 + seed)), meta,
+                          PostprocessRequest(0.4, 50, fmt))
+    assert stage.graph_fallback_reason is None
+    assert stage.captures == 2, stage.captures  # one graph per output kind, replayed afterwards
+    eager = FusedPostprocess(NUM_CLASSES, None, DEVICE, cuda_graphs=False)
+    _assert_equal(eager, _device(synthetic_outputs(n_confident=6, seed=50)), meta[:1],
+                  PostprocessRequest(0.4, None, "rle"))
+    assert eager.captures == 0

@@ -5,22 +5,25 @@ Drop-in twin of the reference stage built on inference-models'
 detections, same order, same boxes, pixel-identical dense masks, byte-identical RLE
 and the same polygons (largest ``cv2.findContours`` contour of the dense mask).
 
-Per batch the host waits on the device twice: once for a small header (the compact
-selection + per-detection RLE transition counts or dense-mask bounding boxes), once
-for the mask payload (RLE transition positions or bit-packed foreground crops).
-Nothing is synchronised per detection; the raw outputs are released after the
-second wait.
+The device work of a batch is one fixed-shape program (``postprocess_program.py``):
+on CUDA it is captured once per output shape in a CUDA graph and replayed on a
+high-priority stream, and the host waits once per batch for a header plus a payload
+prefix in pinned memory. The engine outputs are copied into the program's static
+inputs first and released right after that copy, so the engine can run the next frame
+while this one is decoded.
 
 ``unsupported_reason`` lists what the stage does not do, so the adapter can fall back
 to the reference with a logged reason instead of returning something different.
 
 Helpers at the bottom build ``PreProcessingMetadata`` / synthetic RF-DETR outputs and
-save/load recorded engine outputs (``.pt``) for tests and benchmarks.
+compare results with the reference, for tests and benchmarks.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import cv2
@@ -32,40 +35,39 @@ from inference_models.models.common.roboflow.model_packages import (
     StaticCropOffset,
 )
 
+from inference_fastpath.adapters.engines.cuda_graphs import CapturedGraph, LRUCache, capture_cuda_graph
 from inference_fastpath.adapters.masks import largest_external_contour
 from inference_fastpath.adapters.stages.contracts import (
     FrameDetections,
     PostprocessRequest,
     RawOutputs,
 )
-from inference_fastpath.kernels.postprocess_mask_dense import (
-    binarize_with_torch,
-    calibrate_accumulation,
-    crop_layout,
-    extent_bands,
-    launch_dense_pack,
-    launch_extents,
-    make_mask_plan,
-    paste_crops,
-    reduce_extents,
+from inference_fastpath.adapters.stages.postprocess_program import (
+    DENSE,
+    RUNS,
+    PostprocessProgram,
+    ProgramSpec,
+    grown,
+    spec_for,
 )
+from inference_fastpath.kernels.postprocess_mask_dense import calibrate_accumulation
 from inference_fastpath.kernels.postprocess_mask_rle import (
-    launch_rle_count,
-    launch_rle_emit,
     transitions_to_coco_rle,
     transitions_to_crop,
 )
-from inference_fastpath.kernels.postprocess_select import (
-    FrameGeometry,
-    FrameSelection,
-    _geometry_params,
-    decode_selection,
-    frame_geometry,
-    select_detections,
-)
+from inference_fastpath.kernels.postprocess_select import frame_geometry
+
+LOGGER = logging.getLogger("inference_fastpath")
 
 _FORMATS = ("dense", "rle", "polygon")
 _MIN_QUERIES = 33  # torch.topk(k <= 32) orders ties with a bitonic sort we do not replay
+# Payload room per output kind: (device buffer elements, elements copied with the header).
+# RUNS: int32 transition positions (a 1080p frame with 10 masks needs ~10-20 k);
+# DENSE: bytes of bit-packed crops. Both grow on demand, the copied prefix up to _MAX_PREFIX.
+_DEFAULT_SIZES = {RUNS: (1 << 20, 1 << 15), DENSE: (1 << 22, 1 << 17)}
+_MAX_PREFIX = {RUNS: 1 << 20, DENSE: 1 << 22}
+_MAX_PROGRAMS = 4  # live programs (static buffers + graph) per stage, least recently used evicted
+_MAX_CAPTURES = 16  # beyond this many captures (thresholds changing per frame?) run eagerly
 
 
 class FusedPostprocess:
@@ -79,7 +81,8 @@ class FusedPostprocess:
 
     name = "fused_postprocess"
 
-    def __init__(self, num_classes: int, classes_re_mapping: Optional[Any], device: Union[str, torch.device]):
+    def __init__(self, num_classes: int, classes_re_mapping: Optional[Any], device: Union[str, torch.device],
+                 cuda_graphs: bool = True):
         self.num_classes = int(num_classes)
         self.classes_re_mapping = classes_re_mapping
         self.device = torch.device(device)
@@ -91,9 +94,18 @@ class FusedPostprocess:
             mapping = classes_re_mapping.class_mapping
             self._n_output_classes = int(mapping.max().item()) + 1 if mapping.numel() else 0
         self._acc_mode: Optional[int] = None
-        self._params_cache: Dict[Tuple[FrameGeometry, ...], torch.Tensor] = {}
-        self._pinned: Dict[Tuple[str, torch.dtype], torch.Tensor] = {}
+        self.cuda_graphs = bool(cuda_graphs)
+        self.graph_fallback_reason: Optional[str] = None
+        self.captures = 0
+        self._programs: LRUCache[ProgramSpec, _ProgramEntry] = LRUCache(_MAX_PROGRAMS, on_evict=_free_entry)
+        self._sizes: Dict[tuple, Tuple[int, int]] = {}  # (output, geometries) -> (payload, prefix)
+        self._last_spec: Optional[ProgramSpec] = None
+        self._stream = self._capture_stream = None
         if self.device.type == "cuda" and torch.cuda.is_available():
+            # high priority: the small postprocess kernels of frame N go ahead of the engine
+            # kernels of frame N+1 that a depth-2 pipeline has already queued
+            self._stream = torch.cuda.Stream(self.device, priority=-1)
+            self._capture_stream = torch.cuda.Stream(self.device)
             self.accumulation_mode()  # one-off kernel compile + check at build time, not mid-stream
 
     # ------------------------------------------------------------------ capability checks
@@ -178,153 +190,125 @@ class FusedPostprocess:
         if reason is not None:
             # raw outputs are left untouched (not released) so the caller can fall back
             raise ValueError(f"FusedPostprocess cannot handle this call: {reason}")
-        if raw.done_event is not None and self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).wait_event(raw.done_event)
+        released = []
+
+        def release(event=None) -> None:
+            if raw.release is not None and not released:
+                released.append(True)
+                raw.release(event)
+
         try:
-            return self._run(raw, metadata, request)
+            if self._stream is None:
+                return self._run(raw, metadata, request, release)
+            if raw.done_event is not None:
+                self._stream.wait_event(raw.done_event)
+            with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
+                return self._run(raw, metadata, request, release)
         finally:
-            # every kernel reading the raw outputs has completed once _run returns
-            # (it waits for its last device->host copy), so the buffers may be reused
-            if raw.release is not None:
-                raw.release()
+            release()  # after an error: the copies (if any) were enqueued before it
 
-    def _run(self, raw: RawOutputs, metadata: List[PreProcessingMetadata],
-             request: PostprocessRequest) -> List[FrameDetections]:
-        masks = raw.masks.contiguous()  # kernels index (Q, mh, mw) planes directly
-        mh, mw = int(masks.shape[-2]), int(masks.shape[-1])
-        geoms = [frame_geometry(m, mh, mw) for m in metadata]
-        selection = select_detections(
-            raw.logits,
-            raw.boxes,
-            geoms,
-            request.threshold,
-            self.num_classes,
-            self._class_mapping,
-            request.max_detections,
-            params=self._params(geoms),
-        )
-        plans = [make_mask_plan(g, mh, mw, self.device) for g in geoms]
-        queries = selection.queries_device()
-        bins = [
-            binarize_with_torch(masks[b], queries[b], plan) if plan.binary_source else None
-            for b, plan in enumerate(plans)
-        ]
-        mode = self.accumulation_mode()
-        if request.mask_format == "dense":
-            return self._dense(masks, selection, geoms, plans, bins, mode)
-        return self._runs(masks, selection, geoms, plans, bins, mode, request.mask_format)
-
-    # ------------------------------------------------------------------ formats
-
-    def _dense(self, masks, selection, geoms, plans, bins, mode) -> List[FrameDetections]:
-        cap = selection.capacity
-        extents = []
-        for b, plan in enumerate(plans):
-            per_band = torch.empty((cap, extent_bands(plan)[0], 4), dtype=torch.int32, device=self.device)
-            launch_extents(masks[b], bins[b], selection.packed[b], cap, plan, per_band, mode)
-            extents.append(reduce_extents(per_band))
-        header = torch.cat([selection.packed.reshape(-1)] + [e.reshape(-1) for e in extents])
-        host_header = self._to_host(header, "header")
-        n_sel = selection.packed.numel()
-        frames = decode_selection(host_header[:n_sel].reshape(selection.packed.shape), cap)
-        host_ext = host_header[n_sel:].reshape(len(plans), cap, 4)
-        layouts, base = [], 0
-        for b, (frame, plan) in enumerate(zip(frames, plans)):
-            layout, size = crop_layout(host_ext[b, : len(frame.confidence)], plan.canvas[1])
-            layout[:, 0] += base
-            layouts.append(layout)
-            base += size
-        flat = torch.empty(max(base, 1), dtype=torch.uint8, device=self.device)
-        for b, plan in enumerate(plans):
-            if len(layouts[b]):
-                crops = torch.from_numpy(layouts[b]).to(self.device)
-                launch_dense_pack(masks[b], bins[b], selection.packed[b], layouts[b], crops, plan, flat, mode)
-        host = self._to_host(flat[:base], "payload") if base else np.zeros(0, np.uint8)
-        return [
-            self._frame(frame, geoms[b], dense_masks=paste_crops(host, layouts[b], *plan.canvas))
-            for b, (frame, plan) in enumerate(zip(frames, plans))
-        ]
-
-    def _runs(self, masks, selection, geoms, plans, bins, mode, fmt: str) -> List[FrameDetections]:
-        cap = selection.capacity
-        widths = [p.canvas[1] for p in plans]
-        counts = torch.zeros(cap * sum(widths), dtype=torch.int32, device=self.device)
-        starts = np.concatenate([[0], np.cumsum([cap * w for w in widths])]).astype(int)
-        for b, plan in enumerate(plans):
-            view = counts[starts[b] : starts[b + 1]].view(cap, widths[b])
-            launch_rle_count(masks[b], bins[b], selection.packed[b], cap, plan, view, mode)
-        counts64 = counts.to(torch.int64)
-        offsets = torch.cumsum(counts64, 0) - counts64
-        per_det = torch.cat([counts[starts[b] : starts[b + 1]].view(cap, widths[b]).sum(1, dtype=torch.int32)
-                             for b in range(len(plans))])
-        header = torch.cat([selection.packed.reshape(-1), per_det])
-        host_header = self._to_host(header, "header")
-        n_sel = selection.packed.numel()
-        frames = decode_selection(host_header[:n_sel].reshape(selection.packed.shape), cap)
-        det_totals = host_header[n_sel:].reshape(len(plans), cap).astype(np.int64)
-        total = int(sum(det_totals[b, : len(f.confidence)].sum() for b, f in enumerate(frames)))
-        positions = torch.empty(max(total, 1), dtype=torch.int32, device=self.device)
-        for b, (frame, plan) in enumerate(zip(frames, plans)):
-            n = len(frame.confidence)
-            if n == 0:
-                continue
-            off = offsets[starts[b] : starts[b] + n * widths[b]].view(n, widths[b])
-            launch_rle_emit(masks[b], bins[b], selection.packed[b], n, plan, off, positions, mode)
-        host_pos = self._to_host(positions[:total], "payload") if total else np.zeros(0, np.int32)
-        results, cursor = [], 0
-        for b, (frame, plan) in enumerate(zip(frames, plans)):
-            hc, wc = plan.canvas
-            items = []
-            for i in range(len(frame.confidence)):
-                k = int(det_totals[b, i])
-                trans = host_pos[cursor : cursor + k]
-                cursor += k
-                items.append(transitions_to_coco_rle(trans, hc, wc) if fmt == "rle" else _polygon(trans, hc, wc))
-            if fmt == "rle":
-                results.append(self._frame(frame, geoms[b], rle_masks=items))
-            else:
-                results.append(self._frame(frame, geoms[b], polygons=items))
+    def _run(self, raw: RawOutputs, metadata: List[PreProcessingMetadata], request: PostprocessRequest,
+             release) -> List[FrameDetections]:
+        mh, mw = int(raw.masks.shape[-2]), int(raw.masks.shape[-1])
+        geoms = tuple(frame_geometry(m, mh, mw) for m in metadata)
+        output = DENSE if request.mask_format == "dense" else RUNS
+        sizes_key = (output, geoms)
+        capacity, prefix = self._sizes.get(sizes_key, _DEFAULT_SIZES[output])
+        spec = spec_for(raw, geoms, output, request.max_detections, request.threshold, capacity, prefix,
+                        self.accumulation_mode())
+        program = self._program(spec)
+        self._last_spec = spec
+        program.load(raw, request.threshold)
+        release(self._record_event())  # the engine may reuse its outputs once the copies ran
+        results = self._execute(program, request.mask_format)
+        while results is None:  # the payload did not fit: size up once and run the copy again
+            needed = program.payload_total
+            spec = replace(spec, payload_capacity=grown(spec.payload_capacity, needed, needed * 2),
+                           prefix=grown(spec.prefix, needed, _MAX_PREFIX[output]))
+            LOGGER.info("fused postprocess: payload of %d elements; device buffer grows to %d",
+                        needed, spec.payload_capacity)
+            bigger = self._program(spec)
+            bigger.load_from(program)
+            program = bigger
+            results = self._execute(program, request.mask_format)
+        if program.payload_total > spec.prefix and spec.prefix < _MAX_PREFIX[output]:
+            # next frames of this shape copy a longer prefix with the header (no second wait)
+            prefix = grown(spec.prefix, int(program.payload_total * 1.25), _MAX_PREFIX[output])
+        self._sizes[sizes_key] = (spec.payload_capacity, max(prefix, spec.prefix))
         return results
 
-    # ------------------------------------------------------------------ plumbing
+    def _execute(self, program: PostprocessProgram, fmt: str) -> Optional[List[FrameDetections]]:
+        """Run the device program (graph replay when captured) and decode its host copies."""
+        graph = self._graph(program)
+        if graph is not None:
+            graph.replay()
+        else:
+            program.enqueue()
+        if self._stream is not None:
+            self._record_event().synchronize()  # the one wait of the batch
+        if fmt == "rle":
+            return program.finish(rle_of=transitions_to_coco_rle)
+        if fmt == "polygon":
+            return program.finish(polygon_of=_polygon)
+        return program.finish()
 
-    @staticmethod
-    def _frame(frame: FrameSelection, geometry: FrameGeometry, **masks) -> FrameDetections:
-        return FrameDetections(
-            xyxy=frame.xyxy.astype(np.float32, copy=False),
-            confidence=frame.confidence.astype(np.float32, copy=False),
-            class_id=frame.class_id.astype(np.int64, copy=False),
-            image_size=(geometry.image_h, geometry.image_w),
-            **masks,
-        )
+    # ------------------------------------------------------------------ programs and graphs
 
-    def _params(self, geoms: Sequence[FrameGeometry]) -> torch.Tensor:
-        key = tuple(geoms)
-        cached = self._params_cache.get(key)
-        if cached is None:
-            if len(self._params_cache) > 32:
-                self._params_cache.clear()
-            cached = torch.from_numpy(_geometry_params(geoms)).to(self.device)
-            self._params_cache[key] = cached
-        return cached
+    def _program(self, spec: ProgramSpec) -> PostprocessProgram:
+        entry = self._programs.get(spec)
+        if entry is None:
+            entry = _ProgramEntry(PostprocessProgram(spec, self.device, self.num_classes, self._class_mapping))
+            self._programs.put(spec, entry)
+        return entry.program
 
-    def _to_host(self, tensor: torch.Tensor, slot: str) -> np.ndarray:
-        """Device -> host copy through a reused pinned buffer on CUDA (one wait).
+    def _graph(self, program: PostprocessProgram):
+        """The captured graph of ``program``, capturing it on first use; None -> run eagerly."""
+        if self._stream is None or not self.cuda_graphs:
+            return None
+        entry = self._programs.get(program.spec)
+        if entry.graph is not None:
+            return entry.graph
+        if self.graph_fallback_reason is not None:
+            return None
+        if self.captures >= _MAX_CAPTURES:
+            self._no_graphs(f"more than {_MAX_CAPTURES} output shapes/thresholds seen; running eagerly")
+            return None
+        try:
+            entry.graph = capture_cuda_graph(program.enqueue, device=self.device, warmup_iters=1,
+                                             stream=self._capture_stream)
+        except Exception as error:  # noqa: BLE001 - any capture failure means: run eagerly
+            self._no_graphs(f"capture failed: {type(error).__name__}: {error}")
+            return None
+        self.captures += 1
+        return entry.graph
 
-        The result aliases the buffer of ``slot`` until the next copy into that slot.
-        """
-        tensor = tensor.reshape(-1)
-        if tensor.device.type != "cuda":
-            return tensor.numpy()
-        n = tensor.numel()
-        key = (slot, tensor.dtype)
-        buf = self._pinned.get(key)
-        if buf is None or buf.numel() < n:
-            buf = torch.empty(max(n, 1 << 16), dtype=tensor.dtype, pin_memory=True)
-            self._pinned[key] = buf
-        buf[:n].copy_(tensor, non_blocking=True)
-        torch.cuda.current_stream(tensor.device).synchronize()
-        return buf[:n].numpy()
+    def last_graph(self) -> Optional[Tuple[CapturedGraph, Any]]:
+        """(graph, stream) of the most recent call when it was captured (benchmarks time it)."""
+        entry = self._programs.get(self._last_spec) if self._last_spec is not None else None
+        return (entry.graph, self._stream) if entry is not None and entry.graph is not None else None
+
+    def _no_graphs(self, reason: str) -> None:
+        if self.graph_fallback_reason is None:
+            self.graph_fallback_reason = reason
+            LOGGER.warning("fused postprocess: CUDA graphs off: %s", reason)
+
+    def _record_event(self):
+        if self._stream is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(self._stream)
+        return event
+
+
+@dataclass
+class _ProgramEntry:
+    program: PostprocessProgram
+    graph: Optional[CapturedGraph] = None
+
+
+def _free_entry(_spec, entry: _ProgramEntry) -> None:
+    if entry.graph is not None and entry.graph.free is not None:
+        entry.graph.free()
 
 
 def _polygon(transitions: np.ndarray, height: int, width: int) -> np.ndarray:
