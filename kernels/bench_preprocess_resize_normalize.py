@@ -6,13 +6,21 @@ For every frame size (default 320x240, 768x576, 1920x1080, 3840x2160 -> 312x312,
 stretch, ImageNet normalisation, BGR frames) it times:
 
 * ``fastpath numpy``: our ``TritonPreprocess`` stage on a numpy frame (pinned staging + upload
-  included);
+  included), with its default upload: row chunks chosen from the frame size, each chunk's H2D
+  copy overlapping the fill of the next (``auto_upload_chunks``);
+* ``fastpath numpy 1-copy``: the same with ``upload_chunks=1`` (fill the whole frame, then one
+  H2D copy: the upload before chunking);
+* ``fastpath numpy 2-thread``: the default chunks filled by two worker threads
+  (``upload_threads=2``);
 * ``fastpath cuda``: the same stage on a CUDA uint8 frame already on the device;
 * ``reference``: inference-models' RF-DETR ``pre_process_network_input`` (PIL on the CPU, then
   a copy to the GPU);
 * ``im-triton numpy`` / ``im-triton cuda``: the Triton preprocess shipped in inference-models
   (``UniversalFastPreprocessRuntime``, the ``triton-universal-v1`` RF-DETR preprocessor, which
   applies to stretch models without static crop / contrast / grayscale).
+
+``--sweep-upload`` also times the numpy upload alone (staging fill + H2D until its copy is done,
+no kernel) for 1, 2, 4, 8 chunks and the automatic count, with 0 and 2 fill threads.
 
 Two numbers per variant: ``latency`` (median of N calls, each waited for: host time until the
 output is ready on the GPU) and ``throughput`` (K calls queued back to back, then one wait;
@@ -115,11 +123,17 @@ def _variants(frame: np.ndarray, target: int, device: torch.device) -> Dict[str,
     network_input = _network_input(target)
     preprocessing = ImagePreProcessing()
     frame_cuda = torch.from_numpy(frame).to(device)
-    stage = TritonPreprocess(network_input, preprocessing, device, input_color_format="bgr")
+
+    def make_stage(**upload):
+        return TritonPreprocess(network_input, preprocessing, device, input_color_format="bgr", **upload)
+
+    stage = make_stage()
+    single_copy = make_stage(upload_chunks=1, upload_threads=0)
+    two_threads = make_stage(upload_threads=2)
     im_runtime = UniversalFastPreprocessRuntime(device)
     im_stream = torch.cuda.Stream(device)
 
-    def ours(source) -> Call:
+    def ours(source, stage=stage) -> Call:
         def call():
             batch = stage([source])
             return batch.tensor, batch.ready_event
@@ -148,6 +162,8 @@ def _variants(frame: np.ndarray, target: int, device: torch.device) -> Dict[str,
 
     return {
         "fastpath numpy": ours(frame),
+        "fastpath numpy 1-copy": ours(frame, single_copy),
+        "fastpath numpy 2-thread": ours(frame, two_threads),
         "fastpath cuda": ours(frame_cuda),
         "reference": reference,
         "im-triton numpy": im_triton(frame),
@@ -221,16 +237,75 @@ def kernel_block_sweep(size: Tuple[int, int], target: int, iters: int, device: t
     return rows
 
 
+def upload_sweep(
+    size: Tuple[int, int], iters: int, warmup: int, device: torch.device
+) -> List[dict]:
+    """Numpy upload alone (fill + H2D, waited for), per chunk count and fill-thread count."""
+    from inference_fastpath.adapters.stages.preprocess_triton import _Staging
+
+    width, height = size
+    frame = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    expected = torch.from_numpy(frame)
+    stream = torch.cuda.Stream(device)
+    rows = []
+    for threads in (0, 2):
+        for chunks in (1, 2, 4, 8, None):
+            staging = _Staging(device, chunks=chunks, threads=threads)
+
+            def call():
+                (view,) = staging.upload([frame], stream=stream)
+                done = torch.cuda.Event()
+                done.record(stream)
+                return view, done
+
+            for _ in range(warmup):
+                _wait(call()[1])
+            view, done = call()
+            _wait(done)
+            exact = bool(torch.equal(view.cpu(), expected))
+            samples = _time_latency(call, iters)
+            rows.append(
+                dict(
+                    size=f"{width}x{height}",
+                    chunks="auto" if chunks is None else chunks,
+                    planned_chunks=len(staging.plan([frame])[2]),
+                    threads=threads,
+                    upload_ms_median=statistics.median(samples),
+                    upload_ms_p10=float(np.percentile(samples, 10)),
+                    upload_ms_p90=float(np.percentile(samples, 90)),
+                    throughput_ms=_time_throughput(call, iters),
+                    bytes_exact=exact,
+                )
+            )
+    return rows
+
+
+def _print_upload_sweep(rows: Sequence[dict]) -> None:
+    if not rows:
+        return
+    header = f"{'size':>10}  {'chunks':>6} {'planned':>7} {'threads':>7} {'upload ms':>10} {'p10':>8} {'p90':>8} {'thrpt ms':>9}  exact"
+    print()
+    print("numpy upload alone (fill + H2D)")
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        print(
+            f"{row['size']:>10}  {str(row['chunks']):>6} {row['planned_chunks']:>7} {row['threads']:>7} "
+            f"{row['upload_ms_median']:>10.3f} {row['upload_ms_p10']:>8.3f} {row['upload_ms_p90']:>8.3f} "
+            f"{row['throughput_ms']:>9.3f}  {row['bytes_exact']}"
+        )
+
+
 def _print_table(rows: Sequence[dict]) -> None:
-    header = f"{'size':>10}  {'variant':<16} {'latency ms':>11} {'p10':>8} {'p90':>8} {'thrpt ms':>9} {'max|diff|':>10}"
+    header = f"{'size':>10}  {'variant':<24} {'latency ms':>11} {'p10':>8} {'p90':>8} {'thrpt ms':>9} {'max|diff|':>10}"
     print(header)
     print("-" * len(header))
     for row in rows:
         if row["error"]:
-            print(f"{row['size']:>10}  {row['variant']:<16} failed: {row['error']}")
+            print(f"{row['size']:>10}  {row['variant']:<24} failed: {row['error']}")
             continue
         print(
-            f"{row['size']:>10}  {row['variant']:<16} {row['latency_ms_median']:>11.3f} "
+            f"{row['size']:>10}  {row['variant']:<24} {row['latency_ms_median']:>11.3f} "
             f"{row['latency_ms_p10']:>8.3f} {row['latency_ms_p90']:>8.3f} "
             f"{row['throughput_ms']:>9.3f} {row['max_abs_diff_vs_reference']:>10.2e}"
         )
@@ -274,6 +349,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--budget-s", type=float, default=3.0, help="time budget per variant")
     parser.add_argument("--sweep-blocks", action="store_true", help="also time kernel tile shapes")
+    parser.add_argument(
+        "--sweep-upload", action="store_true", help="also time the numpy upload alone per chunk / thread count"
+    )
     parser.add_argument("--out", type=Path, default=None, help="JSON results path (PNG chart next to it)")
     args = parser.parse_args(argv)
 
@@ -284,12 +362,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = torch.device("cuda", torch.cuda.current_device())
     rows: List[dict] = []
     sweep: List[dict] = []
+    uploads: List[dict] = []
     for text in args.sizes:
         size = _parse_size(text)
         rows.extend(bench_size(size, args.target, args.iters, args.warmup, args.budget_s, device))
         if args.sweep_blocks:
             sweep.extend(kernel_block_sweep(size, args.target, args.iters, device))
+        if args.sweep_upload:
+            uploads.extend(upload_sweep(size, args.iters, args.warmup, device))
     _print_table(rows)
+    _print_upload_sweep(uploads)
     for row in sweep:
         print(f"kernel tile {row['block']} {row['size']:>10}: {row['kernel_ms']:.4f} ms")
 
@@ -303,6 +385,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             target=args.target,
             results=rows,
             kernel_tile_sweep=sweep,
+            upload_sweep=uploads,
         )
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2))

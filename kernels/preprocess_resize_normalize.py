@@ -180,6 +180,30 @@ def _clip8(acc):
     return tl.minimum(tl.maximum(acc >> 22, 0), 255)
 
 
+@triton.jit
+def _tile_in_box(out_h, out_w, box_x, box_y, box_w, box_h, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr):
+    """Prologue shared by both kernels: the [BLOCK_Y, BLOCK_X] output tile of this program in
+    image ``n`` and where it falls in the placement ``box`` of the output.
+
+    Returns ``(n, gy, gx, in_out, inside, ry, rx)``: the image index (int64), the tile's output
+    rows / columns, the mask of tile pixels inside the output, the mask of those inside ``box``,
+    and the row / column relative to the box, clamped into it so that table and source loads
+    stay in bounds (pixels outside the box are replaced by the pad value afterwards).
+    """
+    pid_x = tl.program_id(0)
+    pid_y = tl.program_id(1)
+    n = tl.program_id(2).to(tl.int64)
+    gy = pid_y * BLOCK_Y + tl.arange(0, BLOCK_Y)
+    gx = pid_x * BLOCK_X + tl.arange(0, BLOCK_X)
+    in_out = (gy < out_h)[:, None] & (gx < out_w)[None, :]
+    ry = gy - box_y
+    rx = gx - box_x
+    inside = ((ry >= 0) & (ry < box_h))[:, None] & ((rx >= 0) & (rx < box_w))[None, :]
+    ry = tl.minimum(tl.maximum(ry, 0), box_h - 1)
+    rx = tl.minimum(tl.maximum(rx, 0), box_w - 1)
+    return n, gy, gx, in_out, inside, ry, rx
+
+
 # Sizes, strides and offsets change with every frame size: keep them out of the specialisation
 # key so a new size (or a mixed-size batch) never triggers a recompile.
 _PIL_DYNAMIC_ARGS = [
@@ -213,18 +237,9 @@ def _pil_resample_normalize_kernel(
     # Output tile [BLOCK_Y, BLOCK_X] of image `n`. The resized image occupies `box` of the
     # output; the rest gets `pad_value` (as a uint8 code, normalised through the LUT).
     # Table layout (int32): row 0 = window start per output index, rows 1.. = weights.
-    pid_x = tl.program_id(0)
-    pid_y = tl.program_id(1)
-    n = tl.program_id(2).to(tl.int64)
-    gy = pid_y * BLOCK_Y + tl.arange(0, BLOCK_Y)
-    gx = pid_x * BLOCK_X + tl.arange(0, BLOCK_X)
-    in_out = (gy < out_h)[:, None] & (gx < out_w)[None, :]
-    ry = gy - box_y
-    rx = gx - box_x
-    inside = ((ry >= 0) & (ry < box_h))[:, None] & ((rx >= 0) & (rx < box_w))[None, :]
-    # Clamped so every load below stays in bounds; pixels outside the box are replaced later.
-    ry = tl.minimum(tl.maximum(ry, 0), box_h - 1)
-    rx = tl.minimum(tl.maximum(rx, 0), box_w - 1)
+    n, gy, gx, in_out, inside, ry, rx = _tile_in_box(
+        out_h, out_w, box_x, box_y, box_w, box_h, BLOCK_Y, BLOCK_X
+    )
     ystart = tl.load(ytab_ptr + ry)
     xstart = tl.load(xtab_ptr + rx)
     src = src_ptr + n * src_batch_stride
@@ -301,17 +316,9 @@ def _cv2_linear_canvas_kernel(
     BLOCK_X: tl.constexpr,
 ):
     # Tables: int32 [4, box size] = index0, index1, weight0, weight1.
-    pid_x = tl.program_id(0)
-    pid_y = tl.program_id(1)
-    n = tl.program_id(2).to(tl.int64)
-    gy = pid_y * BLOCK_Y + tl.arange(0, BLOCK_Y)
-    gx = pid_x * BLOCK_X + tl.arange(0, BLOCK_X)
-    in_dst = (gy < dst_h)[:, None] & (gx < dst_w)[None, :]
-    ry = gy - box_y
-    rx = gx - box_x
-    inside = ((ry >= 0) & (ry < box_h))[:, None] & ((rx >= 0) & (rx < box_w))[None, :]
-    ry = tl.minimum(tl.maximum(ry, 0), box_h - 1)
-    rx = tl.minimum(tl.maximum(rx, 0), box_w - 1)
+    n, gy, gx, in_dst, inside, ry, rx = _tile_in_box(
+        dst_h, dst_w, box_x, box_y, box_w, box_h, BLOCK_Y, BLOCK_X
+    )
     x0 = tl.load(xtab_ptr + rx)[None, :] * src_stride_x
     x1 = tl.load(xtab_ptr + box_w + rx)[None, :] * src_stride_x
     a0 = tl.load(xtab_ptr + 2 * box_w + rx)[None, :]

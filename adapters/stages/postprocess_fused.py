@@ -51,10 +51,7 @@ from inference_fastpath.adapters.stages.postprocess_program import (
     spec_for,
 )
 from inference_fastpath.kernels.postprocess_mask_dense import calibrate_accumulation
-from inference_fastpath.kernels.postprocess_mask_rle import (
-    transitions_to_coco_rle,
-    transitions_to_crop,
-)
+from inference_fastpath.kernels.postprocess_mask_rle import coco_rles, transitions_to_crop
 from inference_fastpath.kernels.postprocess_select import frame_geometry
 
 LOGGER = logging.getLogger("inference_fastpath")
@@ -247,7 +244,7 @@ class FusedPostprocess:
         if self._stream is not None:
             self._record_event().synchronize()  # the one wait of the batch
         if fmt == "rle":
-            return program.finish(rle_of=transitions_to_coco_rle)
+            return program.finish(rle_of=coco_rles)
         if fmt == "polygon":
             return program.finish(polygon_of=_polygon)
         return program.finish()

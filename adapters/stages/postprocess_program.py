@@ -196,8 +196,9 @@ class PostprocessProgram:
         """Decode the host copies (the device work must have completed).
 
         Returns None when the payload did not fit the device buffer (``payload_total`` says
-        how much room the run needed). RUNS outputs are built per detection by ``rle_of``
-        or ``polygon_of`` (transitions, canvas height, canvas width) -> mask.
+        how much room the run needed). RUNS outputs come from ``rle_of`` (a frame's
+        transitions, transitions per mask, canvas height, width) -> RLE dicts, or from
+        ``polygon_of`` (one mask's transitions, height, width) -> polygon.
         """
         spec = self.spec
         cap, batch = spec.capacity, spec.batch
@@ -223,13 +224,16 @@ class PostprocessProgram:
                 masks = paste_crops(payload, layout[b, :n], height, width)
                 results.append(_frame_detections(frame, plan.geometry, dense_masks=masks))
                 continue
-            items = []
-            for k in per_det[b, :n].tolist():
-                transitions = payload[cursor : cursor + k]
-                cursor += k
-                items.append(rle_of(transitions, height, width) if rle_of else polygon_of(transitions, height, width))
-            key = "rle_masks" if rle_of else "polygons"
-            results.append(_frame_detections(frame, plan.geometry, **{key: items}))
+            counts = per_det[b, :n]
+            transitions = payload[cursor : cursor + int(counts.sum())]
+            cursor += transitions.size
+            if rle_of is not None:  # all masks of the frame in one call
+                results.append(_frame_detections(frame, plan.geometry,
+                                                 rle_masks=rle_of(transitions, counts, height, width)))
+                continue
+            bounds = np.concatenate([[0], np.cumsum(counts)])
+            polygons = [polygon_of(transitions[a:e], height, width) for a, e in zip(bounds[:-1], bounds[1:])]
+            results.append(_frame_detections(frame, plan.geometry, polygons=polygons))
         return results
 
     def _host_payload(self, total: int) -> np.ndarray:

@@ -14,18 +14,23 @@ frames (numpy HWC, or uint8 tensors HWC / CHW):
 Metadata is computed on the host by :func:`plan_frame` with the reference's arithmetic.
 
 Uploads: numpy frames are copied into a reusable pinned staging buffer (two slots, so filling
-one never waits on the copy of the previous call) and sent with one async copy on the stage's
-own CUDA stream; CUDA uint8 tensors are read in place. The stage records ``ready_event`` on its
-stream instead of synchronising the host. Without CUDA it runs the same kernels through
-``TRITON_INTERPRET=1`` on CPU tensors.
+one never waits on the copy of the previous call) and sent by async copies on the stage's own
+CUDA stream -- large batches in row chunks, each sent as soon as it is filled so the DMA of one
+chunk overlaps the fill of the next (:func:`plan_upload_chunks`); CUDA uint8 tensors are read in
+place. The stage records ``ready_event`` on its stream instead of synchronising the host.
+Without CUDA it runs the same kernels through ``TRITON_INTERPRET=1`` on CPU tensors.
 """
 
 from __future__ import annotations
 
+import bisect
+import os
 import threading
+import weakref
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -314,52 +319,264 @@ def _normalize_device(device: torch.device) -> torch.device:
     return device
 
 
+# Chunked upload policy. Filling a 1080p numpy frame (6.2 MB) into pinned memory and its H2D DMA
+# ran back to back (on an H100 host the numpy path took 0.35 ms more than a CUDA frame). Split
+# into row chunks, chunk k's DMA runs while chunk k+1 is filled, so only the first fill and the
+# last DMA stay exposed: about (fill + DMA) / n on top of max(fill, DMA). Each extra chunk costs
+# one more copy_ call (~5-10 us of host time: slicing, dispatch, cudaMemcpyAsync) and a DMA
+# start-up, so chunks stay large:
+# * batches below _CHUNKING_MIN_BYTES (1 MiB) go as one copy: the whole upload is then a few tens
+#   of us and the per-chunk costs would eat the overlap (a 320x240 frame is 230 KB);
+# * otherwise n = round(bytes / _CHUNK_TARGET_BYTES), at least 2 and at most _MAX_UPLOAD_CHUNKS:
+#   1920x1080 (6.2 MB) -> 4 chunks of ~1.55 MB, 768x576 (1.3 MB) -> 2 of ~660 KB, 3840x2160
+#   (24.9 MB) or a batch of four 1080p frames -> 8 of ~3.1 MB. Every chunk is >= 512 KiB, whose
+#   DMA (>= 10-20 us at 25-50 GB/s; 1.5 MiB: 30-60 us) stays long next to the per-chunk cost.
+# The benchmark's --sweep-upload times 1/2/4/8 chunks on the real host to tune these.
+# Chunk boundaries fall on row boundaries (every chunk is whole rows of one or more frames).
+_CHUNKING_MIN_BYTES = 1 << 20
+_CHUNK_TARGET_BYTES = 3 << 19  # 1.5 MiB
+_MAX_UPLOAD_CHUNKS = 8
+
+
+def auto_upload_chunks(total_bytes: int) -> int:
+    """Number of row chunks for an upload of ``total_bytes`` (see the policy above)."""
+    if total_bytes < _CHUNKING_MIN_BYTES:
+        return 1
+    return max(2, min(_MAX_UPLOAD_CHUNKS, round(total_bytes / _CHUNK_TARGET_BYTES)))
+
+
+def auto_fill_threads() -> int:
+    """Worker threads filling chunks: none when torch's CPU copy is already multi-threaded
+    (``torch.get_num_threads() > 1``: each chunk copy is split over its intra-op pool), two when
+    torch runs single-threaded and the host has the cores for them."""
+    if torch.get_num_threads() > 1:
+        return 0
+    return 2 if (os.cpu_count() or 1) >= 4 else 0
+
+
+def staging_layout(frames: Sequence[np.ndarray]) -> Tuple[List[int], int]:
+    """Byte offset of every frame in the staging buffer (16-byte aligned) and the total size."""
+    offsets, total = [], 0
+    for frame in frames:
+        offsets.append(total)
+        total += -(-frame.nbytes // _STAGING_ALIGN) * _STAGING_ALIGN
+    return offsets, total
+
+
+@dataclass(frozen=True)
+class UploadChunk:
+    """Bytes ``[start, end)`` of the staging buffer, sent by one H2D copy once ``pieces`` --
+    ``(frame index, first row, end row)`` -- are filled. ``start`` / ``end`` sit on row
+    boundaries; the bytes between two frames are alignment padding (copied, never read)."""
+
+    start: int
+    end: int
+    pieces: Tuple[Tuple[int, int, int], ...]
+
+
+def plan_upload_chunks(
+    heights: Sequence[int], row_bytes: Sequence[int], offsets: Sequence[int], chunks: int
+) -> List[UploadChunk]:
+    """Split the staged frames (``heights[i]`` rows of ``row_bytes[i]`` bytes at ``offsets[i]``)
+    into at most ``chunks`` consecutive chunks of whole rows, as even in bytes as rows allow.
+
+    The chunks tile ``[offsets[0], end of the last frame)`` in order; every row of every frame
+    is in exactly one piece. Fewer chunks come back when there are not enough rows.
+    """
+    count = len(heights)
+    if count == 0:
+        return []
+    if not (len(row_bytes) == len(offsets) == count):
+        raise ValueError("heights, row_bytes and offsets differ in length")
+    chunks = max(1, int(chunks))
+
+    def position(frame: int, row: int) -> int:
+        return offsets[frame] + row * row_bytes[frame] if frame < count else end
+
+    def boundary(target: float) -> Tuple[int, int]:
+        # The row boundary nearest to byte `target`, as (frame, row) with row < its height
+        # (a frame's end is written as the next frame's row 0).
+        frame = max(bisect.bisect_right(offsets, target) - 1, 0)
+        row = int(round((target - offsets[frame]) / row_bytes[frame]))
+        row = min(max(row, 0), heights[frame])
+        return (frame + 1, 0) if row == heights[frame] else (frame, row)
+
+    begin = offsets[0]
+    end = offsets[-1] + heights[-1] * row_bytes[-1]
+    cuts = [(0, 0)]
+    for k in range(1, chunks):
+        cut = boundary(begin + (end - begin) * k / chunks)
+        if cut > cuts[-1] and cut < (count, 0):
+            cuts.append(cut)
+    cuts.append((count, 0))
+
+    plan = []
+    for (f0, r0), (f1, r1) in zip(cuts, cuts[1:]):
+        pieces = []
+        for frame in range(f0, min(f1, count - 1) + 1):
+            first = r0 if frame == f0 else 0
+            last = r1 if frame == f1 else heights[frame]
+            if last > first:
+                pieces.append((frame, first, last))
+        plan.append(UploadChunk(position(f0, r0), position(f1, r1), tuple(pieces)))
+    return plan
+
+
+def _frame_rows(host: torch.Tensor, frame: np.ndarray, offset: int, first: int, last: int) -> torch.Tensor:
+    row = frame.shape[1] * frame.shape[2]
+    return host[offset + first * row : offset + last * row].view(last - first, *frame.shape[1:])
+
+
+def fill_chunk(
+    host: torch.Tensor,
+    frames: Sequence[np.ndarray],
+    offsets: Sequence[int],
+    chunk: UploadChunk,
+    use_torch: bool = True,
+) -> None:
+    """Copy the rows of ``chunk`` from ``frames`` into the uint8 staging tensor ``host``.
+
+    ``use_torch``: torch's CPU copy (split over its intra-op threads) where the frame allows it;
+    otherwise, and for negative strides, ``np.copyto`` (one thread, GIL released)."""
+    for index, first, last in chunk.pieces:
+        frame = frames[index]
+        view = _frame_rows(host, frame, offsets[index], first, last)
+        rows = frame[first:last]  # any strides, negative included
+        if use_torch and frame.flags.writeable and all(s >= 0 for s in frame.strides):
+            view.copy_(torch.from_numpy(rows))
+        else:
+            np.copyto(view.numpy(), rows)
+
+
+def fill_chunks(
+    host: torch.Tensor,
+    frames: Sequence[np.ndarray],
+    offsets: Sequence[int],
+    chunks: Sequence[UploadChunk],
+    send: Optional[Callable[[UploadChunk], None]] = None,
+    pool: Optional[ThreadPoolExecutor] = None,
+) -> None:
+    """Fill ``chunks`` in order and call ``send(chunk)`` as soon as each one is complete (the
+    H2D enqueue), so the copy of chunk k overlaps the fill of the chunks after it.
+
+    With ``pool`` the fills run on its workers (``np.copyto``: no nested torch threading) while
+    this thread sends completed chunks in order. Returns only when no fill is running."""
+    if pool is None or len(chunks) < 2:
+        for chunk in chunks:
+            fill_chunk(host, frames, offsets, chunk)
+            if send is not None:
+                send(chunk)
+        return
+    futures = [pool.submit(fill_chunk, host, frames, offsets, c, False) for c in chunks]
+    try:
+        for chunk, future in zip(chunks, futures):
+            future.result()
+            if send is not None:
+                send(chunk)
+    finally:
+        for future in futures:  # never leave a worker writing into the slot (error path)
+            future.cancel()
+        wait(futures)
+
+
 class _Staging:
     """Host staging for numpy frames: two pinned slots (CUDA) plus one device buffer.
 
-    On CPU the host slot is used directly as the kernel source.
+    CUDA: the frames are filled into the slot in row chunks and each chunk's async H2D copy is
+    enqueued on the upload stream as soon as it is filled (see ``auto_upload_chunks``); the
+    slot's event, recorded after the last copy, is waited on before the slot is filled again
+    two calls later. On CPU the host slot is used directly as the kernel source.
+
+    ``chunks``: number of row chunks per upload (``None``: by size, ``1``: one copy).
+    ``threads``: fill workers (``None``: :func:`auto_fill_threads`, ``0``: the calling thread).
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(
+        self, device: torch.device, chunks: Optional[int] = None, threads: Optional[int] = None
+    ) -> None:
+        if chunks is not None and int(chunks) < 1:
+            raise ValueError(f"chunks must be >= 1 or None, got {chunks}")
+        if threads is not None and int(threads) < 0:
+            raise ValueError(f"threads must be >= 0 or None, got {threads}")
         self._device = device
         self._cuda = device.type == "cuda"
+        self.chunks = None if chunks is None else int(chunks)
+        self.threads = auto_fill_threads() if threads is None else int(threads)
+        self._pool: Optional[ThreadPoolExecutor] = None
+        self._plans: "OrderedDict[Tuple, Tuple[List[int], int, List[UploadChunk]]]" = OrderedDict()
         self._host: List[Optional[torch.Tensor]] = [None, None]
         self._copied: List[Optional[torch.cuda.Event]] = [None, None]
         self._slot = 0
         self._device_buf: Optional[torch.Tensor] = None
 
-    def upload(self, frames: Sequence[np.ndarray]) -> List[torch.Tensor]:
-        """Copy ``frames`` into staging, send them (async, current stream), return device views."""
-        offsets, total = [], 0
-        for frame in frames:
-            offsets.append(total)
-            total += -(-frame.nbytes // _STAGING_ALIGN) * _STAGING_ALIGN
+    def plan(self, frames: Sequence[np.ndarray]) -> Tuple[List[int], int, List[UploadChunk]]:
+        """Offsets, staged size and chunks of one upload of ``frames`` (cached per batch shape:
+        planning 4 chunks costs ~10 us of Python, a stream sends the same shape every call)."""
+        key = tuple(frame.shape for frame in frames)
+        cached = self._plans.get(key)
+        if cached is not None:
+            self._plans.move_to_end(key)
+            return cached
+        offsets, total = staging_layout(frames)
+        count = auto_upload_chunks(total) if self.chunks is None else self.chunks
+        heights = [int(f.shape[0]) for f in frames]
+        row_bytes = [int(f.shape[1]) * int(f.shape[2]) for f in frames]
+        plan = (offsets, total, plan_upload_chunks(heights, row_bytes, offsets, count))
+        self._plans[key] = plan
+        while len(self._plans) > _PLAN_CACHE_SIZE:
+            self._plans.popitem(last=False)
+        return plan
+
+    def _fill_pool(self) -> Optional[ThreadPoolExecutor]:
+        if self.threads < 1:
+            return None
+        if self._pool is None:  # persistent; its idle workers end with the process
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="fastpath-staging")
+            weakref.finalize(self, self._pool.shutdown, wait=False)
+        return self._pool
+
+    def upload(
+        self, frames: Sequence[np.ndarray], stream: Optional[torch.cuda.Stream] = None
+    ) -> List[torch.Tensor]:
+        """Copy ``frames`` into staging and send them (async, on ``stream``: default the current
+        one; the kernel reading the returned device views must run on it too, or wait on it).
+        Returns one ``(H, W, 3)`` view per frame (the host slot itself on CPU)."""
+        offsets, total, chunks = self.plan(frames)
         slot = self._slot
         self._slot ^= 1
         if self._copied[slot] is not None:
-            self._copied[slot].synchronize()  # copy from this slot two calls ago (long done)
+            self._copied[slot].synchronize()  # DMA from this slot two calls ago (long done)
+            self._copied[slot] = None
         host = self._host[slot]
         if host is None or host.numel() < total:
             host = torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=self._cuda)
             self._host[slot] = host
-        for frame, offset in zip(frames, offsets):
-            self._fill(self._view(host, frame.shape, offset), frame)
         if not self._cuda:
-            return [self._view(host, frame.shape, offset) for frame, offset in zip(frames, offsets)]
-        if self._device_buf is None or self._device_buf.numel() < total:
-            self._device_buf = torch.empty(max(total, 1), dtype=torch.uint8, device=self._device)
-        self._device_buf[:total].copy_(host[:total], non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        self._copied[slot] = event
-        return [self._view(self._device_buf, f.shape, o) for f, o in zip(frames, offsets)]
+            fill_chunks(host, frames, offsets, chunks, pool=self._fill_pool())
+            return [self._view(host, f.shape, o) for f, o in zip(frames, offsets)]
 
-    @staticmethod
-    def _fill(view: torch.Tensor, frame: np.ndarray) -> None:
-        if all(stride >= 0 for stride in frame.strides):
-            view.copy_(torch.from_numpy(frame))  # torch's CPU copy runs multi-threaded
-        else:
-            np.copyto(view.numpy(), frame)  # negative strides (e.g. frame[:, ::-1])
+        if stream is None:
+            stream = torch.cuda.current_stream(self._device)
+        with torch.cuda.device(self._device), torch.cuda.stream(stream):
+            if self._device_buf is None or self._device_buf.numel() < total:
+                # allocated on `stream`: the previous buffer's last reader ran there
+                self._device_buf = torch.empty(max(total, 1), dtype=torch.uint8, device=self._device)
+            device_buf = self._device_buf
+            sent = []
+
+            def send(chunk: UploadChunk) -> None:
+                # on `stream` (current here): after the previous call's kernel, before this one's
+                device_buf[chunk.start : chunk.end].copy_(host[chunk.start : chunk.end], non_blocking=True)
+                sent.append(chunk)
+
+            try:
+                fill_chunks(host, frames, offsets, chunks, send, self._fill_pool())
+            finally:
+                if sent:  # even on error: the slot must not be refilled under a running DMA
+                    event = torch.cuda.Event()
+                    event.record(stream)
+                    self._copied[slot] = event
+        return [self._view(device_buf, f.shape, o) for f, o in zip(frames, offsets)]
 
     @staticmethod
     def _view(buffer: torch.Tensor, shape: Tuple[int, ...], offset: int) -> torch.Tensor:
@@ -420,7 +637,11 @@ class TritonPreprocess:
         dtype: torch.dtype = torch.float32,
         input_color_format: Optional[ColorFormat] = "bgr",
         pre_processing_overrides: Optional[PreProcessingOverrides] = None,
+        upload_chunks: Optional[int] = None,
+        upload_threads: Optional[int] = None,
     ) -> None:
+        """``upload_chunks`` / ``upload_threads``: row chunks per numpy upload and fill workers
+        (``None``: chosen automatically, see :class:`_Staging`; ``upload_chunks=1``: one copy)."""
         if dtype not in OUTPUT_DTYPES:
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
         self.network_input = network_input
@@ -437,7 +658,7 @@ class TritonPreprocess:
         usable_cuda = self._cuda and self._config_problem is None
         self._stream = torch.cuda.Stream(self.device) if usable_cuda else None
         self._op = ResizeNormalizeOp(self.device)
-        self._staging = _Staging(self.device)
+        self._staging = _Staging(self.device, chunks=upload_chunks, threads=upload_threads)
         self._out: Optional[torch.Tensor] = None
         self._canvas: Optional[torch.Tensor] = None
         self._luts: Dict[torch.dtype, torch.Tensor] = {}  # one per output dtype
@@ -599,7 +820,9 @@ class TritonPreprocess:
                 host_index.append(index)
                 host_frames.append(array)
         if host_frames:
-            for index, view in zip(host_index, self._staging.upload(host_frames)):
+            # on the stage's stream (None on CPU), the one the kernels then run on
+            views = self._staging.upload(host_frames, stream=self._stream)
+            for index, view in zip(host_index, views):
                 sources[index] = view
         return sources  # type: ignore[return-value]
 
@@ -622,6 +845,11 @@ __all__ = [
     "FramePlan",
     "PlanningError",
     "TritonPreprocess",
+    "UploadChunk",
+    "auto_upload_chunks",
+    "fill_chunks",
     "plan_frame",
+    "plan_upload_chunks",
     "rfdetr_normalization_lut",
+    "staging_layout",
 ]
