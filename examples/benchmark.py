@@ -235,7 +235,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--frames", type=int, default=60, help="frames to run per configuration (<= 300)")
     parser.add_argument("--warmup", type=int, default=5, help="results ignored before the clock starts")
     parser.add_argument("--presets", default="reference,fast", help=f"comma list of {sorted(PRESETS)}")
-    parser.add_argument("--config", action="append", default=[], help="extra 'name:key=value,...' configuration")
+    parser.add_argument("--config", action="append", default=[],
+                        help="extra 'name:key=value,...' configuration (block options, plus switch_interval_ms: "
+                             "the Python GIL switch interval during that run)")
     parser.add_argument("--out", default="benchmark.json")
     parser.add_argument("--png", default=None, help="chart path (default: --out with .png)")
     args = parser.parse_args(argv)
@@ -255,7 +257,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # (through the stock polygon step, see examples/parity.py), every later one against our first.
         stock, ours_first = {}, {}
         results = [run_configuration("stock-v3", load_workflow(STOCK_V3), video, model, args.warmup, keep=stock)]
+        default_interval = sys.getswitchinterval()
         for index, (name, options) in enumerate(configurations):
+            options = dict(options)
+            # not a block option: the interpreter's GIL switch interval for this configuration's run
+            interval_ms = options.pop("switch_interval_ms", None)
+            sys.setswitchinterval(float(interval_ms) / 1e3 if interval_ms is not None else default_interval)
             workflow = load_workflow(FASTPATH, **options)
             results.append(run_configuration(
                 name, workflow, video, model, args.warmup, options=options,
