@@ -319,21 +319,17 @@ def _normalize_device(device: torch.device) -> torch.device:
     return device
 
 
-# Chunked upload policy. Filling a 1080p numpy frame (6.2 MB) into pinned memory and its H2D DMA
-# ran back to back (on an H100 host the numpy path took 0.35 ms more than a CUDA frame). Split
-# into row chunks, chunk k's DMA runs while chunk k+1 is filled, so only the first fill and the
-# last DMA stay exposed: about (fill + DMA) / n on top of max(fill, DMA). Each extra chunk costs
-# one more copy_ call (~5-10 us of host time: slicing, dispatch, cudaMemcpyAsync) and a DMA
-# start-up, so chunks stay large:
-# * batches below _CHUNKING_MIN_BYTES (1 MiB) go as one copy: the whole upload is then a few tens
-#   of us and the per-chunk costs would eat the overlap (a 320x240 frame is 230 KB);
-# * otherwise n = round(bytes / _CHUNK_TARGET_BYTES), at least 2 and at most _MAX_UPLOAD_CHUNKS:
-#   1920x1080 (6.2 MB) -> 4 chunks of ~1.55 MB, 768x576 (1.3 MB) -> 2 of ~660 KB, 3840x2160
-#   (24.9 MB) or a batch of four 1080p frames -> 8 of ~3.1 MB. Every chunk is >= 512 KiB, whose
-#   DMA (>= 10-20 us at 25-50 GB/s; 1.5 MiB: 30-60 us) stays long next to the per-chunk cost.
-# The benchmark's --sweep-upload times 1/2/4/8 chunks on the real host to tune these.
+# Chunked upload policy. A numpy frame is filled into pinned memory and sent with an H2D DMA.
+# Split into row chunks, chunk k's DMA can run while chunk k+1 is filled, leaving about
+# (fill + DMA) / n exposed on top of max(fill, DMA); each extra chunk costs one more copy_ call
+# (host time) and a DMA start-up. Measured on the H100 host (`bench_preprocess_resize_normalize
+# --sweep-upload`, examples/results/h100-2026-11-21/): the upload alone improves a little
+# (1080p: 0.41 ms in one copy, 0.36 in 4 chunks) but call-to-ready latency gets worse below 4K
+# (768x576: 0.47 ms one copy vs 0.51 in 2 chunks; 1080p: 0.58 vs 0.76 in 4), and 4K gains ~3%
+# (1.15 vs 1.12 ms in 8). So only batches of at least _CHUNKING_MIN_BYTES are chunked:
+# n = round(bytes / _CHUNK_TARGET_BYTES), between 2 and _MAX_UPLOAD_CHUNKS (4K: 8 of ~3.1 MB).
 # Chunk boundaries fall on row boundaries (every chunk is whole rows of one or more frames).
-_CHUNKING_MIN_BYTES = 1 << 20
+_CHUNKING_MIN_BYTES = 16 << 20
 _CHUNK_TARGET_BYTES = 3 << 19  # 1.5 MiB
 _MAX_UPLOAD_CHUNKS = 8
 
