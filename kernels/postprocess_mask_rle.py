@@ -13,9 +13,9 @@ those positions, evaluating pixels with the shared exact resize
 * pass 1 counts transitions per column, a cumsum turns counts into write offsets,
   pass 2 writes the positions in COCO order.
 
-The host turns positions into counts and codes them into COCO's compressed string
-(:func:`coco_rles`, all masks of a frame at once) with pycocotools' exact scheme, so
-the bytes are identical. Polygons are traced from the same positions (tight crop + OpenCV).
+The host turns the positions of all masks of a frame into run counts in one array pass
+and has pycocotools' own C coder compress them (:func:`coco_rles`), so the bytes are
+identical to the reference. Polygons are traced from the same positions (tight crop + OpenCV).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
+from pycocotools import mask as mask_utils
 
 from inference_fastpath.kernels.postprocess_mask_dense import (
     SEL_QUERY_WORD,
@@ -163,51 +164,30 @@ def transitions_to_counts(transitions: np.ndarray, n_pixels: int) -> List[int]:
 
 
 def coco_rles(transitions: np.ndarray, per_mask: Sequence[int], height: int, width: int) -> List[Dict]:
-    """Compressed COCO RLEs of several masks at once, byte-identical to pycocotools.
+    """Compressed COCO RLEs of several masks, byte-identical to pycocotools (whose C coder runs them).
 
-    ``transitions`` holds the masks' transition positions back to back, ``per_mask`` how
-    many belong to each mask. The counts and pycocotools' string coding (``rleToString``:
-    from the 4th count on, the difference to the count two before; 5 bits per character
-    with a continuation bit, offset by 48) run as array operations over all masks, so the
-    cost does not grow with a Python loop per mask and run.
+    ``transitions`` holds the masks' transition positions back to back, ``per_mask`` how many
+    belong to each mask. The run counts of all masks come from one array pass and reach
+    pycocotools as uint32 arrays (no Python lists: fragmented masks have 10^4-10^5 runs).
     """
     sizes = np.asarray(per_mask, dtype=np.int64).reshape(-1)
-    n_masks = sizes.size
-    if n_masks == 0:
+    if sizes.size == 0:
         return []
     n_pixels = height * width
-    # counts of mask d: diff of [0, t_d..., n_pixels]
-    first = np.concatenate([[0], np.cumsum(sizes + 1)[:-1]])  # index of each mask's first count
-    n_counts = int(sizes.sum()) + n_masks
+    # counts of mask d: diff of [0, t_d..., n_pixels]; laid out back to back, d's block has k_d + 1
+    first = np.concatenate([[0], np.cumsum(sizes + 1)[:-1]])
+    n_counts = int(sizes.sum()) + sizes.size
     upper = np.full(n_counts, n_pixels, dtype=np.int64)  # run ends
     lower = np.zeros(n_counts, dtype=np.int64)  # run starts
-    owner = np.repeat(np.arange(n_masks), sizes)
-    slot = np.arange(transitions.size) - np.repeat(np.cumsum(sizes) - sizes, sizes)
-    where = first[owner] + slot
+    where = np.arange(transitions.size) + np.repeat(first - (np.cumsum(sizes) - sizes), sizes)
     upper[where] = transitions
     lower[where + 1] = transitions
-    counts = upper - lower
-    local = np.arange(n_counts) - np.repeat(first, sizes + 1)
-    x = counts.copy()
-    later = np.flatnonzero(local > 2)
-    x[later] -= counts[later - 2]
-    # 5-bit groups, least significant first; at most 7 for 32-bit counts
-    chars = np.zeros((7, n_counts), dtype=np.uint8)
-    emitted = np.zeros(n_counts, dtype=np.int64)
-    active = np.ones(n_counts, dtype=bool)
-    for r in range(7):
-        c = x & 0x1F
-        x = x >> 5  # arithmetic shift, as on the C long
-        more = np.where(c & 0x10, x != -1, x != 0)
-        chars[r] = np.where(active, (c | (more * 0x20)) + 48, 0)
-        emitted += active
-        active &= more
-        if not active.any():
-            break
-    blob = chars.T[np.arange(7)[None, :] < emitted[:, None]].tobytes()
-    ends = np.cumsum(np.add.reduceat(emitted, first))
-    starts = ends - np.add.reduceat(emitted, first)
-    return [{"size": [height, width], "counts": blob[a:b]} for a, b in zip(starts.tolist(), ends.tolist())]
+    counts = (upper - lower).astype(np.uint32)
+    bounds = np.append(first, n_counts).tolist()
+    return [
+        mask_utils.frPyObjects({"counts": counts[a:b], "size": [height, width]}, height, width)
+        for a, b in zip(bounds[:-1], bounds[1:])
+    ]
 
 
 def transitions_to_crop(transitions: np.ndarray, height: int, width: int

@@ -2,7 +2,9 @@
 
 Runs on CUDA when available, else through the Triton interpreter (CPU). Recorded
 outputs dropped into ``tests/data/postprocess/*.pt`` (see ``save_recorded_outputs``)
-are picked up automatically.
+are picked up automatically; ``examples/record_postprocess_cases.py`` writes them from
+the demo model (cases it finds mismatching go to ``tests/data/postprocess_failing/``,
+which is not read here).
 """
 
 import os
@@ -23,13 +25,12 @@ from inference_fastpath.adapters.stages.contracts import PostprocessRequest, Raw
 from inference_fastpath.adapters.stages.postprocess_fused import (
     FusedPostprocess,
     frames_mismatch,
-    load_recorded_outputs,
     make_metadata,
     mask_to_polygon,
     reference_detections,
-    save_recorded_outputs,
     synthetic_outputs,
 )
+from inference_fastpath.adapters.stages.recorded_outputs import load_recorded_outputs, save_recorded_outputs
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -161,6 +162,24 @@ def test_recorded_outputs_roundtrip(tmp_path, stage):
     assert loaded_meta == meta and info["threshold"] == 0.5
     assert torch.equal(loaded.masks.cpu(), raw.masks)
     _assert_equal(stage, loaded, loaded_meta, PostprocessRequest(0.5, None, "rle"))
+
+
+def test_compact_recorded_outputs(tmp_path, stage):
+    """float16 + pruned storage: masks load back as float32, unselectable planes and padding
+    cells are zero, and the fused stage still equals the reference on what was loaded."""
+    raw = synthetic_outputs(n_confident=3, seed=29)
+    meta = [make_metadata((40, 90), mode="letterbox")]
+    path = str(tmp_path / "compact.pt")
+    save_recorded_outputs(path, raw, meta, info={"threshold": 0.5, "num_classes": NUM_CLASSES},
+                          mask_dtype=torch.float16, prune=True)
+    loaded, _, info = load_recorded_outputs(path, DEVICE)
+    kept = torch.sigmoid(raw.logits[0, :, :NUM_CLASSES]).max(-1).values >= 0.5
+    assert loaded.masks.dtype == torch.float32 and info["storage"]["pruned_queries"] == int((~kept).sum()) < 97
+    masks = loaded.masks.cpu()[0]
+    assert not masks[~kept].any() and not masks[:, :10].any()  # 10 top rows: letterbox padding
+    assert torch.equal(masks[kept][:, 30:48], raw.masks[0, kept][:, 30:48].half().float())
+    for fmt in ("dense", "rle"):
+        _assert_equal(stage, loaded, meta, PostprocessRequest(0.5, None, fmt))
 
 
 @pytest.mark.parametrize("path", RECORDED or [None], ids=[os.path.basename(p) for p in RECORDED] or ["none"])

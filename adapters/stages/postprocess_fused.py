@@ -402,59 +402,6 @@ def synthetic_outputs(
     return RawOutputs(boxes=boxes.to(dev), logits=logits.to(dev), masks=masks.to(dev))
 
 
-def _metadata_to_dict(meta: PreProcessingMetadata) -> Dict[str, Any]:
-    out = {k: getattr(meta, k) for k in ("pad_left", "pad_top", "pad_right", "pad_bottom", "scale_width", "scale_height")}
-    out["original_size"] = list(meta.original_size)
-    out["size_after_pre_processing"] = list(meta.size_after_pre_processing)
-    out["inference_size"] = list(meta.inference_size)
-    out["static_crop_offset"] = list(meta.static_crop_offset)
-    out["nonsquare_intermediate_size"] = (
-        None if meta.nonsquare_intermediate_size is None else list(meta.nonsquare_intermediate_size)
-    )
-    return out
-
-
-def _metadata_from_dict(data: Dict[str, Any]) -> PreProcessingMetadata:
-    nis = data.get("nonsquare_intermediate_size")
-    return PreProcessingMetadata(
-        pad_left=data["pad_left"],
-        pad_top=data["pad_top"],
-        pad_right=data["pad_right"],
-        pad_bottom=data["pad_bottom"],
-        original_size=ImageDimensions(*data["original_size"]),
-        size_after_pre_processing=ImageDimensions(*data["size_after_pre_processing"]),
-        inference_size=ImageDimensions(*data["inference_size"]),
-        scale_width=data["scale_width"],
-        scale_height=data["scale_height"],
-        static_crop_offset=StaticCropOffset(*data["static_crop_offset"]),
-        nonsquare_intermediate_size=None if nis is None else ImageDimensions(*nis),
-    )
-
-
-def save_recorded_outputs(path: str, raw: RawOutputs, metadata: Sequence[PreProcessingMetadata],
-                          info: Optional[Dict[str, Any]] = None) -> None:
-    """Save engine outputs + their metadata to a ``.pt`` file (CPU tensors, plain types)."""
-    torch.save(
-        {
-            "boxes": raw.boxes.detach().cpu(),
-            "logits": raw.logits.detach().cpu(),
-            "masks": raw.masks.detach().cpu(),
-            "metadata": [_metadata_to_dict(m) for m in metadata],
-            "info": dict(info or {}),
-        },
-        path,
-    )
-
-
-def load_recorded_outputs(path: str, device: Union[str, torch.device] = "cpu"
-                          ) -> Tuple[RawOutputs, List[PreProcessingMetadata], Dict[str, Any]]:
-    """Inverse of :func:`save_recorded_outputs`."""
-    data = torch.load(path, map_location="cpu", weights_only=True)
-    dev = torch.device(device)
-    raw = RawOutputs(boxes=data["boxes"].to(dev), logits=data["logits"].to(dev), masks=data["masks"].to(dev))
-    return raw, [_metadata_from_dict(m) for m in data["metadata"]], dict(data.get("info", {}))
-
-
 # The stock server's polygon (largest external contour); one implementation for every stage.
 mask_to_polygon = largest_external_contour
 
