@@ -55,25 +55,6 @@ def _parse_size(text: str) -> Tuple[int, int]:
     return width, height
 
 
-def _network_input(target: int):
-    from inference_models.models.common.roboflow.model_packages import (
-        ColorMode,
-        NetworkInputDefinition,
-        ResizeMode,
-        TrainingInputSize,
-    )
-
-    return NetworkInputDefinition(
-        training_input_size=TrainingInputSize(height=target, width=target),
-        dynamic_spatial_size_supported=False,
-        color_mode=ColorMode.RGB,
-        resize_mode=ResizeMode.STRETCH_TO,
-        input_channels=3,
-        scaling_factor=255,
-        normalization=(MEAN, STD),
-    )
-
-
 def _wait(event: Optional[torch.cuda.Event]) -> None:
     if event is not None:
         event.synchronize()
@@ -118,9 +99,9 @@ def _variants(frame: np.ndarray, target: int, device: torch.device) -> Dict[str,
         UniversalFastPreprocessRuntime,
     )
 
-    from inference_fastpath.adapters.stages.preprocess_triton import TritonPreprocess
+    from inference_fastpath.adapters.stages.preprocess_triton import TritonPreprocess, stretch_network_input
 
-    network_input = _network_input(target)
+    network_input = stretch_network_input(target, target)
     preprocessing = ImagePreProcessing()
     frame_cuda = torch.from_numpy(frame).to(device)
 

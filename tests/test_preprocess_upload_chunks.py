@@ -16,11 +16,7 @@ if not torch.cuda.is_available():  # read when the kernels are decorated (first 
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from inference_models.models.common.roboflow.model_packages import (  # noqa: E402
-    ColorMode,
     ImagePreProcessing,
-    NetworkInputDefinition,
-    ResizeMode,
-    TrainingInputSize,
 )
 from inference_models.models.rfdetr.pre_processing import pre_process_network_input  # noqa: E402
 
@@ -33,6 +29,7 @@ from inference_fastpath.adapters.stages.preprocess_triton import (  # noqa: E402
     fill_chunks,
     plan_upload_chunks,
     staging_layout,
+    stretch_network_input,
 )
 from inference_fastpath.kernels.preprocess_resize_normalize import interpreter_active  # noqa: E402
 
@@ -302,18 +299,6 @@ def test_staging_arguments():
 # --------------------------------------------------------------------------- the stage
 
 
-def _network_input() -> NetworkInputDefinition:
-    return NetworkInputDefinition(
-        training_input_size=TrainingInputSize(height=24, width=20),
-        dynamic_spatial_size_supported=False,
-        color_mode=ColorMode.RGB,
-        resize_mode=ResizeMode.STRETCH_TO,
-        input_channels=3,
-        scaling_factor=255,
-        normalization=([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
-    )
-
-
 @pytest.mark.skipif(
     not torch.cuda.is_available() and not interpreter_active(),
     reason="kernels were imported before TRITON_INTERPRET=1 was set",
@@ -322,11 +307,11 @@ def test_stage_chunked_upload_matches_reference():
     device = torch.device("cuda") if torch.cuda.is_available() else CPU
     frames = [_image(37, 53, seed=20), _image(37, 53, seed=21), _image(1, 30, seed=22)[:, ::-1], _image(61, 17, seed=23)]
     expected, _ = pre_process_network_input(
-        [np.ascontiguousarray(f) for f in frames], ImagePreProcessing(), _network_input(), CPU, "bgr"
+        [np.ascontiguousarray(f) for f in frames], ImagePreProcessing(), stretch_network_input(24, 20), CPU, "bgr"
     )
     for chunks, threads in [(1, 0), (5, 0), (5, 2)]:
         stage = TritonPreprocess(
-            _network_input(), ImagePreProcessing(), device, upload_chunks=chunks, upload_threads=threads
+            stretch_network_input(24, 20), ImagePreProcessing(), device, upload_chunks=chunks, upload_threads=threads
         )
         assert stage._staging.chunks == chunks and stage._staging.threads == threads
         assert len(stage._staging.plan(frames)[2]) == chunks

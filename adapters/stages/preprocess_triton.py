@@ -43,6 +43,7 @@ from inference_models.models.common.roboflow.model_packages import (
     PreProcessingMetadata,
     ResizeMode,
     StaticCropOffset,
+    TrainingInputSize,
 )
 
 from inference_fastpath.adapters.stages.contracts import Frame, PreprocessedBatch
@@ -258,6 +259,20 @@ def plan_frame(
         **meta,
     )
     return FramePlan(crop, step, swap_rb, metadata)
+
+
+def stretch_network_input(height: int, width: int) -> NetworkInputDefinition:
+    """An RF-DETR-style network input: stretch to (height, width), RGB, /255, ImageNet mean/std
+    (what the benchmarks and tests feed the stage when no model package is at hand)."""
+    return NetworkInputDefinition(
+        training_input_size=TrainingInputSize(height=height, width=width),
+        dynamic_spatial_size_supported=False,
+        color_mode=ColorMode.RGB,
+        resize_mode=ResizeMode.STRETCH_TO,
+        input_channels=3,
+        scaling_factor=255,
+        normalization=([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+    )
 
 
 def rfdetr_normalization_lut(
@@ -848,4 +863,5 @@ __all__ = [
     "plan_upload_chunks",
     "rfdetr_normalization_lut",
     "staging_layout",
+    "stretch_network_input",
 ]

@@ -16,26 +16,10 @@ pytestmark = [
 ]
 
 from inference_models.models.common.roboflow.model_packages import (  # noqa: E402
-    ColorMode,
     ImagePreProcessing,
-    NetworkInputDefinition,
-    ResizeMode,
-    TrainingInputSize,
 )
 
-from inference_fastpath.adapters.stages.preprocess_triton import TritonPreprocess  # noqa: E402
-
-
-def _network_input() -> NetworkInputDefinition:
-    return NetworkInputDefinition(
-        training_input_size=TrainingInputSize(height=312, width=312),
-        dynamic_spatial_size_supported=False,
-        color_mode=ColorMode.RGB,
-        resize_mode=ResizeMode.STRETCH_TO,
-        input_channels=3,
-        scaling_factor=255,
-        normalization=([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
-    )
+from inference_fastpath.adapters.stages.preprocess_triton import TritonPreprocess, stretch_network_input  # noqa: E402
 
 
 def _image(height: int, width: int, seed: int) -> np.ndarray:
@@ -43,7 +27,7 @@ def _image(height: int, width: int, seed: int) -> np.ndarray:
 
 
 def _stage(**kwargs) -> TritonPreprocess:
-    return TritonPreprocess(_network_input(), ImagePreProcessing(), torch.device("cuda"), **kwargs)
+    return TritonPreprocess(stretch_network_input(312, 312), ImagePreProcessing(), torch.device("cuda"), **kwargs)
 
 
 def _on_device(stage: TritonPreprocess, frames) -> torch.Tensor:
