@@ -49,8 +49,12 @@ case "$step" in
       --presets "${PRESETS:-reference,fast,fast-depth2}" ${EXTRA_CONFIGS:-} --out "$out/bench_e2e.json" 2>&1 \
       | grep -v -i "warn" | tee "$out/bench_e2e.log" | tail -30
     ;;
-  module)  # MODULE="package.module args": one extra script (diagnostics)
-    timeout "${MODULE_TIMEOUT:-150}" python3 -m ${MODULE} 2>&1 | grep -v -i "warn" | tee "$out/module.log" | tail -20
+  module)  # MODULE="package.module args[; package.module args ...]": extra scripts (diagnostics)
+    IFS=';' read -ra modules <<< "${MODULE}"
+    for index in "${!modules[@]}"; do
+      timeout "${MODULE_TIMEOUT:-150}" python3 -m ${modules[$index]} 2>&1 | grep -v -i "warn" \
+        | tee "$out/module-$index.log" | tail -"${MODULE_TAIL:-20}"
+    done
     ;;
   *) echo "unknown phase $step"; exit 2 ;;
 esac
