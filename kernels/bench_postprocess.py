@@ -291,6 +291,7 @@ def compile_check(arch: int = 90) -> int:
 
     from inference_fastpath.kernels import postprocess_mask_dense as D
     from inference_fastpath.kernels import postprocess_mask_rle as R
+    from inference_fastpath.kernels import postprocess_rle_string as T
     from inference_fastpath.kernels import postprocess_select as S
 
     target = GPUTarget("cuda", arch, 32)
@@ -323,6 +324,11 @@ def compile_check(arch: int = 90) -> int:
             jobs.append((R._rle_kernel, dict(grid_args, masks_ptr=dtype, n_out_ptr="*i32", counts_ptr="*i32",
                                              offsets_ptr="*i64", pos_ptr="*i32", pos_limit="i32"),
                          dict(tile, EMIT=emit, BX=32, BY=64)))
+    for write in (False, True):
+        jobs.append((T._rle_string_kernel, dict(pos_ptr="*i32", row_start_ptr="*i64", row_slots_ptr="*i32",
+                                                row_pixels_ptr="*i64", row_bytes_ptr="*i64", row_offset_ptr="*i64",
+                                                out_ptr="*u8", out_limit="i64"),
+                     dict(WRITE=write, BLOCK=T.STRING_BLOCK, GROUPS=T.MAX_GROUPS)))
     failures = 0
     for fn, types, consts in jobs:
         signature = {name: ("constexpr" if name in consts else types[name]) for name in fn.arg_names}

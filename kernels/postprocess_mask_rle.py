@@ -13,21 +13,20 @@ those positions, evaluating pixels with the shared exact resize
 * pass 1 counts transitions per column, a cumsum turns counts into write offsets,
   pass 2 writes the positions in COCO order.
 
-The host turns the positions of all masks of a frame into run counts in one array pass
-and has pycocotools' own C coder compress them (:func:`coco_rles`), so the bytes are
-identical to the reference. Polygons are traced from the same positions (tight crop + OpenCV).
+The compressed COCO strings are coded from these positions on the device too
+(``postprocess_rle_string.py``); polygons are traced on the host from the same positions
+(tight crop + OpenCV).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
 import triton
 import triton.language as tl
-from pycocotools import mask as mask_utils
 
 from inference_fastpath.kernels.postprocess_mask_dense import (
     SEL_QUERY_WORD,
@@ -152,42 +151,6 @@ def launch_rle_emit(masks_b: torch.Tensor, bin_b: Optional[torch.Tensor], sel_ro
 
 
 # ----------------------------------------------------------------------------- host side
-
-
-def transitions_to_counts(transitions: np.ndarray, n_pixels: int) -> List[int]:
-    """COCO uncompressed counts (background run first) from transition positions."""
-    edges = np.empty(transitions.size + 2, dtype=np.int64)
-    edges[0] = 0
-    edges[1:-1] = transitions
-    edges[-1] = n_pixels
-    return np.diff(edges).tolist()
-
-
-def coco_rles(transitions: np.ndarray, per_mask: Sequence[int], height: int, width: int) -> List[Dict]:
-    """Compressed COCO RLEs of several masks, byte-identical to pycocotools (whose C coder runs them).
-
-    ``transitions`` holds the masks' transition positions back to back, ``per_mask`` how many
-    belong to each mask. The run counts of all masks come from one array pass and reach
-    pycocotools as uint32 arrays (no Python lists: fragmented masks have 10^4-10^5 runs).
-    """
-    sizes = np.asarray(per_mask, dtype=np.int64).reshape(-1)
-    if sizes.size == 0:
-        return []
-    n_pixels = height * width
-    # counts of mask d: diff of [0, t_d..., n_pixels]; laid out back to back, d's block has k_d + 1
-    first = np.concatenate([[0], np.cumsum(sizes + 1)[:-1]])
-    n_counts = int(sizes.sum()) + sizes.size
-    upper = np.full(n_counts, n_pixels, dtype=np.int64)  # run ends
-    lower = np.zeros(n_counts, dtype=np.int64)  # run starts
-    where = np.arange(transitions.size) + np.repeat(first - (np.cumsum(sizes) - sizes), sizes)
-    upper[where] = transitions
-    lower[where + 1] = transitions
-    counts = (upper - lower).astype(np.uint32)
-    bounds = np.append(first, n_counts).tolist()
-    return [
-        mask_utils.frPyObjects({"counts": counts[a:b], "size": [height, width]}, height, width)
-        for a, b in zip(bounds[:-1], bounds[1:])
-    ]
 
 
 def transitions_to_crop(transitions: np.ndarray, height: int, width: int

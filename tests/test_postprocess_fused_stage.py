@@ -212,6 +212,7 @@ def test_small_payload_buffers_grow_without_changing_results(monkeypatch, fmt):
     from inference_fastpath.adapters.stages import postprocess_fused as fused
 
     monkeypatch.setitem(fused._DEFAULT_SIZES, fused.RUNS, (64, 8))
+    monkeypatch.setitem(fused._DEFAULT_SIZES, fused.STRINGS, (64, 8))
     monkeypatch.setitem(fused._DEFAULT_SIZES, fused.DENSE, (64, 8))
     stage = FusedPostprocess(NUM_CLASSES, None, DEVICE)
     raw = _device(synthetic_outputs(n_confident=4, seed=31))

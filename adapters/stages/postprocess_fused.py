@@ -45,24 +45,26 @@ from inference_fastpath.adapters.stages.contracts import (
 from inference_fastpath.adapters.stages.postprocess_program import (
     DENSE,
     RUNS,
+    STRINGS,
     PostprocessProgram,
     ProgramSpec,
     grown,
     spec_for,
 )
 from inference_fastpath.kernels.postprocess_mask_dense import calibrate_accumulation
-from inference_fastpath.kernels.postprocess_mask_rle import coco_rles, transitions_to_crop
+from inference_fastpath.kernels.postprocess_mask_rle import transitions_to_crop
 from inference_fastpath.kernels.postprocess_select import frame_geometry
 
 LOGGER = logging.getLogger("inference_fastpath")
 
-_FORMATS = ("dense", "rle", "polygon")
+_OUTPUTS = {"dense": DENSE, "rle": STRINGS, "polygon": RUNS}  # mask_format -> program output
 _MIN_QUERIES = 33  # torch.topk(k <= 32) orders ties with a bitonic sort we do not replay
 # Payload room per output kind: (device buffer elements, elements copied with the header).
 # RUNS: int32 transition positions (a 1080p frame with 10 masks needs ~10-20 k);
-# DENSE: bytes of bit-packed crops. Both grow on demand, the copied prefix up to _MAX_PREFIX.
-_DEFAULT_SIZES = {RUNS: (1 << 20, 1 << 15), DENSE: (1 << 22, 1 << 17)}
-_MAX_PREFIX = {RUNS: 1 << 20, DENSE: 1 << 22}
+# STRINGS: bytes of COCO strings (~1-2 per run); DENSE: bytes of bit-packed crops.
+# All grow on demand, the copied prefix up to _MAX_PREFIX.
+_DEFAULT_SIZES = {RUNS: (1 << 20, 1 << 15), STRINGS: (1 << 21, 1 << 16), DENSE: (1 << 22, 1 << 17)}
+_MAX_PREFIX = {RUNS: 1 << 20, STRINGS: 1 << 22, DENSE: 1 << 22}
 _MAX_PROGRAMS = 4  # live programs (static buffers + graph) per stage, least recently used evicted
 _MAX_CAPTURES = 16  # beyond this many captures (thresholds changing per frame?) run eagerly
 
@@ -131,7 +133,7 @@ class FusedPostprocess:
         """
         if not self._triton_usable():
             return f"fused postprocess needs a CUDA device or TRITON_INTERPRET=1 (device={self.device})"
-        if request.mask_format not in _FORMATS:
+        if request.mask_format not in _OUTPUTS:
             return f"mask_format {request.mask_format!r} is not supported"
         if request.max_detections is not None and int(request.max_detections) < 0:
             return "negative max_detections"
@@ -208,7 +210,7 @@ class FusedPostprocess:
              release) -> List[FrameDetections]:
         mh, mw = int(raw.masks.shape[-2]), int(raw.masks.shape[-1])
         geoms = tuple(frame_geometry(m, mh, mw) for m in metadata)
-        output = DENSE if request.mask_format == "dense" else RUNS
+        output = _OUTPUTS[request.mask_format]
         sizes_key = (output, geoms)
         capacity, prefix = self._sizes.get(sizes_key, _DEFAULT_SIZES[output])
         spec = spec_for(raw, geoms, output, request.max_detections, request.threshold, capacity, prefix,
@@ -243,8 +245,6 @@ class FusedPostprocess:
             program.enqueue()
         if self._stream is not None:
             self._record_event().synchronize()  # the one wait of the batch
-        if fmt == "rle":
-            return program.finish(rle_of=coco_rles)
         if fmt == "polygon":
             return program.finish(polygon_of=_polygon)
         return program.finish()

@@ -1,8 +1,8 @@
 """The fused postprocess as one fixed-shape device program plus a host half.
 
 :meth:`PostprocessProgram.enqueue` queues everything the device does for a batch -
-selection, mask extents or RLE transition counts, their prefix sums, bit-packed crops or
-transition positions, and the copies of a header and of a payload *prefix* into pinned
+selection, mask extents or RLE transition counts, their prefix sums, bit-packed crops,
+transition positions or compressed COCO RLE strings, and the copies of a header and of a payload *prefix* into pinned
 host buffers - with shapes fixed by a :class:`ProgramSpec` and no host read in between.
 That makes it capturable in one CUDA graph (the stage replays it per frame) and leaves
 the host one wait per batch. :meth:`PostprocessProgram.finish` then decodes the host
@@ -36,6 +36,7 @@ from inference_fastpath.kernels.postprocess_mask_rle import (
     launch_rle_count,
     launch_rle_emit,
 )
+from inference_fastpath.kernels.postprocess_rle_string import launch_rle_strings
 from inference_fastpath.kernels.postprocess_select import (
     HEADER_WORDS,
     ROW_WORDS,
@@ -48,7 +49,8 @@ from inference_fastpath.kernels.postprocess_select import (
 )
 
 DENSE = "dense"
-RUNS = "runs"  # transition positions: the RLE and polygon outputs
+RUNS = "runs"  # int32 transition positions: the polygon output
+STRINGS = "strings"  # compressed COCO RLE strings (bytes): the RLE output
 LAYOUT_WORDS = 5  # [offset, y0, first_byte, rows, bytes] of one dense crop
 
 
@@ -62,11 +64,11 @@ class ProgramSpec:
     mask_hw: Tuple[int, int]
     mask_dtype: torch.dtype
     geometries: Tuple[FrameGeometry, ...]
-    output: str  # DENSE or RUNS
+    output: str  # DENSE, RUNS or STRINGS
     max_detections: Optional[int]
     threshold: float  # the scalar threshold (float32 value); unused when per_class_len > 0
     per_class_len: int  # length of the per-class threshold table, 0 for a scalar threshold
-    payload_capacity: int  # elements of the device payload (RUNS: int32 positions, DENSE: bytes)
+    payload_capacity: int  # elements of the device payload (RUNS: int32 positions, else bytes)
     prefix: int  # payload elements copied to the host with the header
     acc_mode: int
 
@@ -107,11 +109,27 @@ class PostprocessProgram:
         self.selection_words = HEADER_WORDS + cap * ROW_WORDS
         extra = cap * (LAYOUT_WORDS if spec.output == DENSE else 1)
         self.payload = torch.empty(spec.payload_capacity, dtype=spec.payload_dtype, device=device)
+        # STRINGS: the positions behind the strings. Every run count takes >= 1 byte, so when
+        # the strings fit the payload, the positions fit a buffer of as many elements.
+        self.positions = (
+            torch.empty(spec.payload_capacity, dtype=torch.int32, device=device)
+            if spec.output == STRINGS else self.payload
+        )
         pin = device.type == "cuda"
         self.host_header = torch.empty(b * (self.selection_words + extra), dtype=torch.int32, pin_memory=pin)
         self.host_prefix = torch.empty(spec.prefix, dtype=spec.payload_dtype, pin_memory=pin)
         widths = [p.canvas[1] for p in self.plans]
         self.row_widths = torch.tensor(np.repeat(widths, cap), dtype=torch.int64, device=device)
+        # per detection row (frame-major): its first column in the per-column RLE arrays, H * W,
+        # and its index within the frame (compared with the frame's detection count on device)
+        column_starts = np.concatenate([[0], np.cumsum([cap * w for w in widths])[:-1]]).astype(np.int64)
+        self.row_first_column = torch.from_numpy(
+            np.concatenate([start + np.arange(cap) * w for start, w in zip(column_starts, widths)]).astype(np.int64)
+        ).to(device)
+        self.row_pixels = torch.tensor(
+            np.repeat([p.canvas[0] * p.canvas[1] for p in self.plans], cap), dtype=torch.int64, device=device
+        )
+        self.row_index = torch.arange(cap, dtype=torch.int32, device=device).repeat(b)
         self.payload_total = 0  # set by finish(): payload elements the last run produced
 
     # ------------------------------------------------------------------ device half
@@ -172,10 +190,19 @@ class PostprocessProgram:
         offsets = torch.cumsum(counts64, 0) - counts64  # rows past n_out counted 0: no gaps
         for b, plan in enumerate(self.plans):
             view = offsets[starts[b] : starts[b + 1]].view(cap, widths[b])
-            launch_rle_emit(self.masks[b], bins[b], selection.packed[b], cap, plan, view, self.payload, mode)
-        return torch.cat(
+            launch_rle_emit(self.masks[b], bins[b], selection.packed[b], cap, plan, view, self.positions, mode)
+        per_row = torch.cat(
             [counts[starts[b] : starts[b + 1]].view(cap, widths[b]).sum(1, dtype=torch.int32) for b in range(len(widths))]
         )
+        if self.spec.output == RUNS:
+            return per_row
+        # STRINGS: one compressed COCO string per live row, written after the positions
+        live = self.row_index.view(-1, cap) < selection.packed[:, :1]
+        slots = torch.where(live.reshape(-1), per_row + 1, 0).to(torch.int32)
+        row_bytes = torch.empty(slots.numel(), dtype=torch.int64, device=self.device)
+        launch_rle_strings(self.positions, offsets[self.row_first_column], slots, self.row_pixels,
+                           self.payload, row_bytes)
+        return row_bytes.to(torch.int32)
 
     def _enqueue_dense(self, selection, bins) -> torch.Tensor:
         cap, mode = self.spec.capacity, self.spec.acc_mode
@@ -192,13 +219,13 @@ class PostprocessProgram:
 
     # ------------------------------------------------------------------ host half
 
-    def finish(self, polygon_of=None, rle_of=None) -> Optional[List[FrameDetections]]:
+    def finish(self, polygon_of=None) -> Optional[List[FrameDetections]]:
         """Decode the host copies (the device work must have completed).
 
         Returns None when the payload did not fit the device buffer (``payload_total`` says
-        how much room the run needed). RUNS outputs come from ``rle_of`` (a frame's
-        transitions, transitions per mask, canvas height, width) -> RLE dicts, or from
-        ``polygon_of`` (one mask's transitions, height, width) -> polygon.
+        how much room the run needed). RUNS outputs go through ``polygon_of`` (one mask's
+        transition positions, canvas height, width) -> polygon; STRINGS become COCO RLE dicts
+        by slicing (no run-length coding on the host).
         """
         spec = self.spec
         cap, batch = spec.capacity, spec.batch
@@ -225,14 +252,14 @@ class PostprocessProgram:
                 results.append(_frame_detections(frame, plan.geometry, dense_masks=masks))
                 continue
             counts = per_det[b, :n]
-            transitions = payload[cursor : cursor + int(counts.sum())]
-            cursor += transitions.size
-            if rle_of is not None:  # all masks of the frame in one call
-                results.append(_frame_detections(frame, plan.geometry,
-                                                 rle_masks=rle_of(transitions, counts, height, width)))
+            bounds = (cursor + np.concatenate([[0], np.cumsum(counts)])).tolist()
+            cursor = bounds[-1]
+            if spec.output == STRINGS:
+                rles = [{"size": [height, width], "counts": payload[a:e].tobytes()}
+                        for a, e in zip(bounds[:-1], bounds[1:])]
+                results.append(_frame_detections(frame, plan.geometry, rle_masks=rles))
                 continue
-            bounds = np.concatenate([[0], np.cumsum(counts)])
-            polygons = [polygon_of(transitions[a:e], height, width) for a, e in zip(bounds[:-1], bounds[1:])]
+            polygons = [polygon_of(payload[a:e], height, width) for a, e in zip(bounds[:-1], bounds[1:])]
             results.append(_frame_detections(frame, plan.geometry, polygons=polygons))
         return results
 
