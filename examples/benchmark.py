@@ -123,14 +123,17 @@ def run_configuration(
     keep: Optional[dict] = None,
     compare_with: Optional[dict] = None,
     polygonise: bool = False,
+    fresh_runner: bool = True,
 ) -> Dict[str, object]:
-    """Runs one configuration. `keep` collects detections by frame id; `compare_with` checks against them."""
+    """Runs one configuration. `keep` collects detections by frame id; `compare_with` checks against them.
+    `fresh_runner=False` reuses the runner of an earlier run of the same options (graphs captured)."""
     from inference_fastpath.adapters.options import FastpathOptions
     from inference_fastpath.adapters.segmentation_runner import RUNNERS
     from inference_fastpath.adapters.timeline import Timeline
     from inference_fastpath.examples.runtime import run_pipeline
 
-    RUNNERS.clear()  # each configuration starts from a fresh runner (the loaded model stays cached)
+    if fresh_runner:
+        RUNNERS.clear()  # each configuration starts from a fresh runner (the loaded model stays cached)
     runner = None
     if options is not None:  # ours: build the step's runner up front and record its timeline
         runner = RUNNERS.get(model_id=model, options=FastpathOptions.from_values(options))

@@ -3,8 +3,8 @@
     python -m inference_fastpath.examples.profile_pipeline --preset fast-rle-depth2 --frames 120
 
 Runs the configuration once unprofiled (warm-up: graph capture, kernel compilation, FPS), then again
-under yappi with a CPU clock on every thread. Prints the FPS of both runs, each thread's CPU ms per
-frame (the GIL serialises Python, so their sum against the wall time per frame says whether the host
+with the same runner under yappi, CPU clock, every thread. Prints the FPS of both runs, each thread's
+CPU ms per frame (the GIL serialises Python, so their sum against the wall time per frame says whether the host
 is the limit) and the functions with the most own CPU time, with their cumulative time.
 Needs ``yappi`` (in the GPU wheelhouse).
 """
@@ -47,7 +47,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         yappi.set_clock_type(args.clock)
         yappi.clear_stats()
         yappi.start(builtins=True, profile_threads=True)
-        profiled = run_configuration("profiled", workflow, video, model, 10, options=options)
+        profiled = run_configuration("profiled", workflow, video, model, 10, options=options, fresh_runner=False)
         yappi.stop()
     frames = max(1, profiled["frames"])
     wall_ms = 1e3 * profiled["wall_s"] / frames

@@ -1,10 +1,13 @@
-"""Diagnostic: host-side cost of the fused postprocess up to the block's ``sv.Detections`` (GPU host).
+"""Diagnostic: host-side cost of our fast stages, call by call (GPU host).
 
-    python -m inference_fastpath.examples.profile_postprocess --size 1080p --kept 10 --iters 300
+    python -m inference_fastpath.examples.profile_stages post --size 1080p --kept 10 --iters 300
+    python -m inference_fastpath.examples.profile_stages pre --size 1080p --iters 300
 
-Same synthetic outputs as ``kernels/bench_postprocess.py``. Prints the latency distribution of the
+``post``: same synthetic outputs as ``kernels/bench_postprocess.py``; the latency distribution of the
 RLE and dense block paths (p10/p50/p90/max), the same with Python's garbage collector paused (to see
-how much of the tail is collection pauses), and a cProfile of the RLE path.
+how much of the tail is collection pauses), the stage alone, and a cProfile of the RLE path.
+``pre``: a numpy BGR frame through ``TritonPreprocess`` until its output is ready (stretch to
+312x312), the same for a CUDA frame, and a cProfile of the numpy call.
 """
 
 from __future__ import annotations
@@ -36,12 +39,43 @@ def _distribution(fn: Callable[[], object], iters: int) -> Dict[str, float]:
     return {"p10": pick(0.1), "p50": round(statistics.median(samples), 3), "p90": pick(0.9), "max": round(samples[-1], 3)}
 
 
+def _print_profile(fn: Callable[[], object], iters: int, rows: int = 25) -> None:
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(iters):
+        fn()
+    profiler.disable()
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(rows)
+
+
+def profile_preprocess(args: argparse.Namespace) -> None:
+    import numpy as np
+    import torch
+    from inference_models.models.common.roboflow.model_packages import ImagePreProcessing
+
+    from inference_fastpath.adapters.stages.preprocess_triton import TritonPreprocess, stretch_network_input
+    from inference_fastpath.kernels.bench_postprocess import FRAMES
+
+    device = torch.device("cuda")
+    height, width = FRAMES[args.size]
+    frame = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    stage = TritonPreprocess(stretch_network_input(312, 312), ImagePreProcessing(), device, input_color_format="bgr")
+    for name, source in (("numpy", frame), ("cuda", torch.from_numpy(frame).to(device))):
+        call = lambda source=source: stage([source]).ready_event.synchronize()  # noqa: E731
+        print(f"preprocess {name} {args.size} call-to-ready: {_distribution(call, args.iters)}")
+    _print_profile(lambda: stage([frame]).ready_event.synchronize(), args.iters)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("stage", choices=("pre", "post"))
     parser.add_argument("--size", default="1080p")
     parser.add_argument("--kept", type=int, default=10)
     parser.add_argument("--iters", type=int, default=300)
     args = parser.parse_args(argv)
+    if args.stage == "pre":
+        profile_preprocess(args)
+        return 0
 
     import torch
 
@@ -76,13 +110,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             gc.enable()
         only_stage = lambda fmt=name: stage(raw, meta, PostprocessRequest(THRESHOLD, None, fmt))  # noqa: E731
         print(f"{name} stage only:                {_distribution(only_stage, args.iters)}")
-    profiler = cProfile.Profile()
-    profiler.enable()
-    for _ in range(args.iters):
-        paths["rle"]()
-    profiler.disable()
-    stats = pstats.Stats(profiler)
-    stats.sort_stats("tottime").print_stats(25)
+    _print_profile(paths["rle"], args.iters)
     return 0
 
 
