@@ -63,7 +63,50 @@ def profile_preprocess(args: argparse.Namespace) -> None:
     for name, source in (("numpy", frame), ("cuda", torch.from_numpy(frame).to(device))):
         call = lambda source=source: stage([source]).ready_event.synchronize()  # noqa: E731
         print(f"preprocess {name} {args.size} call-to-ready: {_distribution(call, args.iters)}")
+    print_preprocess_breakdown(stage, frame, args.iters)
     _print_profile(lambda: stage([frame]).ready_event.synchronize(), args.iters)
+
+
+def print_preprocess_breakdown(stage, frame, iters: int) -> None:
+    """Median host ms from the call's start to: upload entered / upload returned / call returned /
+    output ready; and GPU ms of the H2D copy and of the kernel(s) after it (CUDA events)."""
+    import numpy as np
+    import torch
+
+    staging, marks, events = stage._staging, {}, {}
+    original_upload = staging.upload
+
+    def upload(frames, stream=None):
+        marks["upload_in"] = time.perf_counter()
+        events["before"] = torch.cuda.Event(enable_timing=True)
+        events["before"].record(stream)
+        views = original_upload(frames, stream=stream)
+        events["after"] = torch.cuda.Event(enable_timing=True)
+        events["after"].record(stream)
+        marks["upload_out"] = time.perf_counter()
+        return views
+
+    staging.upload = upload
+    rows = []
+    try:
+        for index in range(iters + 20):
+            start = time.perf_counter()
+            batch = stage([frame])
+            returned = time.perf_counter()
+            end = torch.cuda.Event(enable_timing=True)
+            end.record(stage._stream)
+            batch.ready_event.synchronize()
+            ready = time.perf_counter()
+            end.synchronize()
+            if index >= 20:
+                rows.append([marks["upload_in"] - start, marks["upload_out"] - start, returned - start,
+                             ready - start, events["before"].elapsed_time(events["after"]) / 1e3,
+                             events["after"].elapsed_time(end) / 1e3])
+    finally:
+        staging.upload = original_upload
+    median = np.median(np.asarray(rows) * 1e3, axis=0).round(3)
+    print("median ms: upload entered {}, upload returned {}, call returned {}, ready {}; "
+          "GPU: H2D {}, kernel(s) {}".format(*median))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
