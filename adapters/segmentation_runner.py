@@ -80,7 +80,7 @@ class SegmentationRunner:
         input_buffer = getattr(self.engine, "input_buffer", None)
         if fast is None or input_buffer is None or fast.unsupported_reason(frames) is not None:
             return self.preprocess(frames)
-        return fast(frames, out=input_buffer(len(frames)))
+        return fast.run_supported(frames, out=input_buffer(len(frames)))
 
     def complete(
         self, launched: "Launched", request: PostprocessRequest

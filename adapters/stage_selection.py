@@ -88,6 +88,7 @@ def select_preprocess(options: FastpathOptions, loaded: LoadedModel) -> Tuple[Ca
             image_pre_processing=config.image_pre_processing,
             device=loaded.device,
             dtype=_engine_input_dtype(options),
+            cuda_graphs=options.cuda_graphs,
         )
 
     stage, reason = _build_triton_stage(
@@ -159,7 +160,7 @@ def _with_frame_fallback(fast, reference):
         if reason is not None:
             log.note(reason)
             return reference(frames)
-        return fast(frames)
+        return fast.run_supported(frames)
 
     run.name = fast.name
     run.fast_stage = fast
@@ -174,7 +175,7 @@ def _with_request_fallback(fast, reference):
         if reason is not None:
             log.note(reason)
             return reference(raw, metadata, request)
-        return fast(raw, metadata, request)
+        return fast.run_supported(raw, metadata, request)
 
     run.name = fast.name
     run.fast_stage = fast

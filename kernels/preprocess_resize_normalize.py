@@ -40,7 +40,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -409,6 +409,7 @@ class ResizeNormalizeOp:
         interpreted = interpreter_active()
         self._pil_block = pil_block or ((32, 32) if interpreted else (2, 64))
         self._cv2_block = cv2_block or ((32, 32) if interpreted else (8, 64))
+        self.keep: Optional[List[torch.Tensor]] = None  # tables a graph capture reads (see _use)
 
     # -- coefficient tables ------------------------------------------------------------------
 
@@ -425,11 +426,22 @@ class ResizeNormalizeOp:
 
     def _use(self, entry: _AxisTable) -> torch.Tensor:
         """Make the current stream see the upload and keep the table alive for its launches
-        even if the LRU drops it meanwhile."""
+        even if the LRU drops it meanwhile. While a CUDA graph is being captured the upload
+        must be complete (the graph's owner keeps the tables listed in ``keep`` alive)."""
+        if entry.uploaded is not None and entry.uploaded.query():
+            entry.uploaded = None  # done: later launches need no wait
+        if entry.uploaded is None and self.device.type != "cuda":
+            return entry.table
+        if torch.cuda.is_current_stream_capturing():
+            if entry.uploaded is not None:
+                raise RuntimeError("a coefficient table upload is still pending; capture later")
+            if self.keep is not None:
+                self.keep.append(entry.table)
+            return entry.table
+        stream = torch.cuda.current_stream(self.device)
         if entry.uploaded is not None:
-            stream = torch.cuda.current_stream(self.device)
             stream.wait_event(entry.uploaded)
-            entry.table.record_stream(stream)
+        entry.table.record_stream(stream)
         return entry.table
 
     def _axis_table(self, kind: str, in_size: int, out_size: int) -> _AxisTable:

@@ -189,6 +189,15 @@ class FusedPostprocess:
         if reason is not None:
             # raw outputs are left untouched (not released) so the caller can fall back
             raise ValueError(f"FusedPostprocess cannot handle this call: {reason}")
+        return self.run_supported(raw, metadata, request)
+
+    def run_supported(
+        self,
+        raw: RawOutputs,
+        metadata: List[PreProcessingMetadata],
+        request: PostprocessRequest,
+    ) -> List[FrameDetections]:
+        """``__call__`` for a call :meth:`unsupported_reason` (given ``raw``) has just accepted."""
         released = []
 
         def release(event=None) -> None:

@@ -17,13 +17,16 @@ Uploads: numpy frames are copied into a reusable pinned staging buffer (two slot
 one never waits on the copy of the previous call) and sent by async copies on the stage's own
 CUDA stream -- large batches in row chunks, each sent as soon as it is filled so the DMA of one
 chunk overlaps the fill of the next (:func:`plan_upload_chunks`); CUDA uint8 tensors are read in
-place. The stage records ``ready_event`` on its stream instead of synchronising the host.
+place, or, with CUDA graphs on, copied into a static device buffer. With CUDA graphs on, the kernel
+launches of a recurring (plan, buffers) combination are captured once and replayed. The stage
+records ``ready_event`` on its stream instead of synchronising the host.
 Without CUDA it runs the same kernels through ``TRITON_INTERPRET=1`` on CPU tensors.
 """
 
 from __future__ import annotations
 
 import bisect
+import logging
 import os
 import threading
 import weakref
@@ -46,6 +49,7 @@ from inference_models.models.common.roboflow.model_packages import (
     TrainingInputSize,
 )
 
+from inference_fastpath.adapters.engines.cuda_graphs import CapturedGraph, LRUCache, capture_cuda_graph
 from inference_fastpath.adapters.stages.contracts import Frame, PreprocessedBatch
 from inference_fastpath.kernels.preprocess_resize_normalize import (
     OUTPUT_DTYPES,
@@ -55,8 +59,17 @@ from inference_fastpath.kernels.preprocess_resize_normalize import (
     normalization_lut,
 )
 
+LOGGER = logging.getLogger("inference_fastpath")
+
 _STAGING_ALIGN = 16  # keeps every staged frame 16-byte aligned (Triton specialises on it)
 _PLAN_CACHE_SIZE = 64
+# Kernel launches captured per (plan, source buffer, output buffer): a replay costs ~10 us of
+# host time where a Triton launch costs 0.1-0.2 ms. A launch is captured the second time its
+# key is seen (one-off shapes stay eager); past _MAX_LAUNCH_CAPTURES captures the stage stays
+# eager, with the reason logged.
+_MAX_LAUNCH_GRAPHS = 8
+_MAX_LAUNCH_CAPTURES = 32
+_SIGHTED_KEYS = 64
 
 
 class PlanningError(ValueError):
@@ -433,6 +446,14 @@ def plan_upload_chunks(
     return plan
 
 
+# Filling pinned memory: torch's CPU copy splits a frame over its intra-op (OpenMP) threads, which
+# wins in isolation (1080p: 0.03 ms vs 0.47 ms for one np.copyto thread, H200 host) but inside a
+# running pipeline the pool has gone to sleep between frames and shares the cores with the
+# decoder: profile_pipeline --timed measured 0.26 ms for a 768x576 fill (0.012 ms in isolation).
+# Below this size one np.copyto thread (GIL released, ~0.08 ms at 768x576) is the better bet.
+_TORCH_FILL_MIN_BYTES = 4 << 20
+
+
 def _frame_rows(host: torch.Tensor, frame: np.ndarray, offset: int, first: int, last: int) -> torch.Tensor:
     row = frame.shape[1] * frame.shape[2]
     return host[offset + first * row : offset + last * row].view(last - first, *frame.shape[1:])
@@ -447,13 +468,15 @@ def fill_chunk(
 ) -> None:
     """Copy the rows of ``chunk`` from ``frames`` into the uint8 staging tensor ``host``.
 
-    ``use_torch``: torch's CPU copy (split over its intra-op threads) where the frame allows it;
-    otherwise, and for negative strides, ``np.copyto`` (one thread, GIL released)."""
+    ``use_torch``: torch's CPU copy (split over its intra-op threads) for pieces of at least
+    ``_TORCH_FILL_MIN_BYTES`` where the frame allows it; otherwise, and for negative strides,
+    ``np.copyto`` (one thread, GIL released)."""
     for index, first, last in chunk.pieces:
         frame = frames[index]
         view = _frame_rows(host, frame, offsets[index], first, last)
         rows = frame[first:last]  # any strides, negative included
-        if use_torch and frame.flags.writeable and all(s >= 0 for s in frame.strides):
+        large = view.numel() >= _TORCH_FILL_MIN_BYTES
+        if use_torch and large and frame.flags.writeable and all(s >= 0 for s in frame.strides):
             view.copy_(torch.from_numpy(rows))
         else:
             np.copyto(view.numpy(), rows)
@@ -595,6 +618,10 @@ class _Staging:
         return buffer[offset : offset + size].view(*shape)
 
 
+def _buffer_key(tensor: torch.Tensor) -> Tuple:
+    return (tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
+
+
 def _group_frames(sources: List[torch.Tensor], plans: List[FramePlan]) -> List[Tuple[int, torch.Tensor]]:
     """Split into runs of consecutive frames that share a plan, a shape and strides and sit at a
     constant distance in one storage; each run becomes one batched (N, H, W, 3) view."""
@@ -650,9 +677,11 @@ class TritonPreprocess:
         pre_processing_overrides: Optional[PreProcessingOverrides] = None,
         upload_chunks: Optional[int] = None,
         upload_threads: Optional[int] = None,
+        cuda_graphs: bool = True,
     ) -> None:
         """``upload_chunks`` / ``upload_threads``: row chunks per numpy upload and fill workers
-        (``None``: chosen automatically, see :class:`_Staging`; ``upload_chunks=1``: one copy)."""
+        (``None``: chosen automatically, see :class:`_Staging`; ``upload_chunks=1``: one copy).
+        ``cuda_graphs``: replay captured kernel launches for recurring frame shapes (CUDA)."""
         if dtype not in OUTPUT_DTYPES:
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
         self.network_input = network_input
@@ -673,6 +702,15 @@ class TritonPreprocess:
         self._out: Optional[torch.Tensor] = None
         self._canvas: Optional[torch.Tensor] = None
         self._luts: Dict[torch.dtype, torch.Tensor] = {}  # one per output dtype
+        # CUDA graphs of kernel launches (see _launch_group); CUDA frames are then copied into a
+        # static device buffer so every launch reads a fixed address
+        self.cuda_graphs = bool(cuda_graphs) and self._stream is not None
+        self.graph_fallback_reason: Optional[str] = None
+        self.captures = 0
+        self._graphs: LRUCache[Tuple, CapturedGraph] = LRUCache(_MAX_LAUNCH_GRAPHS, on_evict=self._free_graph)
+        self._sighted: "OrderedDict[Tuple, None]" = OrderedDict()
+        self._capture_stream = torch.cuda.Stream(self.device) if self.cuda_graphs else None
+        self._device_frames: Optional[torch.Tensor] = None
         if self._config_problem is None:
             self._lut(dtype)
 
@@ -790,6 +828,11 @@ class TritonPreprocess:
         reason = self.unsupported_reason(frames)
         if reason is not None:
             raise ValueError(f"TritonPreprocess cannot run: {reason}")
+        return self.run_supported(frames, out)
+
+    def run_supported(self, frames: Sequence[Frame], out: Optional[torch.Tensor] = None) -> PreprocessedBatch:
+        """``__call__`` for frames :meth:`unsupported_reason` has just accepted (no second check
+        on the hot path)."""
         with self._lock:
             if not self._cuda:
                 return self._run(frames, out)
@@ -816,16 +859,18 @@ class TritonPreprocess:
         for start, group in _group_frames(sources, plans):
             plan = plans[start]
             target = out[start : start + group.shape[0]]
-            self._launch(plan, group, target)
+            self._launch_group(plan, group, target)
         return PreprocessedBatch(tensor=out, metadata=[plan.metadata for plan in plans])
 
     def _sources(self, frames: Sequence[Frame]) -> List[torch.Tensor]:
         """(H, W, 3) uint8 views on the stage device; host frames go through staging."""
         sources: List[Optional[torch.Tensor]] = [None] * len(frames)
         host_index, host_frames = [], []
+        device_index = []
         for index, frame in enumerate(frames):
             if isinstance(frame, torch.Tensor) and frame.device == self.device:
                 sources[index] = _tensor_as_hwc(frame)
+                device_index.append(index)
             else:
                 array = frame if isinstance(frame, np.ndarray) else _tensor_as_hwc(frame).numpy()
                 host_index.append(index)
@@ -835,20 +880,93 @@ class TritonPreprocess:
             views = self._staging.upload(host_frames, stream=self._stream)
             for index, view in zip(host_index, views):
                 sources[index] = view
+        if device_index and self.cuda_graphs and self.graph_fallback_reason is None:
+            for index, view in zip(device_index, self._static_device_copies([sources[i] for i in device_index])):
+                sources[index] = view
         return sources  # type: ignore[return-value]
 
-    def _launch(self, plan: FramePlan, group: torch.Tensor, target: torch.Tensor) -> None:
+    def _static_device_copies(self, frames: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Device frames copied (on the current stream) into one reusable buffer: fixed
+        addresses, so their launches can be captured and replayed."""
+        offsets, total = staging_layout(frames)
+        if self._device_frames is None or self._device_frames.numel() < total:
+            self._device_frames = torch.empty(max(total, 1), dtype=torch.uint8, device=self.device)
+        views = []
+        for frame, offset in zip(frames, offsets):
+            view = _Staging._view(self._device_frames, tuple(frame.shape), offset)
+            view.copy_(frame, non_blocking=True)
+            views.append(view)
+        return views
+
+    # -- launches: eager, or captured once per (plan, buffers) and replayed --------------------
+
+    def _launch_group(self, plan: FramePlan, group: torch.Tensor, target: torch.Tensor) -> None:
+        if not self.cuda_graphs or self.graph_fallback_reason is not None:
+            self._launch(plan, group, target)
+            return
+        key = (plan.launch_key, _buffer_key(group), _buffer_key(target))
+        graph = self._graphs.get(key)
+        if graph is not None:
+            graph.replay()
+            return
+        if key not in self._sighted:  # first sighting: eager; captured if the shape comes back
+            self._sighted[key] = None
+            while len(self._sighted) > _SIGHTED_KEYS:
+                self._sighted.popitem(last=False)
+            self._launch(plan, group, target)
+            return
+        if self.captures >= _MAX_LAUNCH_CAPTURES:
+            self._no_graphs(f"more than {_MAX_LAUNCH_CAPTURES} frame shapes / buffers seen; launching eagerly")
+            self._launch(plan, group, target)
+            return
+        used: List[torch.Tensor] = []
+
+        def launch():
+            self._launch(plan, group, target, keep=used)
+            return ()
+
+        self._op.keep = used
+        try:
+            # the warm-up launch inside computes this call's output; the capture only records
+            graph = capture_cuda_graph(launch, device=self.device, warmup_iters=1, stream=self._capture_stream,
+                                       keepalive=(group, target, used))
+        except Exception as error:  # noqa: BLE001 - any capture failure means: launch eagerly
+            self._no_graphs(f"capture failed: {type(error).__name__}: {error}")
+            self._launch(plan, group, target)
+            return
+        finally:
+            self._op.keep = None
+        self.captures += 1
+        self._graphs.put(key, graph)
+
+    def _no_graphs(self, reason: str) -> None:
+        if self.graph_fallback_reason is None:
+            self.graph_fallback_reason = reason
+            LOGGER.warning("triton preprocess: CUDA graphs off: %s", reason)
+
+    def _free_graph(self, _key: Tuple, graph: CapturedGraph) -> None:
+        self._stream.synchronize()  # a replay of it may still be queued (evictions are rare)
+        if graph.free is not None:
+            graph.free()
+
+    def _launch(self, plan: FramePlan, group: torch.Tensor, target: torch.Tensor,
+                keep: Optional[List[torch.Tensor]] = None) -> None:
+        """The kernel launch(es) of one group; ``keep`` collects the buffers they read besides
+        ``group`` and ``target`` (a captured graph must keep them alive)."""
+        lut = self._lut(target.dtype)
+        if keep is not None:
+            keep.append(lut)
         if plan.canvas is None:
-            self._op.resize_normalize(
-                group, target, self._lut(target.dtype), crop=plan.crop, swap_rb=plan.swap_rb
-            )
+            self._op.resize_normalize(group, target, lut, crop=plan.crop, swap_rb=plan.swap_rb)
             return
         step = plan.canvas
         canvas = self._canvas_buffer(group.shape[0], step)
+        if keep is not None:
+            keep.append(canvas)
         self._op.linear_resize_into_canvas(
             group, canvas, crop=step.source, box=step.box, pad_value=step.pad_value
         )
-        self._op.resize_normalize(canvas, target, self._lut(target.dtype), swap_rb=plan.swap_rb)
+        self._op.resize_normalize(canvas, target, lut, swap_rb=plan.swap_rb)
 
 
 __all__ = [
