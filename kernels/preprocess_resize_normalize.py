@@ -350,11 +350,11 @@ def interpreter_active() -> bool:
     return type(_pil_resample_normalize_kernel).__name__ == "InterpretedFunction"
 
 
-@dataclass(frozen=True)
+@dataclass
 class _AxisTable:
     table: torch.Tensor  # int32 on the target device
     taps: int
-    uploaded: Optional[torch.cuda.Event] = None  # CUDA: recorded after the async upload
+    uploaded: Optional[torch.cuda.Event] = None  # CUDA: recorded after the async upload; None once done
 
 
 def _as_batched_hwc(src: torch.Tensor) -> torch.Tensor:
