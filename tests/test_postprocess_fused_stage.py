@@ -3,8 +3,9 @@
 Runs on CUDA when available, else through the Triton interpreter (CPU). Recorded
 outputs dropped into ``tests/data/postprocess/*.pt`` (see ``save_recorded_outputs``)
 are picked up automatically; ``examples/record_postprocess_cases.py`` writes them from
-the demo model (cases it finds mismatching go to ``tests/data/postprocess_failing/``,
-which is not read here).
+the demo model. Exact score ties (``tests/data/postprocess_ties/``) are compared on CUDA,
+whose top-k tie order the kernels replay; on the CPU the stage must refuse them (the CPU
+top-k orders ties differently) and the fallback must give the reference result.
 """
 
 import os
@@ -36,6 +37,7 @@ CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 NUM_CLASSES = 90
 RECORDED = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "data", "postprocess", "*.pt")))
+TIES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "data", "postprocess_ties", "*.pt")))
 
 
 def _device(raw, **extra):
@@ -192,6 +194,25 @@ def test_recorded_engine_outputs(path, fmt):
     stage = FusedPostprocess(num_classes, None, DEVICE)
     request = PostprocessRequest(float(info.get("threshold", 0.5)), info.get("max_detections"), fmt)
     _assert_equal(stage, raw, meta, request, num_classes=num_classes)
+
+
+@pytest.mark.parametrize("path", TIES, ids=[os.path.basename(p) for p in TIES])
+@pytest.mark.parametrize("fmt", ["dense", "rle", "polygon"])
+def test_recorded_score_ties(path, fmt):
+    from inference_fastpath.adapters.stage_selection import _with_request_fallback
+    from inference_fastpath.adapters.stages.postprocess_reference import ReferencePostprocess
+
+    raw, meta, info = load_recorded_outputs(path, DEVICE)
+    num_classes = int(info.get("num_classes", NUM_CLASSES))
+    stage = FusedPostprocess(num_classes, None, DEVICE)
+    request = PostprocessRequest(float(info.get("threshold", 0.5)), info.get("max_detections"), fmt)
+    if CUDA:
+        assert stage.unsupported_reason(meta, request, raw) is None
+        _assert_equal(stage, raw, meta, request, num_classes=num_classes)
+        return
+    assert "ties" in stage.unsupported_reason(meta, request, raw)
+    selected = _with_request_fallback(stage, ReferencePostprocess(num_classes=num_classes, classes_re_mapping=None))
+    _assert_equal(selected, raw, meta, request, num_classes=num_classes)
 
 
 def test_mask_to_polygon_matches_inference_mask2poly():

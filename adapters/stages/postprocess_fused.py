@@ -150,6 +150,9 @@ class FusedPostprocess:
             reason = self._raw_reason(metadata, raw)
             if reason:
                 return reason
+            if self.device.type == "cpu" and _has_exact_score_ties(raw.logits, thr):
+                # the kernels order exact ties as torch.topk does on CUDA; the CPU order differs
+                return "exact score ties on the CPU (CUDA's top-k tie order is replayed, not the CPU's)"
         if self.accumulation_mode() < 0:
             return "torch's bilinear resize arithmetic could not be reproduced on this device"
         return None
@@ -304,6 +307,17 @@ class FusedPostprocess:
         event = torch.cuda.Event()
         event.record(self._stream)
         return event
+
+
+def _has_exact_score_ties(logits: torch.Tensor, threshold) -> bool:
+    """Whether two sigmoid scores above the (lowest) threshold are equal in some frame."""
+    lowest = float(threshold.min()) if isinstance(threshold, torch.Tensor) else float(threshold)
+    scores = torch.sigmoid(logits.float()).flatten(1)
+    for row in scores:
+        above = row[row > lowest]
+        if above.numel() > 1 and torch.unique(above).numel() < above.numel():
+            return True
+    return False
 
 
 @dataclass
