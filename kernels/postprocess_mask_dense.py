@@ -594,10 +594,12 @@ def launch_dense_pack(masks_b: torch.Tensor, bin_b: Optional[torch.Tensor], sele
     )
 
 
-def paste_crops(packed: np.ndarray, layout: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Host: (N, H, W) bool canvas from the packed crops (untouched pixels stay False)."""
+def paste_crops(packed: np.ndarray, layout: np.ndarray, height: int, width: int,
+                out: Optional[np.ndarray] = None) -> np.ndarray:
+    """Host: (N, H, W) bool canvas from the packed crops (untouched pixels stay False).
+    ``out``: a zeroed (N, H, W) bool array to paste into instead of a new one."""
     n = layout.shape[0]
-    masks = np.zeros((n, height, width), dtype=bool)
+    masks = np.zeros((n, height, width), dtype=bool) if out is None else out
     for i, (offset, y0, first, rows, nbytes) in enumerate(layout.tolist()):
         if rows == 0:
             continue

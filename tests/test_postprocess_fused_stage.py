@@ -260,3 +260,20 @@ def test_graph_replays_equal_reference_on_changing_inputs():
     _assert_equal(eager, _device(synthetic_outputs(n_confident=6, seed=50)), meta[:1],
                   PostprocessRequest(0.4, None, "rle"))
     assert eager.captures == 0
+
+
+def test_dense_masks_held_by_the_caller_are_never_reused(stage):
+    """Dense masks come from recycled buffers: a result still referenced keeps its pixels while
+    later calls run; one dropped is recycled (and zeroed) for the next call."""
+    meta = [make_metadata((48, 64))]
+    request = PostprocessRequest(0.5, None, "dense")
+    first = stage(_device(synthetic_outputs(n_confident=4, seed=41)), meta, request)[0].dense_masks
+    snapshot = first.copy()
+    for seed in (42, 43, 44):
+        later = stage(_device(synthetic_outputs(n_confident=4, seed=seed)), meta, request)[0].dense_masks
+        assert not np.shares_memory(later, first)
+    np.testing.assert_array_equal(first, snapshot)
+    allocations = stage._mask_pool.allocations
+    del first, later
+    stage(_device(synthetic_outputs(n_confident=4, seed=45)), meta, request)
+    assert stage._mask_pool.allocations == allocations

@@ -42,6 +42,7 @@ from inference_fastpath.adapters.stages.contracts import (
     PostprocessRequest,
     RawOutputs,
 )
+from inference_fastpath.adapters.stages.mask_buffers import MaskBufferPool
 from inference_fastpath.adapters.stages.postprocess_program import (
     DENSE,
     RUNS,
@@ -99,6 +100,7 @@ class FusedPostprocess:
         self._programs: LRUCache[ProgramSpec, _ProgramEntry] = LRUCache(_MAX_PROGRAMS, on_evict=_free_entry)
         self._sizes: Dict[tuple, Tuple[int, int]] = {}  # (output, geometries) -> (payload, prefix)
         self._last_spec: Optional[ProgramSpec] = None
+        self._mask_pool = MaskBufferPool()  # dense masks: recycled host buffers (page faults)
         self._stream = self._capture_stream = None
         if self.device.type == "cuda" and torch.cuda.is_available():
             # high priority: the small postprocess kernels of frame N go ahead of the engine
@@ -259,7 +261,7 @@ class FusedPostprocess:
             self._record_event().synchronize()  # the one wait of the batch
         if fmt == "polygon":
             return program.finish(polygon_of=_polygon)
-        return program.finish()
+        return program.finish(mask_pool=self._mask_pool)
 
     # ------------------------------------------------------------------ programs and graphs
 

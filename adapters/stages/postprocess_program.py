@@ -219,13 +219,14 @@ class PostprocessProgram:
 
     # ------------------------------------------------------------------ host half
 
-    def finish(self, polygon_of=None) -> Optional[List[FrameDetections]]:
+    def finish(self, polygon_of=None, mask_pool=None) -> Optional[List[FrameDetections]]:
         """Decode the host copies (the device work must have completed).
 
         Returns None when the payload did not fit the device buffer (``payload_total`` says
         how much room the run needed). RUNS outputs go through ``polygon_of`` (one mask's
         transition positions, canvas height, width) -> polygon; STRINGS become COCO RLE dicts
-        by slicing (no run-length coding on the host).
+        by slicing (no run-length coding on the host). DENSE masks go into buffers from
+        ``mask_pool`` (a :class:`MaskBufferPool`) when given.
         """
         spec = self.spec
         cap, batch = spec.capacity, spec.batch
@@ -248,7 +249,8 @@ class PostprocessProgram:
             height, width = plan.canvas
             n = len(frame.confidence)
             if spec.output == DENSE:
-                masks = paste_crops(payload, layout[b, :n], height, width)
+                out = mask_pool.take(n, height, width) if mask_pool is not None else None
+                masks = paste_crops(payload, layout[b, :n], height, width, out=out)
                 results.append(_frame_detections(frame, plan.geometry, dense_masks=masks))
                 continue
             counts = per_det[b, :n]

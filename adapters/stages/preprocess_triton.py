@@ -446,14 +446,6 @@ def plan_upload_chunks(
     return plan
 
 
-# Filling pinned memory: torch's CPU copy splits a frame over its intra-op (OpenMP) threads, which
-# wins in isolation (1080p: 0.03 ms vs 0.47 ms for one np.copyto thread, H200 host) but inside a
-# running pipeline the pool has gone to sleep between frames and shares the cores with the
-# decoder: profile_pipeline --timed measured 0.26 ms for a 768x576 fill (0.012 ms in isolation).
-# Below this size one np.copyto thread (GIL released, ~0.08 ms at 768x576) is the better bet.
-_TORCH_FILL_MIN_BYTES = 4 << 20
-
-
 def _frame_rows(host: torch.Tensor, frame: np.ndarray, offset: int, first: int, last: int) -> torch.Tensor:
     row = frame.shape[1] * frame.shape[2]
     return host[offset + first * row : offset + last * row].view(last - first, *frame.shape[1:])
@@ -468,15 +460,15 @@ def fill_chunk(
 ) -> None:
     """Copy the rows of ``chunk`` from ``frames`` into the uint8 staging tensor ``host``.
 
-    ``use_torch``: torch's CPU copy (split over its intra-op threads) for pieces of at least
-    ``_TORCH_FILL_MIN_BYTES`` where the frame allows it; otherwise, and for negative strides,
-    ``np.copyto`` (one thread, GIL released)."""
+    ``use_torch``: torch's CPU copy (split over its intra-op threads) where the frame allows it;
+    otherwise, and for negative strides, ``np.copyto`` (one thread, GIL released). (A single
+    np.copyto for frames below 4 MiB was tried: no faster inside a running pipeline, 0.28 vs
+    0.26 ms for 768x576 by profile_pipeline --timed, and slower in isolation.)"""
     for index, first, last in chunk.pieces:
         frame = frames[index]
         view = _frame_rows(host, frame, offsets[index], first, last)
         rows = frame[first:last]  # any strides, negative included
-        large = view.numel() >= _TORCH_FILL_MIN_BYTES
-        if use_torch and large and frame.flags.writeable and all(s >= 0 for s in frame.strides):
+        if use_torch and frame.flags.writeable and all(s >= 0 for s in frame.strides):
             view.copy_(torch.from_numpy(rows))
         else:
             np.copyto(view.numpy(), rows)
