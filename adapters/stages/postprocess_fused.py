@@ -152,12 +152,24 @@ class FusedPostprocess:
             reason = self._raw_reason(metadata, raw)
             if reason:
                 return reason
-            if self.device.type == "cpu" and _has_exact_score_ties(raw.logits, thr):
+            if self.device.type == "cpu" and _has_exact_score_ties(raw.logits, thr, self._kept_columns(raw)):
                 # the kernels order exact ties as torch.topk does on CUDA; the CPU order differs
                 return "exact score ties on the CPU (CUDA's top-k tie order is replayed, not the CPU's)"
         if self.accumulation_mode() < 0:
             return "torch's bilinear resize arithmetic could not be reproduced on this device"
         return None
+
+    def _kept_columns(self, raw: RawOutputs) -> torch.Tensor:
+        """Logit columns whose detections can reach the output (no-object and removed classes
+        are dropped after the top-k)."""
+        columns = torch.arange(raw.logits.shape[-1], device=raw.logits.device)
+        if self._class_mapping is None:
+            return columns[columns < self.num_classes]
+        mapping = self._class_mapping.to(raw.logits.device)
+        inside = columns < mapping.numel()
+        keep = inside.clone()
+        keep[inside] = mapping[columns[inside]] >= 0
+        return columns[keep]
 
     def _raw_reason(self, metadata: Sequence[PreProcessingMetadata], raw: RawOutputs) -> Optional[str]:
         if raw.logits.dtype != torch.float32 or raw.boxes.dtype != torch.float32:
@@ -311,10 +323,11 @@ class FusedPostprocess:
         return event
 
 
-def _has_exact_score_ties(logits: torch.Tensor, threshold) -> bool:
-    """Whether two sigmoid scores above the (lowest) threshold are equal in some frame."""
+def _has_exact_score_ties(logits: torch.Tensor, threshold, columns: torch.Tensor) -> bool:
+    """Whether two sigmoid scores above the (lowest) threshold in logit ``columns`` (the ones
+    that can become detections) are equal in some frame."""
     lowest = float(threshold.min()) if isinstance(threshold, torch.Tensor) else float(threshold)
-    scores = torch.sigmoid(logits.float()).flatten(1)
+    scores = torch.sigmoid(logits[..., columns].float()).flatten(1)
     for row in scores:
         above = row[row > lowest]
         if above.numel() > 1 and torch.unique(above).numel() < above.numel():
