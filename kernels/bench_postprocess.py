@@ -72,7 +72,8 @@ def _timeit(fn: Callable[[], object], min_iters: int, budget_s: float) -> Dict[s
     return {"median_ms": statistics.median(times), "min_ms": min(times), "iters": len(times)}
 
 
-def run(frames: Dict[str, tuple], kept: tuple, budget_s: float, min_iters: int) -> List[Dict]:
+def run(frames: Dict[str, tuple], kept: tuple, budget_s: float, min_iters: int,
+        only: Optional[List[str]] = None) -> List[Dict]:
     from inference_models.models.rfdetr import common
 
     from inference_fastpath.adapters.stages.contracts import PostprocessRequest, RawOutputs
@@ -135,6 +136,8 @@ def run(frames: Dict[str, tuple], kept: tuple, budget_s: float, min_iters: int) 
             }
             expected = {}
             for name, (fn, check) in paths.items():
+                if only and name not in only:
+                    continue
                 row = {"frame": frame_name, "height": hw[0], "width": hw[1], "kept": n, "path": name}
                 try:
                     if check is not None:
@@ -156,6 +159,8 @@ def run(frames: Dict[str, tuple], kept: tuple, budget_s: float, min_iters: int) 
                 rows.append(row)
                 print(_format_row(row), flush=True)
             for name, request in (("fused_gpu_dense", dense_req), ("fused_gpu_rle", rle_req)):
+                if only and name not in only:
+                    continue
                 stage(raw, meta, request)  # makes this shape's graph the last one
                 row = {"frame": frame_name, "height": hw[0], "width": hw[1], "kept": n, "path": name}
                 row.update(_time_device_program(stage))
@@ -239,7 +244,7 @@ def _table(rows: List[Dict]) -> str:
         for p in paths:
             r = next((r for r in rows if r["frame"] == frame and r["kept"] == kept and r["path"] == p), None)
             if r is None or "error" in r:
-                cells.append(f"{'err':>14}")
+                cells.append(f"{'-' if r is None else 'err':>14}")
             else:
                 flag = "!" if r.get("exact") is False else ""
                 cells.append(f"{r['median_ms']:13.2f}{flag or ' '}")
@@ -350,6 +355,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--kept", default=",".join(map(str, KEPT)))
     parser.add_argument("--budget-s", type=float, default=1.0, help="time budget per measurement")
     parser.add_argument("--min-iters", type=int, default=5)
+    parser.add_argument("--paths", default="", help="comma list of paths to run (default: all)")
     parser.add_argument("--compile-check", type=int, metavar="ARCH", default=None,
                         help="only compile all kernels for sm_ARCH (no GPU needed) and exit")
     args = parser.parse_args(argv)
@@ -360,7 +366,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     frames = {k: FRAMES[k] for k in args.frames.split(",") if k}
     kept = tuple(int(k) for k in args.kept.split(",") if k)
-    rows = run(frames, kept, args.budget_s, args.min_iters)
+    rows = run(frames, kept, args.budget_s, args.min_iters, [p for p in args.paths.split(",") if p])
     print()
     print(_table(rows))
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
