@@ -115,6 +115,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--size", default="1080p")
     parser.add_argument("--kept", type=int, default=10)
     parser.add_argument("--iters", type=int, default=300)
+    parser.add_argument("--remap", action="store_true",
+                        help="post: the class remapping bench_postprocess uses (no-object column removed)")
     args = parser.parse_args(argv)
     if args.stage == "pre":
         profile_preprocess(args)
@@ -135,7 +137,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     device = torch.device("cuda")
     hw = FRAMES[args.size]
-    stage = FusedPostprocess(NUM_CLASSES, None, device)
+    remap = None
+    if args.remap:
+        from inference_models.models.common.roboflow.model_packages import ClassNameRemoval
+        from inference_models.models.rfdetr.class_remapping import prepare_class_remapping
+
+        names = [f"class_{i}" for i in range(NUM_CLASSES)] + ["__no_object__"]
+        removal = ClassNameRemoval(type="class_name_removal", class_name="__no_object__")
+        _, remap = prepare_class_remapping(names, [removal], device)
+    stage = FusedPostprocess(NUM_CLASSES, remap, device)
     host = _outputs(args.kept)
     raw = RawOutputs(boxes=host.boxes.to(device), logits=host.logits.to(device), masks=host.masks.to(device))
     meta = [make_metadata(hw)]
