@@ -180,8 +180,9 @@ class BlockManifest(WorkflowBlockManifest):
     )
     cuda_graphs: Union[bool, Selector(kind=[BOOLEAN_KIND])] = Field(
         default=True,
-        description="Capture the engine and the fused postprocess in CUDA graphs once per shape and replay "
-        "them per frame (GPU only; falls back to eager execution with a logged reason when capture is impossible).",
+        description="Capture the engine, the fused postprocess and the Triton preprocess launches in CUDA graphs "
+        "once per shape and replay them per frame (GPU only; falls back to eager execution with a logged reason "
+        "when capture is impossible).",
         json_schema_extra={
             "relevant_for": {"engine": {"values": ["auto", "tensorrt", "torch"], "required": False}},
             **ADDITIONAL,
