@@ -6,7 +6,7 @@ keeps COCO RLE dicts in ``data["rle_mask"]`` and no dense mask, as the stock RLE
 
 from __future__ import annotations
 
-import uuid
+import os
 from typing import Optional, Sequence
 
 import numpy as np
@@ -46,26 +46,44 @@ def to_sv_detections(
         dense_masks = detections.dense_masks if keep_all else detections.dense_masks[keep]
     elif not rle:
         dense_masks = np.zeros((count, height, width), dtype=bool)  # polygons are not an sv mask format
+    class_id = detections.class_id[keep].astype(int)
+    prediction_type = "rle-instance-segmentation" if rle else "instance-segmentation"
+    data = {  # given to the constructor: validated once, not once per key
+        CLASS_NAME_KEY: np.asarray(class_names, dtype=str)[class_id].reshape(-1),
+        DETECTION_ID_KEY: uuid4_strings(count),
+        PARENT_ID_KEY: np.array([image.parent_metadata.parent_id] * count, dtype=str).reshape(-1),
+        IMAGE_DIMENSIONS_KEY: np.array([[height, width]] * count, dtype=int).reshape(-1, 2),
+    }
+    if inference_id is not None:
+        data[INFERENCE_ID_KEY] = np.array([inference_id] * count, dtype=str).reshape(-1)
+    data[PREDICTION_TYPE_KEY] = np.array([prediction_type] * count, dtype=str).reshape(-1)
+    if rle:
+        masks = np.empty(count, dtype=object)  # 1-D object array of dicts, whatever their content
+        masks[:] = detections.rle_masks if keep_all else [detections.rle_masks[i] for i in np.flatnonzero(keep)]
+        data[RLE_MASK_KEY_IN_SV_DETECTIONS] = masks
     result = sv.Detections(
         xyxy=detections.xyxy[keep].astype(np.float64).reshape(-1, 4),
         confidence=detections.confidence[keep].astype(np.float64),
-        class_id=detections.class_id[keep].astype(int),
+        class_id=class_id,
         mask=dense_masks,
+        data=data,
     )
-    names = np.asarray(class_names, dtype=object)
-    result.data[CLASS_NAME_KEY] = np.array([str(n) for n in names[result.class_id]], dtype=str).reshape(-1)
-    result.data[DETECTION_ID_KEY] = np.array([str(uuid.uuid4()) for _ in range(count)], dtype=str).reshape(-1)
-    result.data[PARENT_ID_KEY] = np.array([image.parent_metadata.parent_id] * count, dtype=str).reshape(-1)
-    result.data[IMAGE_DIMENSIONS_KEY] = np.array([[height, width]] * count, dtype=int).reshape(-1, 2)
-    if inference_id is not None:
-        result.data[INFERENCE_ID_KEY] = np.array([inference_id] * count, dtype=str).reshape(-1)
-    prediction_type = "rle-instance-segmentation" if rle else "instance-segmentation"
-    result.data[PREDICTION_TYPE_KEY] = np.array([prediction_type] * count, dtype=str).reshape(-1)
-    if rle:
-        masks = np.empty(count, dtype=object)  # 1-D object array of dicts, whatever their content
-        masks[:] = [detections.rle_masks[i] for i in np.flatnonzero(keep)]
-        result.data[RLE_MASK_KEY_IN_SV_DETECTIONS] = masks
     return attach_parents_coordinates_to_sv_detections(detections=result, image=image)
+
+
+def uuid4_strings(count: int) -> np.ndarray:
+    """``count`` random (version 4) UUID strings, as ``str(uuid.uuid4())`` gives, from one
+    ``os.urandom`` call: the per-object ``uuid.UUID`` path costs more than the rest of the
+    detection ids' bookkeeping."""
+    raw = np.frombuffer(os.urandom(16 * count), dtype=np.uint8).reshape(count, 16).copy()
+    raw[:, 6] = (raw[:, 6] & 0x0F) | 0x40  # version 4
+    raw[:, 8] = (raw[:, 8] & 0x3F) | 0x80  # RFC 4122 variant
+    text = raw.tobytes().hex()
+    return np.array(
+        [f"{text[i:i + 8]}-{text[i + 8:i + 12]}-{text[i + 12:i + 16]}-{text[i + 16:i + 20]}-{text[i + 20:i + 32]}"
+         for i in range(0, 32 * count, 32)],
+        dtype=str,
+    ).reshape(-1)
 
 
 def empty_frame_detections(frame, mask_format: str = "dense") -> FrameDetections:
