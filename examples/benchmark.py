@@ -124,9 +124,12 @@ def run_configuration(
     compare_with: Optional[dict] = None,
     polygonise: bool = False,
     fresh_runner: bool = True,
+    source: str = "path",
 ) -> Dict[str, object]:
     """Runs one configuration. `keep` collects detections by frame id; `compare_with` checks against them.
-    `fresh_runner=False` reuses the runner of an earlier run of the same options (graphs captured)."""
+    `fresh_runner=False` reuses the runner of an earlier run of the same options (graphs captured).
+    `source`: "path" (InferencePipeline's own OpenCV decoder) or "pinned" (``pinned_video_source``:
+    frames decoded into recycled pinned buffers)."""
     from inference_fastpath.adapters.options import FastpathOptions
     from inference_fastpath.adapters.segmentation_runner import RUNNERS
     from inference_fastpath.adapters.timeline import Timeline
@@ -144,7 +147,14 @@ def run_configuration(
         # only keep the result: comparing inside the sink would slow the run being timed
         delivered[frame.frame_id] = prediction.get("predictions")
 
-    run = run_pipeline(video, workflow, {"model_id": model}, warmup_frames=warmup, on_result=on_result)
+    if source not in ("path", "pinned"):
+        raise ValueError(f"source must be 'path' or 'pinned', got {source!r}")
+    reference = video
+    if source == "pinned":
+        from inference_fastpath.adapters.pinned_video_source import pinned_video_source
+
+        reference = pinned_video_source(video)
+    run = run_pipeline(reference, workflow, {"model_id": model}, warmup_frames=warmup, on_result=on_result)
     if keep is not None:
         keep.update(delivered)
     reports = [
@@ -164,7 +174,15 @@ def run_configuration(
         "stages_ms": stage_medians(runner),
         "stage_choices": [vars(c) for c in runner.choices] if runner else [],
         "parity": parity_summary(reports),
+        "source": source,
     }
+    if source == "pinned" and reference.producer is not None:
+        result["pinned_source"] = dict(
+            pooled_frames=reference.producer.pooled_frames,
+            other_frames=reference.producer.other_frames,
+            buffers=reference.producer.pool.allocations,
+            fallback_reason=reference.producer.pool.fallback_reason,
+        )
     if runner is not None and runner.timeline is not None:
         result["timeline"] = runner.timeline.resolve()
         result["gpu_bound_fps"] = gpu_bound_fps(result["timeline"])
@@ -240,7 +258,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--presets", default="reference,fast", help=f"comma list of {sorted(PRESETS)}")
     parser.add_argument("--config", action="append", default=[],
                         help="extra 'name:key=value,...' configuration (block options, plus switch_interval_ms: "
-                             "the Python GIL switch interval during that run)")
+                             "the Python GIL switch interval during that run, and source=path|pinned: the "
+                             "video source, see adapters/pinned_video_source.py)")
     parser.add_argument("--out", default="benchmark.json")
     parser.add_argument("--png", default=None, help="chart path (default: --out with .png)")
     args = parser.parse_args(argv)
@@ -265,6 +284,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             options = dict(options)
             # not a block option: the interpreter's GIL switch interval for this configuration's run
             interval_ms = options.pop("switch_interval_ms", None)
+            source_kind = str(options.pop("source", "path"))
             sys.setswitchinterval(float(interval_ms) / 1e3 if interval_ms is not None else default_interval)
             workflow = load_workflow(FASTPATH, **options)
             results.append(run_configuration(
@@ -272,6 +292,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 keep=ours_first if index == 0 else None,
                 compare_with=stock if index == 0 else ours_first,
                 polygonise=index == 0,
+                source=source_kind,
             ))
     for result in results:
         bound = min(filter(None, [decode_rate, result.get("gpu_bound_fps")]))

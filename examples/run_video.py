@@ -38,6 +38,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--no-cuda-graphs", action="store_true")
     parser.add_argument("--pipeline-depth", type=int, default=1, choices=[1, 2])
     parser.add_argument("--confidence", type=float, help="custom confidence threshold")
+    parser.add_argument("--pinned-decode", action="store_true",
+                        help="decode into recycled pinned buffers (adapters/pinned_video_source.py): the Triton "
+                             "preprocess then uploads each frame without a staging copy")
     return parser.parse_args(argv)
 
 
@@ -83,7 +86,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             of_total = f"/{total}" if total else ""
             print(f"frame {done}{of_total}  {done / elapsed:6.1f} fps  {len(prediction['predictions'])} detections", flush=True)
 
-    run = run_pipeline(video, workflow, {"model_id": model}, on_result=on_result)
+    reference = video
+    if args.pinned_decode:
+        from inference_fastpath.adapters.pinned_video_source import pinned_video_source
+
+        reference = pinned_video_source(video)
+    run = run_pipeline(reference, workflow, {"model_id": model}, on_result=on_result)
     if writer is not None:
         writer.release()
     if run.errors:

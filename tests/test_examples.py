@@ -33,12 +33,13 @@ def test_chaining_into_stock_annotators_draws_the_masks(demo_model_dir, clip_fra
     assert changed[inside].mean() > 0.5, "the mask annotator did not paint the detected pixels"
 
 
-def test_run_video_writes_an_annotated_video(demo_model_dir, tiny_clip, tmp_path, capsys):
+@pytest.mark.parametrize("decode", [[], ["--pinned-decode"]])
+def test_run_video_writes_an_annotated_video(demo_model_dir, tiny_clip, tmp_path, capsys, decode):
     from inference_fastpath.examples.run_video import main
 
     out = tmp_path / "annotated.mp4"
     assert main(["--video", tiny_clip, "--model", demo_model_dir, "--out", str(out),
-                 "--preprocess", "reference", "--postprocess", "reference"]) == 0
+                 "--preprocess", "reference", "--postprocess", "reference", *decode]) == 0
     printed = capsys.readouterr().out
     assert "processed 3 frames" in printed and "fps" in printed
     capture = cv2.VideoCapture(str(out))
@@ -51,10 +52,11 @@ def test_benchmark_runs_stock_and_ours_and_writes_json_and_chart(demo_model_dir,
 
     out = tmp_path / "bench.json"
     assert main(["--video", tiny_clip, "--model", demo_model_dir, "--frames", "3", "--warmup", "1",
-                 "--presets", "reference", "--out", str(out)]) == 0
+                 "--presets", "reference", "--config", "pinned:preprocess=reference,postprocess=reference,source=pinned",
+                 "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     names = [r["name"] for r in report["results"]]
-    assert names == ["stock-v3", "reference"]
+    assert names == ["stock-v3", "reference", "pinned"]
     for result in report["results"]:
         assert result["frames"] == 3 and result["frame_ids_in_order"] and result["fps"] > 0
         assert result["mean_detections"] > 0
@@ -63,3 +65,6 @@ def test_benchmark_runs_stock_and_ours_and_writes_json_and_chart(demo_model_dir,
     assert len(ours["timeline"]) == 3
     assert ours["parity"]["frames_compared"] == 3 and ours["parity"]["frames_within_bars"] == 3
     assert out.with_suffix(".png").is_file()
+    pinned = report["results"][2]  # compared with `reference`, frame by frame
+    assert pinned["source"] == "pinned" and pinned["pinned_source"]["pooled_frames"] == 3
+    assert pinned["parity"]["frames_compared"] == 3 and pinned["parity"]["frames_within_bars"] == 3

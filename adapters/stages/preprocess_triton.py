@@ -50,6 +50,7 @@ from inference_models.models.common.roboflow.model_packages import (
 )
 
 from inference_fastpath.adapters.engines.cuda_graphs import CapturedGraph, LRUCache, capture_cuda_graph
+from inference_fastpath.adapters.pinned_frames import is_pinned_frame
 from inference_fastpath.adapters.stages.contracts import Frame, PreprocessedBatch
 from inference_fastpath.kernels.preprocess_resize_normalize import (
     OUTPUT_DTYPES,
@@ -532,6 +533,8 @@ class _Staging:
         self._plans: "OrderedDict[Tuple, Tuple[List[int], int, List[UploadChunk]]]" = OrderedDict()
         self._host: List[Optional[torch.Tensor]] = [None, None]
         self._copied: List[Optional[torch.cuda.Event]] = [None, None]
+        self._held: List[Optional[List[np.ndarray]]] = [None, None]  # pinned frames being sent
+        self.direct_frames = 0  # pinned frames sent without a fill (diagnostics, tests)
         self._slot = 0
         self._device_buf: Optional[torch.Tensor] = None
 
@@ -566,27 +569,38 @@ class _Staging:
     ) -> List[torch.Tensor]:
         """Copy ``frames`` into staging and send them (async, on ``stream``: default the current
         one; the kernel reading the returned device views must run on it too, or wait on it).
-        Returns one ``(H, W, 3)`` view per frame (the host slot itself on CPU)."""
-        offsets, total, chunks = self.plan(frames)
+        Returns one ``(H, W, 3)`` view per frame (the host slot itself on CPU).
+
+        CUDA: frames already in pinned memory (``is_pinned_frame``: e.g. from
+        ``pinned_video_source``) skip the fill and are sent by one async copy each, straight from
+        their own memory; the stage holds them until that copy is done."""
+        pinned = [self._cuda and is_pinned_frame(frame) for frame in frames]
+        staged = [frame for frame, direct in zip(frames, pinned) if not direct]
+        offsets, total, chunks = self.plan(staged) if staged else ([], 0, [])
         slot = self._slot
         self._slot ^= 1
         if self._copied[slot] is not None:
             self._copied[slot].synchronize()  # DMA from this slot two calls ago (long done)
             self._copied[slot] = None
+            self._held[slot] = None
         host = self._host[slot]
-        if host is None or host.numel() < total:
+        if staged and (host is None or host.numel() < total):
             host = torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=self._cuda)
             self._host[slot] = host
         if not self._cuda:
             fill_chunks(host, frames, offsets, chunks, pool=self._fill_pool())
             return [self._view(host, f.shape, o) for f, o in zip(frames, offsets)]
 
+        direct_frames = [frame for frame, direct in zip(frames, pinned) if direct]
+        direct_offsets, direct_total = staging_layout(direct_frames)
+        direct_offsets = [total + offset for offset in direct_offsets]  # after the staged frames
         if stream is None:
             stream = torch.cuda.current_stream(self._device)
         with torch.cuda.device(self._device), torch.cuda.stream(stream):
-            if self._device_buf is None or self._device_buf.numel() < total:
+            size = total + direct_total
+            if self._device_buf is None or self._device_buf.numel() < size:
                 # allocated on `stream`: the previous buffer's last reader ran there
-                self._device_buf = torch.empty(max(total, 1), dtype=torch.uint8, device=self._device)
+                self._device_buf = torch.empty(max(size, 1), dtype=torch.uint8, device=self._device)
             device_buf = self._device_buf
             sent = []
 
@@ -596,13 +610,22 @@ class _Staging:
                 sent.append(chunk)
 
             try:
-                fill_chunks(host, frames, offsets, chunks, send, self._fill_pool())
+                for frame, offset in zip(direct_frames, direct_offsets):
+                    view = self._view(device_buf, frame.shape, offset)
+                    view.copy_(torch.from_numpy(frame), non_blocking=True)
+                    sent.append(frame)
+                if staged:
+                    fill_chunks(host, staged, offsets, chunks, send, self._fill_pool())
             finally:
                 if sent:  # even on error: the slot must not be refilled under a running DMA
                     event = torch.cuda.Event()
                     event.record(stream)
                     self._copied[slot] = event
-        return [self._view(device_buf, f.shape, o) for f, o in zip(frames, offsets)]
+                    self._held[slot] = direct_frames  # their memory is read until `event`
+        self.direct_frames += len(direct_frames)
+        staged_views = iter(self._view(device_buf, f.shape, o) for f, o in zip(staged, offsets))
+        direct_views = iter(self._view(device_buf, f.shape, o) for f, o in zip(direct_frames, direct_offsets))
+        return [next(direct_views) if direct else next(staged_views) for direct in pinned]
 
     @staticmethod
     def _view(buffer: torch.Tensor, shape: Tuple[int, ...], offset: int) -> torch.Tensor:
