@@ -177,11 +177,15 @@ def run_configuration(
         "source": source,
     }
     if source == "pinned" and reference.producer is not None:
+        fast_preprocess = getattr(runner.preprocess, "fast_stage", None) if runner is not None else None
         result["pinned_source"] = dict(
             pooled_frames=reference.producer.pooled_frames,
             other_frames=reference.producer.other_frames,
             buffers=reference.producer.pool.allocations,
+            pinned=reference.producer.pool.pin,
             fallback_reason=reference.producer.pool.fallback_reason,
+            # frames the Triton preprocess sent straight from pinned memory (None: reference stage)
+            sent_without_staging=getattr(fast_preprocess, "pinned_frames_sent", None),
         )
     if runner is not None and runner.timeline is not None:
         result["timeline"] = runner.timeline.resolve()

@@ -729,6 +729,11 @@ class TritonPreprocess:
         if self._config_problem is None:
             self._lut(dtype)
 
+    @property
+    def pinned_frames_sent(self) -> int:
+        """Numpy frames found in pinned memory and sent without a staging fill, so far."""
+        return self._staging.direct_frames
+
     # -- support checks ----------------------------------------------------------------------
 
     def _check_config(self) -> Optional[str]:
