@@ -7,7 +7,8 @@
 RLE and dense block paths (p10/p50/p90/max), the same with Python's garbage collector paused (to see
 how much of the tail is collection pauses), the stage alone, and a cProfile of the RLE path.
 ``pre``: a numpy BGR frame through ``TritonPreprocess`` until its output is ready (stretch to
-312x312), the same for a CUDA frame, and a cProfile of the numpy call.
+312x312), the same for a numpy frame in pinned memory and for a CUDA frame, the host/GPU breakdown
+of the numpy and pinned calls, and a cProfile of the numpy (``--profile-pinned``: pinned) call.
 """
 
 from __future__ import annotations
@@ -60,11 +61,18 @@ def profile_preprocess(args: argparse.Namespace) -> None:
     height, width = FRAMES[args.size]
     frame = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
     stage = TritonPreprocess(stretch_network_input(312, 312), ImagePreProcessing(), device, input_color_format="bgr")
-    for name, source in (("numpy", frame), ("cuda", torch.from_numpy(frame).to(device))):
+    pinned = torch.empty(frame.shape, dtype=torch.uint8, pin_memory=True).numpy()
+    pinned[...] = frame
+    sources = (("numpy", frame), ("numpy pinned", pinned), ("cuda", torch.from_numpy(frame).to(device)))
+    for name, source in sources:
         call = lambda source=source: stage([source]).ready_event.synchronize()  # noqa: E731
         print(f"preprocess {name} {args.size} call-to-ready: {_distribution(call, args.iters)}")
-    print_preprocess_breakdown(stage, frame, args.iters)
-    _print_profile(lambda: stage([frame]).ready_event.synchronize(), args.iters)
+    for name, source in sources[:2]:
+        print(f"{name}: ", end="")
+        print_preprocess_breakdown(stage, source, args.iters)
+    for name, source in sources[1:2] if args.profile_pinned else sources[:1]:
+        print(f"cProfile of the {name} call")
+        _print_profile(lambda source=source: stage([source]).ready_event.synchronize(), args.iters)
 
 
 def print_preprocess_breakdown(stage, frame, iters: int) -> None:
@@ -115,6 +123,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--size", default="1080p")
     parser.add_argument("--kept", type=int, default=10)
     parser.add_argument("--iters", type=int, default=300)
+    parser.add_argument("--profile-pinned", action="store_true", help="pre: cProfile the pinned-frame call")
     parser.add_argument("--remap", action="store_true",
                         help="post: the class remapping bench_postprocess uses (no-object column removed)")
     args = parser.parse_args(argv)
