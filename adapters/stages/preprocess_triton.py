@@ -532,7 +532,8 @@ class _Staging:
         self._pool: Optional[ThreadPoolExecutor] = None
         self._plans: "OrderedDict[Tuple, Tuple[List[int], int, List[UploadChunk]]]" = OrderedDict()
         self._host: List[Optional[torch.Tensor]] = [None, None]
-        self._copied: List[Optional[torch.cuda.Event]] = [None, None]
+        self._copied: List[Optional[torch.cuda.Event]] = [None, None]  # one reusable event a slot
+        self._pending = [False, False]  # the slot's event marks copies not yet waited for
         self._held: List[Optional[List[np.ndarray]]] = [None, None]  # pinned frames being sent
         self.direct_frames = 0  # pinned frames sent without a fill (diagnostics, tests)
         self._slot = 0
@@ -568,20 +569,27 @@ class _Staging:
         self, frames: Sequence[np.ndarray], stream: Optional[torch.cuda.Stream] = None
     ) -> List[torch.Tensor]:
         """Copy ``frames`` into staging and send them (async, on ``stream``: default the current
-        one; the kernel reading the returned device views must run on it too, or wait on it).
+        stream of the current device, which the caller has set to the staging's device; the
+        kernel reading the returned device views must run on that stream too, or wait on it).
         Returns one ``(H, W, 3)`` view per frame (the host slot itself on CPU).
 
         CUDA: frames already in pinned memory (``is_pinned_frame``: e.g. from
         ``pinned_video_source``) skip the fill and are sent by one async copy each, straight from
         their own memory; the stage holds them until that copy is done."""
+        if stream is None or not self._cuda:
+            return self._upload(frames)
+        with torch.cuda.device(self._device), torch.cuda.stream(stream):
+            return self._upload(frames)
+
+    def _upload(self, frames: Sequence[np.ndarray]) -> List[torch.Tensor]:
         pinned = [self._cuda and is_pinned_frame(frame) for frame in frames]
         staged = [frame for frame, direct in zip(frames, pinned) if not direct]
         offsets, total, chunks = self.plan(staged) if staged else ([], 0, [])
         slot = self._slot
         self._slot ^= 1
-        if self._copied[slot] is not None:
+        if self._pending[slot]:
             self._copied[slot].synchronize()  # DMA from this slot two calls ago (long done)
-            self._copied[slot] = None
+            self._pending[slot] = False
             self._held[slot] = None
         host = self._host[slot]
         if staged and (host is None or host.numel() < total):
@@ -594,43 +602,43 @@ class _Staging:
         direct_frames = [frame for frame, direct in zip(frames, pinned) if direct]
         direct_offsets, direct_total = staging_layout(direct_frames)
         direct_offsets = [total + offset for offset in direct_offsets]  # after the staged frames
-        if stream is None:
-            stream = torch.cuda.current_stream(self._device)
-        with torch.cuda.device(self._device), torch.cuda.stream(stream):
-            size = total + direct_total
-            if self._device_buf is None or self._device_buf.numel() < size:
-                # allocated on `stream`: the previous buffer's last reader ran there
-                self._device_buf = torch.empty(max(size, 1), dtype=torch.uint8, device=self._device)
-            device_buf = self._device_buf
-            sent = []
+        size = total + direct_total
+        if self._device_buf is None or self._device_buf.numel() < size:
+            # allocated on the current stream: the previous buffer's last reader ran there
+            self._device_buf = torch.empty(max(size, 1), dtype=torch.uint8, device=self._device)
+        device_buf = self._device_buf
+        direct_views = [self._view(device_buf, f.shape, o) for f, o in zip(direct_frames, direct_offsets)]
+        sent = []
 
-            def send(chunk: UploadChunk) -> None:
-                # on `stream` (current here): after the previous call's kernel, before this one's
-                device_buf[chunk.start : chunk.end].copy_(host[chunk.start : chunk.end], non_blocking=True)
-                sent.append(chunk)
+        def send(chunk: UploadChunk) -> None:
+            # on the current stream: after the previous call's kernel, before this one's
+            device_buf[chunk.start : chunk.end].copy_(host[chunk.start : chunk.end], non_blocking=True)
+            sent.append(chunk)
 
-            try:
-                for frame, offset in zip(direct_frames, direct_offsets):
-                    view = self._view(device_buf, frame.shape, offset)
-                    view.copy_(torch.from_numpy(frame), non_blocking=True)
-                    sent.append(frame)
-                if staged:
-                    fill_chunks(host, staged, offsets, chunks, send, self._fill_pool())
-            finally:
-                if sent:  # even on error: the slot must not be refilled under a running DMA
-                    event = torch.cuda.Event()
-                    event.record(stream)
-                    self._copied[slot] = event
-                    self._held[slot] = direct_frames  # their memory is read until `event`
+        try:
+            for frame, view in zip(direct_frames, direct_views):
+                view.copy_(torch.from_numpy(frame), non_blocking=True)
+                sent.append(frame)
+            if staged:
+                fill_chunks(host, staged, offsets, chunks, send, self._fill_pool())
+        finally:
+            if sent:  # even on error: the slot must not be refilled under a running DMA
+                if self._copied[slot] is None:
+                    self._copied[slot] = torch.cuda.Event()
+                self._copied[slot].record()
+                self._pending[slot] = True
+                self._held[slot] = direct_frames  # their memory is read until the event
         self.direct_frames += len(direct_frames)
-        staged_views = iter(self._view(device_buf, f.shape, o) for f, o in zip(staged, offsets))
-        direct_views = iter(self._view(device_buf, f.shape, o) for f, o in zip(direct_frames, direct_offsets))
-        return [next(direct_views) if direct else next(staged_views) for direct in pinned]
+        if not direct_frames:
+            return [self._view(device_buf, f.shape, o) for f, o in zip(staged, offsets)]
+        staged_views = iter([self._view(device_buf, f.shape, o) for f, o in zip(staged, offsets)])
+        direct_iter = iter(direct_views)
+        return [next(direct_iter) if direct else next(staged_views) for direct in pinned]
 
     @staticmethod
     def _view(buffer: torch.Tensor, shape: Tuple[int, ...], offset: int) -> torch.Tensor:
-        size = int(np.prod(shape))
-        return buffer[offset : offset + size].view(*shape)
+        height, width, channels = shape
+        return buffer[offset : offset + height * width * channels].view(height, width, channels)
 
 
 def _buffer_key(tensor: torch.Tensor) -> Tuple:
@@ -712,6 +720,7 @@ class TritonPreprocess:
         self._cuda = self.device.type == "cuda"
         usable_cuda = self._cuda and self._config_problem is None
         self._stream = torch.cuda.Stream(self.device) if usable_cuda else None
+        self._device_index = self.device.index if self._cuda else None
         self._op = ResizeNormalizeOp(self.device)
         self._staging = _Staging(self.device, chunks=upload_chunks, threads=upload_threads)
         self._out: Optional[torch.Tensor] = None
@@ -856,12 +865,14 @@ class TritonPreprocess:
         with self._lock:
             if not self._cuda:
                 return self._run(frames, out)
-            producer = torch.cuda.current_stream(self.device)
-            self._stream.wait_stream(producer)  # frames / `out` readers queued so far come first
-            with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
-                batch = self._run(frames, out)
-                batch.ready_event = torch.cuda.Event()
-                batch.ready_event.record(self._stream)
+            # one device and one stream context for the whole call (the upload, the launches and
+            # the event all use the current stream); an int index keeps the context cheap
+            with torch.cuda.device(self._device_index):
+                self._stream.wait_stream(torch.cuda.current_stream())  # frames / `out` readers first
+                with torch.cuda.stream(self._stream):
+                    batch = self._run(frames, out)
+                    batch.ready_event = torch.cuda.Event()
+                    batch.ready_event.record()
             if out is not None:
                 out.record_stream(self._stream)
             for frame in frames:
@@ -896,8 +907,8 @@ class TritonPreprocess:
                 host_index.append(index)
                 host_frames.append(array)
         if host_frames:
-            # on the stage's stream (None on CPU), the one the kernels then run on
-            views = self._staging.upload(host_frames, stream=self._stream)
+            # CUDA: sent on the current stream, the stage's (run_supported), where the kernels run
+            views = self._staging.upload(host_frames)
             for index, view in zip(host_index, views):
                 sources[index] = view
         if device_index and self.cuda_graphs and self.graph_fallback_reason is None:
