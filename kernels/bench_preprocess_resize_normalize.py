@@ -239,7 +239,8 @@ def upload_sweep(
             staging = _Staging(device, chunks=chunks, threads=threads)
 
             def call():
-                (view,) = staging.upload([frame], stream=stream)
+                with torch.cuda.stream(stream):  # upload sends on the current stream
+                    (view,) = staging.upload([frame], stream=stream)
                 done = torch.cuda.Event()
                 done.record(stream)
                 return view, done

@@ -568,20 +568,20 @@ class _Staging:
     def upload(
         self, frames: Sequence[np.ndarray], stream: Optional[torch.cuda.Stream] = None
     ) -> List[torch.Tensor]:
-        """Copy ``frames`` into staging and send them (async, on ``stream``: default the current
-        stream of the current device, which the caller has set to the staging's device; the
-        kernel reading the returned device views must run on that stream too, or wait on it).
-        Returns one ``(H, W, 3)`` view per frame (the host slot itself on CPU).
+        """Copy ``frames`` into staging and send them, async, on the current CUDA stream of the
+        staging's device, which the caller has made current (``stream``, when given, must be
+        that stream: it only saves a lookup). The kernel reading the returned device views must
+        run on it too, or wait on it. Returns one ``(H, W, 3)`` view per frame (the host slot
+        itself on CPU).
 
         CUDA: frames already in pinned memory (``is_pinned_frame``: e.g. from
         ``pinned_video_source``) skip the fill and are sent by one async copy each, straight from
         their own memory; the stage holds them until that copy is done."""
-        if stream is None or not self._cuda:
-            return self._upload(frames)
-        with torch.cuda.device(self._device), torch.cuda.stream(stream):
-            return self._upload(frames)
+        if self._cuda and stream is None:
+            stream = torch.cuda.current_stream(self._device.index)
+        return self._upload(frames, stream)
 
-    def _upload(self, frames: Sequence[np.ndarray]) -> List[torch.Tensor]:
+    def _upload(self, frames: Sequence[np.ndarray], stream: Optional[torch.cuda.Stream]) -> List[torch.Tensor]:
         pinned = [self._cuda and is_pinned_frame(frame) for frame in frames]
         staged = [frame for frame, direct in zip(frames, pinned) if not direct]
         offsets, total, chunks = self.plan(staged) if staged else ([], 0, [])
@@ -625,7 +625,7 @@ class _Staging:
             if sent:  # even on error: the slot must not be refilled under a running DMA
                 if self._copied[slot] is None:
                     self._copied[slot] = torch.cuda.Event()
-                self._copied[slot].record()
+                self._copied[slot].record(stream)
                 self._pending[slot] = True
                 self._held[slot] = direct_frames  # their memory is read until the event
         self.direct_frames += len(direct_frames)
@@ -865,14 +865,20 @@ class TritonPreprocess:
         with self._lock:
             if not self._cuda:
                 return self._run(frames, out)
-            # one device and one stream context for the whole call (the upload, the launches and
-            # the event all use the current stream); an int index keeps the context cheap
+            # One device context and the stage's stream made current for the whole call (the
+            # upload, the launches and the event use it). Plain int indexes and set_stream keep
+            # this cheap: torch's stream context and current_stream() without an index each
+            # resolve the current device through several Python calls (~25 us per preprocess).
             with torch.cuda.device(self._device_index):
-                self._stream.wait_stream(torch.cuda.current_stream())  # frames / `out` readers first
-                with torch.cuda.stream(self._stream):
+                producer = torch.cuda.current_stream(self._device_index)
+                self._stream.wait_stream(producer)  # frames / `out` readers queued so far first
+                torch.cuda.set_stream(self._stream)
+                try:
                     batch = self._run(frames, out)
                     batch.ready_event = torch.cuda.Event()
-                    batch.ready_event.record()
+                    batch.ready_event.record(self._stream)
+                finally:
+                    torch.cuda.set_stream(producer)
             if out is not None:
                 out.record_stream(self._stream)
             for frame in frames:
@@ -908,7 +914,7 @@ class TritonPreprocess:
                 host_frames.append(array)
         if host_frames:
             # CUDA: sent on the current stream, the stage's (run_supported), where the kernels run
-            views = self._staging.upload(host_frames)
+            views = self._staging.upload(host_frames, self._stream)
             for index, view in zip(host_index, views):
                 sources[index] = view
         if device_index and self.cuda_graphs and self.graph_fallback_reason is None:
