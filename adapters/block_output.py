@@ -7,7 +7,7 @@ keeps COCO RLE dicts in ``data["rle_mask"]`` and no dense mask, as the stock RLE
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import supervision as sv
@@ -31,7 +31,7 @@ CLASS_NAME_KEY = "class_name"
 
 def to_sv_detections(
     detections: FrameDetections,
-    class_names: Sequence[str],
+    class_names: Union[Sequence[str], np.ndarray],
     image: WorkflowImageData,
     inference_id: Optional[str],
     class_filter: Optional[Sequence[str]] = None,
@@ -49,6 +49,7 @@ def to_sv_detections(
     class_id = detections.class_id[keep].astype(int)
     prediction_type = "rle-instance-segmentation" if rle else "instance-segmentation"
     data = {  # given to the constructor: validated once, not once per key
+        # a str array passes through asarray as is (the runner caches one: class_name_array)
         CLASS_NAME_KEY: np.asarray(class_names, dtype=str)[class_id].reshape(-1),
         DETECTION_ID_KEY: uuid4_strings(count),
         PARENT_ID_KEY: np.array([image.parent_metadata.parent_id] * count, dtype=str).reshape(-1),

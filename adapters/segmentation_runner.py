@@ -6,12 +6,15 @@ the same pair; a lock serialises calls because fast engines own static buffers.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Deque, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
 
 from inference_fastpath.adapters.frames import normalise_frames
 from inference_fastpath.adapters.model_loading import MODEL_REGISTRY, LoadedModel
@@ -53,6 +56,11 @@ class SegmentationRunner:
     @property
     def class_names(self) -> Tuple[str, ...]:
         return self.loaded.class_names
+
+    @functools.cached_property
+    def class_name_array(self) -> np.ndarray:
+        """The class names as a numpy string array, built once (the block indexes it per frame)."""
+        return np.asarray(self.loaded.class_names, dtype=str)
 
     def launch(self, frames: Sequence[Frame]) -> "Launched":
         """Preprocess + engine. On a GPU this only enqueues work; the outputs are read in `complete`."""

@@ -171,11 +171,11 @@ def _with_request_fallback(fast, reference):
     log = _FallbackOnce(f"postprocess={fast.name}")
 
     def run(raw, metadata, request):
-        reason = fast.unsupported_reason(metadata, request, raw)
+        reason, geometries = fast.check(metadata, request, raw)
         if reason is not None:
             log.note(reason)
             return reference(raw, metadata, request)
-        return fast.run_supported(raw, metadata, request)
+        return fast.run_supported(raw, metadata, request, geometries)
 
     run.name = fast.name
     run.fast_stage = fast

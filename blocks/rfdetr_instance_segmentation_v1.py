@@ -379,7 +379,7 @@ class RFDetrInstanceSegmentationBlockV1(WorkflowBlock):
                     "inference_id": inference_id,
                     "predictions": to_sv_detections(
                         frame_detections,
-                        class_names=runner.class_names,
+                        class_names=runner.class_name_array,
                         image=image,
                         inference_id=inference_id,
                         class_filter=class_filter,

@@ -306,3 +306,42 @@ def capture_cuda_graph(
         graph.reset()
 
     return CapturedGraph(replay=graph.replay, outputs=outputs, keepalive=(keepalive, graph), free=free)
+
+
+class BoundedGraphCapture:
+    """Graph captures of one stage, with the bookkeeping both fast stages share: at most
+    ``max_captures`` captures (one-off shapes or thresholds changing per frame would otherwise
+    capture forever), and on the first capture failure or past that bound graphs stay off for
+    the stage, with the reason logged once. ``capture`` returning ``None`` means: run eagerly.
+
+    All captures go through one side ``stream`` (see :func:`capture_cuda_graph`)."""
+
+    def __init__(self, stage: str, device: torch.device, max_captures: int, what: str) -> None:
+        self.stage = stage
+        self.device = device
+        self.max_captures = int(max_captures)
+        self.what = what  # what varies between captures, for the bound's message
+        self.stream = torch.cuda.Stream(device)
+        self.captures = 0
+        self.fallback_reason: Optional[str] = None
+
+    def capture(self, fn: Callable[[], Sequence[torch.Tensor]], keepalive: Any = None) -> Optional[CapturedGraph]:
+        """Capture ``fn`` (its warm-up call inside already computes this call's result)."""
+        if self.fallback_reason is not None:
+            return None
+        if self.captures >= self.max_captures:
+            self.disable(f"more than {self.max_captures} {self.what} seen; running eagerly")
+            return None
+        try:
+            graph = capture_cuda_graph(fn, device=self.device, warmup_iters=1, stream=self.stream,
+                                       keepalive=keepalive)
+        except Exception as error:  # noqa: BLE001 - any capture failure means: run eagerly
+            self.disable(f"capture failed: {type(error).__name__}: {error}")
+            return None
+        self.captures += 1
+        return graph
+
+    def disable(self, reason: str) -> None:
+        if self.fallback_reason is None:
+            self.fallback_reason = reason
+            LOGGER.warning("%s: CUDA graphs off: %s", self.stage, reason)

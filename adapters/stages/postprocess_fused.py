@@ -35,7 +35,7 @@ from inference_models.models.common.roboflow.model_packages import (
     StaticCropOffset,
 )
 
-from inference_fastpath.adapters.engines.cuda_graphs import CapturedGraph, LRUCache, capture_cuda_graph
+from inference_fastpath.adapters.engines.cuda_graphs import BoundedGraphCapture, CapturedGraph, LRUCache
 from inference_fastpath.adapters.masks import largest_external_contour
 from inference_fastpath.adapters.stages.contracts import (
     FrameDetections,
@@ -54,7 +54,7 @@ from inference_fastpath.adapters.stages.postprocess_program import (
 )
 from inference_fastpath.kernels.postprocess_mask_dense import calibrate_accumulation
 from inference_fastpath.kernels.postprocess_mask_rle import transitions_to_crop
-from inference_fastpath.kernels.postprocess_select import frame_geometry
+from inference_fastpath.kernels.postprocess_select import FrameGeometry, frame_geometry
 
 LOGGER = logging.getLogger("inference_fastpath")
 
@@ -95,19 +95,19 @@ class FusedPostprocess:
             self._n_output_classes = int(mapping.max().item()) + 1 if mapping.numel() else 0
         self._acc_mode: Optional[int] = None
         self.cuda_graphs = bool(cuda_graphs)
-        self.graph_fallback_reason: Optional[str] = None
-        self.captures = 0
+        self._captures: Optional[BoundedGraphCapture] = None  # CUDA only
         self._programs: LRUCache[ProgramSpec, _ProgramEntry] = LRUCache(_MAX_PROGRAMS, on_evict=_free_entry)
         self._sizes: Dict[tuple, Tuple[int, int]] = {}  # (output, geometries) -> (payload, prefix)
         self._last_spec: Optional[ProgramSpec] = None
         self._mask_pool = MaskBufferPool()  # dense masks: recycled host buffers (page faults)
-        self._checked_geometries = None  # (metadata, mask grid, geometries) of the last check
-        self._stream = self._capture_stream = None
+        self._stream = None
         if self.device.type == "cuda" and torch.cuda.is_available():
             # high priority: the small postprocess kernels of frame N go ahead of the engine
             # kernels of frame N+1 that a depth-2 pipeline has already queued
             self._stream = torch.cuda.Stream(self.device, priority=-1)
-            self._capture_stream = torch.cuda.Stream(self.device)
+            self._captures = BoundedGraphCapture(
+                "fused postprocess", self.device, _MAX_CAPTURES, "output shapes/thresholds"
+            )
             self.accumulation_mode()  # one-off kernel compile + check at build time, not mid-stream
 
     # ------------------------------------------------------------------ capability checks
@@ -134,31 +134,43 @@ class FusedPostprocess:
         ``raw`` is optional; without it, output-dependent checks (dtypes, query count,
         padding vs mask grid) are done again at call time, which raises ``ValueError``.
         """
+        return self.check(metadata, request, raw)[0]
+
+    def check(
+        self,
+        metadata: Sequence[PreProcessingMetadata],
+        request: PostprocessRequest,
+        raw: Optional[RawOutputs] = None,
+    ) -> Tuple[Optional[str], Optional[Tuple[FrameGeometry, ...]]]:
+        """``(reason, None)`` when this call is not supported; else ``(None, geometries)``: the
+        per-frame geometries the check computed (given ``raw``; else None), which
+        :meth:`run_supported` takes instead of computing them again."""
         if not self._triton_usable():
-            return f"fused postprocess needs a CUDA device or TRITON_INTERPRET=1 (device={self.device})"
+            return f"fused postprocess needs a CUDA device or TRITON_INTERPRET=1 (device={self.device})", None
         if request.mask_format not in _OUTPUTS:
-            return f"mask_format {request.mask_format!r} is not supported"
+            return f"mask_format {request.mask_format!r} is not supported", None
         if request.max_detections is not None and int(request.max_detections) < 0:
-            return "negative max_detections"
+            return "negative max_detections", None
         thr = request.threshold
         if isinstance(thr, torch.Tensor):
             if thr.dim() != 1:
-                return "per-class threshold must be a 1-D tensor"
+                return "per-class threshold must be a 1-D tensor", None
             if thr.numel() < self._n_output_classes:
-                return "per-class threshold is shorter than the class list"
+                return "per-class threshold is shorter than the class list", None
         for meta in metadata:
             if min(meta.pad_left, meta.pad_top, meta.pad_right, meta.pad_bottom) < 0:
-                return "negative letterbox padding"
+                return "negative letterbox padding", None
+        geometries = None
         if raw is not None:
-            reason = self._raw_reason(metadata, raw)
+            reason, geometries = self._raw_check(metadata, raw)
             if reason:
-                return reason
+                return reason, None
             if self.device.type == "cpu" and _has_exact_score_ties(raw.logits, thr, self._kept_columns(raw)):
                 # the kernels order exact ties as torch.topk does on CUDA; the CPU order differs
-                return "exact score ties on the CPU (CUDA's top-k tie order is replayed, not the CPU's)"
+                return "exact score ties on the CPU (CUDA's top-k tie order is replayed, not the CPU's)", None
         if self.accumulation_mode() < 0:
-            return "torch's bilinear resize arithmetic could not be reproduced on this device"
-        return None
+            return "torch's bilinear resize arithmetic could not be reproduced on this device", None
+        return None, geometries
 
     def _kept_columns(self, raw: RawOutputs) -> torch.Tensor:
         """Logit columns whose detections can reach the output (no-object and removed classes
@@ -172,32 +184,32 @@ class FusedPostprocess:
         keep[inside] = mapping[columns[inside]] >= 0
         return columns[keep]
 
-    def _raw_reason(self, metadata: Sequence[PreProcessingMetadata], raw: RawOutputs) -> Optional[str]:
+    def _raw_check(
+        self, metadata: Sequence[PreProcessingMetadata], raw: RawOutputs
+    ) -> Tuple[Optional[str], Optional[Tuple[FrameGeometry, ...]]]:
         if raw.logits.dtype != torch.float32 or raw.boxes.dtype != torch.float32:
-            return "fused selection needs float32 logits and boxes"
+            return "fused selection needs float32 logits and boxes", None
         if raw.masks.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            return f"unsupported mask dtype {raw.masks.dtype}"
+            return f"unsupported mask dtype {raw.masks.dtype}", None
         if raw.logits.dim() != 3 or raw.boxes.dim() != 3 or raw.masks.dim() != 4:
-            return "unexpected engine output ranks"
+            return "unexpected engine output ranks", None
         if raw.logits.shape[1] < _MIN_QUERIES:
-            return "fewer than 33 queries (top-k tie order not reproduced)"
+            return "fewer than 33 queries (top-k tie order not reproduced)", None
         if len(metadata) != raw.logits.shape[0]:
-            return "metadata length does not match the batch"
+            return "metadata length does not match the batch", None
         mh, mw = int(raw.masks.shape[-2]), int(raw.masks.shape[-1])
         geometries = []
         for meta in metadata:
             try:
                 g = frame_geometry(meta, mh, mw)
             except ValueError as error:
-                return str(error)
+                return str(error), None
             if self.device.type == "cpu" and g.crop_w == g.target_w == 1 and g.crop_h != g.target_h:
                 # torch's CPU antialiased resize of a (H, 1) -> (H', 1) image returns the first
                 # row everywhere; the fused kernels compute the real resize (as CUDA does)
-                return "1-pixel-wide mask on CPU (torch's CPU resize is wrong there; not replayed)"
+                return "1-pixel-wide mask on CPU (torch's CPU resize is wrong there; not replayed)", None
             geometries.append(g)
-        # the call that follows the check reuses them (same metadata list, same mask grid)
-        self._checked_geometries = (metadata, (mh, mw), tuple(geometries))
-        return None
+        return None, tuple(geometries)
 
     # ------------------------------------------------------------------ main entry
 
@@ -207,19 +219,21 @@ class FusedPostprocess:
         metadata: List[PreProcessingMetadata],
         request: PostprocessRequest,
     ) -> List[FrameDetections]:
-        reason = self.unsupported_reason(metadata, request, raw)
+        reason, geometries = self.check(metadata, request, raw)
         if reason is not None:
             # raw outputs are left untouched (not released) so the caller can fall back
             raise ValueError(f"FusedPostprocess cannot handle this call: {reason}")
-        return self.run_supported(raw, metadata, request)
+        return self.run_supported(raw, metadata, request, geometries)
 
     def run_supported(
         self,
         raw: RawOutputs,
         metadata: List[PreProcessingMetadata],
         request: PostprocessRequest,
+        geometries: Optional[Tuple[FrameGeometry, ...]] = None,
     ) -> List[FrameDetections]:
-        """``__call__`` for a call :meth:`unsupported_reason` (given ``raw``) has just accepted."""
+        """``__call__`` for a call :meth:`check` (given ``raw``) has just accepted; ``geometries``:
+        the ones that check returned (None: computed here)."""
         released = []
 
         def release(event=None) -> None:
@@ -229,23 +243,19 @@ class FusedPostprocess:
 
         try:
             if self._stream is None:
-                return self._run(raw, metadata, request, release)
+                return self._run(raw, metadata, request, release, geometries)
             if raw.done_event is not None:
                 self._stream.wait_event(raw.done_event)
             with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
-                return self._run(raw, metadata, request, release)
+                return self._run(raw, metadata, request, release, geometries)
         finally:
             release()  # after an error: the copies (if any) were enqueued before it
 
     def _run(self, raw: RawOutputs, metadata: List[PreProcessingMetadata], request: PostprocessRequest,
-             release) -> List[FrameDetections]:
-        mh, mw = int(raw.masks.shape[-2]), int(raw.masks.shape[-1])
-        checked = self._checked_geometries
-        if checked is not None and checked[0] is metadata and checked[1] == (mh, mw):
-            geoms = checked[2]
-        else:
+             release, geoms: Optional[Tuple[FrameGeometry, ...]]) -> List[FrameDetections]:
+        if geoms is None:
+            mh, mw = int(raw.masks.shape[-2]), int(raw.masks.shape[-1])
             geoms = tuple(frame_geometry(m, mh, mw) for m in metadata)
-        self._checked_geometries = None
         output = _OUTPUTS[request.mask_format]
         sizes_key = (output, geoms)
         capacity, prefix = self._sizes.get(sizes_key, _DEFAULT_SIZES[output])
@@ -296,34 +306,26 @@ class FusedPostprocess:
 
     def _graph(self, program: PostprocessProgram):
         """The captured graph of ``program``, capturing it on first use; None -> run eagerly."""
-        if self._stream is None or not self.cuda_graphs:
+        if self._captures is None or not self.cuda_graphs:
             return None
         entry = self._programs.get(program.spec)
-        if entry.graph is not None:
-            return entry.graph
-        if self.graph_fallback_reason is not None:
-            return None
-        if self.captures >= _MAX_CAPTURES:
-            self._no_graphs(f"more than {_MAX_CAPTURES} output shapes/thresholds seen; running eagerly")
-            return None
-        try:
-            entry.graph = capture_cuda_graph(program.enqueue, device=self.device, warmup_iters=1,
-                                             stream=self._capture_stream)
-        except Exception as error:  # noqa: BLE001 - any capture failure means: run eagerly
-            self._no_graphs(f"capture failed: {type(error).__name__}: {error}")
-            return None
-        self.captures += 1
+        if entry.graph is None:
+            entry.graph = self._captures.capture(program.enqueue)
         return entry.graph
+
+    @property
+    def graph_fallback_reason(self) -> Optional[str]:
+        """Why CUDA graphs went off for this stage (None while they are on or not requested)."""
+        return self._captures.fallback_reason if self._captures is not None else None
+
+    @property
+    def captures(self) -> int:
+        return self._captures.captures if self._captures is not None else 0
 
     def last_graph(self) -> Optional[Tuple[CapturedGraph, Any]]:
         """(graph, stream) of the most recent call when it was captured (benchmarks time it)."""
         entry = self._programs.get(self._last_spec) if self._last_spec is not None else None
         return (entry.graph, self._stream) if entry is not None and entry.graph is not None else None
-
-    def _no_graphs(self, reason: str) -> None:
-        if self.graph_fallback_reason is None:
-            self.graph_fallback_reason = reason
-            LOGGER.warning("fused postprocess: CUDA graphs off: %s", reason)
 
     def _record_event(self):
         if self._stream is None:

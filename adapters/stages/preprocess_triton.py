@@ -49,7 +49,7 @@ from inference_models.models.common.roboflow.model_packages import (
     TrainingInputSize,
 )
 
-from inference_fastpath.adapters.engines.cuda_graphs import CapturedGraph, LRUCache, capture_cuda_graph
+from inference_fastpath.adapters.engines.cuda_graphs import BoundedGraphCapture, CapturedGraph, LRUCache
 from inference_fastpath.adapters.pinned_frames import is_pinned_frame
 from inference_fastpath.adapters.stages.contracts import Frame, PreprocessedBatch
 from inference_fastpath.kernels.preprocess_resize_normalize import (
@@ -729,11 +729,12 @@ class TritonPreprocess:
         # CUDA graphs of kernel launches (see _launch_group); CUDA frames are then copied into a
         # static device buffer so every launch reads a fixed address
         self.cuda_graphs = bool(cuda_graphs) and self._stream is not None
-        self.graph_fallback_reason: Optional[str] = None
-        self.captures = 0
+        self._captures = (
+            BoundedGraphCapture("triton preprocess", self.device, _MAX_LAUNCH_CAPTURES, "frame shapes / buffers")
+            if self.cuda_graphs else None
+        )
         self._graphs: LRUCache[Tuple, CapturedGraph] = LRUCache(_MAX_LAUNCH_GRAPHS, on_evict=self._free_graph)
         self._sighted: "OrderedDict[Tuple, None]" = OrderedDict()
-        self._capture_stream = torch.cuda.Stream(self.device) if self.cuda_graphs else None
         self._device_frames: Optional[torch.Tensor] = None
         if self._config_problem is None:
             self._lut(dtype)
@@ -917,7 +918,7 @@ class TritonPreprocess:
             views = self._staging.upload(host_frames, self._stream)
             for index, view in zip(host_index, views):
                 sources[index] = view
-        if device_index and self.cuda_graphs and self.graph_fallback_reason is None:
+        if device_index and self._captures is not None and self._captures.fallback_reason is None:
             for index, view in zip(device_index, self._static_device_copies([sources[i] for i in device_index])):
                 sources[index] = view
         return sources  # type: ignore[return-value]
@@ -937,8 +938,17 @@ class TritonPreprocess:
 
     # -- launches: eager, or captured once per (plan, buffers) and replayed --------------------
 
+    @property
+    def graph_fallback_reason(self) -> Optional[str]:
+        """Why CUDA graphs went off for this stage (None while they are on or not requested)."""
+        return self._captures.fallback_reason if self._captures is not None else None
+
+    @property
+    def captures(self) -> int:
+        return self._captures.captures if self._captures is not None else 0
+
     def _launch_group(self, plan: FramePlan, group: torch.Tensor, target: torch.Tensor) -> None:
-        if not self.cuda_graphs or self.graph_fallback_reason is not None:
+        if self._captures is None or self._captures.fallback_reason is not None:
             self._launch(plan, group, target)
             return
         key = (plan.launch_key, _buffer_key(group), _buffer_key(target))
@@ -952,44 +962,33 @@ class TritonPreprocess:
                 self._sighted.popitem(last=False)
             self._launch(plan, group, target)
             return
-        if self.captures >= _MAX_LAUNCH_CAPTURES:
-            self._no_graphs(f"more than {_MAX_LAUNCH_CAPTURES} frame shapes / buffers seen; launching eagerly")
-            self._launch(plan, group, target)
-            return
-        used: List[torch.Tensor] = []
+        used: List[torch.Tensor] = []  # what the launches read besides group and target
 
         def launch():
-            self._launch(plan, group, target, keep=used)
+            self._launch(plan, group, target)
             return ()
 
         self._op.keep = used
         try:
             # the warm-up launch inside computes this call's output; the capture only records
-            graph = capture_cuda_graph(launch, device=self.device, warmup_iters=1, stream=self._capture_stream,
-                                       keepalive=(group, target, used))
-        except Exception as error:  # noqa: BLE001 - any capture failure means: launch eagerly
-            self._no_graphs(f"capture failed: {type(error).__name__}: {error}")
-            self._launch(plan, group, target)
-            return
+            graph = self._captures.capture(launch, keepalive=(group, target, used))
         finally:
             self._op.keep = None
-        self.captures += 1
+        if graph is None:  # no capture (bound reached or capture failed): launch eagerly
+            self._launch(plan, group, target)
+            return
         self._graphs.put(key, graph)
-
-    def _no_graphs(self, reason: str) -> None:
-        if self.graph_fallback_reason is None:
-            self.graph_fallback_reason = reason
-            LOGGER.warning("triton preprocess: CUDA graphs off: %s", reason)
 
     def _free_graph(self, _key: Tuple, graph: CapturedGraph) -> None:
         self._stream.synchronize()  # a replay of it may still be queued (evictions are rare)
         if graph.free is not None:
             graph.free()
 
-    def _launch(self, plan: FramePlan, group: torch.Tensor, target: torch.Tensor,
-                keep: Optional[List[torch.Tensor]] = None) -> None:
-        """The kernel launch(es) of one group; ``keep`` collects the buffers they read besides
-        ``group`` and ``target`` (a captured graph must keep them alive)."""
+    def _launch(self, plan: FramePlan, group: torch.Tensor, target: torch.Tensor) -> None:
+        """The kernel launch(es) of one group. While a capture runs, the op's ``keep`` list
+        collects every buffer they read besides ``group`` and ``target`` (the LUT and canvas
+        here, the coefficient tables in the op): the graph keeps them alive."""
+        keep = self._op.keep
         lut = self._lut(target.dtype)
         if keep is not None:
             keep.append(lut)
