@@ -345,3 +345,20 @@ class BoundedGraphCapture:
         if self.fallback_reason is None:
             self.fallback_reason = reason
             LOGGER.warning("%s: CUDA graphs off: %s", self.stage, reason)
+
+
+class GraphCaptureStats:
+    """Mixin for a stage whose captures go through a :class:`BoundedGraphCapture` held in
+    ``_captures`` (None: graphs not requested or no CUDA)."""
+
+    _captures: Optional[BoundedGraphCapture] = None
+
+    @property
+    def graph_fallback_reason(self) -> Optional[str]:
+        """Why CUDA graphs went off for this stage (None while they are on or not requested)."""
+        return self._captures.fallback_reason if self._captures is not None else None
+
+    @property
+    def captures(self) -> int:
+        """Graphs captured so far."""
+        return self._captures.captures if self._captures is not None else 0

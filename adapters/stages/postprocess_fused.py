@@ -35,7 +35,12 @@ from inference_models.models.common.roboflow.model_packages import (
     StaticCropOffset,
 )
 
-from inference_fastpath.adapters.engines.cuda_graphs import BoundedGraphCapture, CapturedGraph, LRUCache
+from inference_fastpath.adapters.engines.cuda_graphs import (
+    BoundedGraphCapture,
+    CapturedGraph,
+    GraphCaptureStats,
+    LRUCache,
+)
 from inference_fastpath.adapters.masks import largest_external_contour
 from inference_fastpath.adapters.stages.contracts import (
     FrameDetections,
@@ -70,7 +75,7 @@ _MAX_PROGRAMS = 4  # live programs (static buffers + graph) per stage, least rec
 _MAX_CAPTURES = 16  # beyond this many captures (thresholds changing per frame?) run eagerly
 
 
-class FusedPostprocess:
+class FusedPostprocess(GraphCaptureStats):
     """Triton postprocess for RF-DETR segmentation (see module docstring).
 
     Not thread-safe (reuses pinned host buffers); use one instance per worker.
@@ -312,15 +317,6 @@ class FusedPostprocess:
         if entry.graph is None:
             entry.graph = self._captures.capture(program.enqueue)
         return entry.graph
-
-    @property
-    def graph_fallback_reason(self) -> Optional[str]:
-        """Why CUDA graphs went off for this stage (None while they are on or not requested)."""
-        return self._captures.fallback_reason if self._captures is not None else None
-
-    @property
-    def captures(self) -> int:
-        return self._captures.captures if self._captures is not None else 0
 
     def last_graph(self) -> Optional[Tuple[CapturedGraph, Any]]:
         """(graph, stream) of the most recent call when it was captured (benchmarks time it)."""

@@ -49,7 +49,12 @@ from inference_models.models.common.roboflow.model_packages import (
     TrainingInputSize,
 )
 
-from inference_fastpath.adapters.engines.cuda_graphs import BoundedGraphCapture, CapturedGraph, LRUCache
+from inference_fastpath.adapters.engines.cuda_graphs import (
+    BoundedGraphCapture,
+    CapturedGraph,
+    GraphCaptureStats,
+    LRUCache,
+)
 from inference_fastpath.adapters.pinned_frames import is_pinned_frame
 from inference_fastpath.adapters.stages.contracts import Frame, PreprocessedBatch
 from inference_fastpath.kernels.preprocess_resize_normalize import (
@@ -685,7 +690,7 @@ def _group_frames(sources: List[torch.Tensor], plans: List[FramePlan]) -> List[T
 # --------------------------------------------------------------------------------------------
 
 
-class TritonPreprocess:
+class TritonPreprocess(GraphCaptureStats):
     """Preprocess stage (``PreprocessStage`` protocol) running the fused Triton kernels."""
 
     name = "triton_preprocess"
@@ -937,15 +942,6 @@ class TritonPreprocess:
         return views
 
     # -- launches: eager, or captured once per (plan, buffers) and replayed --------------------
-
-    @property
-    def graph_fallback_reason(self) -> Optional[str]:
-        """Why CUDA graphs went off for this stage (None while they are on or not requested)."""
-        return self._captures.fallback_reason if self._captures is not None else None
-
-    @property
-    def captures(self) -> int:
-        return self._captures.captures if self._captures is not None else 0
 
     def _launch_group(self, plan: FramePlan, group: torch.Tensor, target: torch.Tensor) -> None:
         if self._captures is None or self._captures.fallback_reason is not None:

@@ -1,5 +1,7 @@
-"""Chunked pinned upload of the Triton preprocess stage on a CUDA GPU: same bytes as the single
-copy and as a frame already on the device, and no slot overwritten under a pending DMA.
+"""Uploads of the Triton preprocess stage on a CUDA GPU. Chunked pinned staging: same bytes as the
+single copy and as a frame already on the device, and no slot overwritten under a pending DMA. Frames
+already in pinned memory (one async copy each, no staging fill): same output as the staged path, mixed
+batches included, and a pooled frame is never handed out again while its copy may be pending.
 
 Run with ``pytest -m gpu tests/gpu/test_preprocess_upload_gpu.py``.
 """
@@ -19,6 +21,7 @@ from inference_models.models.common.roboflow.model_packages import (  # noqa: E4
     ImagePreProcessing,
 )
 
+from inference_fastpath.adapters.pinned_frames import PinnedFramePool, is_pinned_frame  # noqa: E402
 from inference_fastpath.adapters.stages.preprocess_triton import TritonPreprocess, stretch_network_input  # noqa: E402
 
 
@@ -68,3 +71,76 @@ def test_no_slot_overwritten_under_pending_dma(chunks, threads):
     for frame, out, event in zip(frames, outs, events):
         event.synchronize()
         assert torch.equal(out, _on_device(reference, [frame]))
+
+
+def _pinned_copy(frame: np.ndarray) -> np.ndarray:
+    pinned = torch.empty(frame.shape, dtype=torch.uint8, pin_memory=True).numpy()
+    pinned[...] = frame
+    return pinned
+
+
+def _output(stage: TritonPreprocess, frames) -> torch.Tensor:
+    batch = stage(frames)
+    batch.ready_event.synchronize()
+    return batch.tensor.clone()
+
+
+def test_pinned_frames_are_detected():
+    frame = _image(6, 7, seed=0)
+    pinned = _pinned_copy(frame)
+    assert is_pinned_frame(pinned) and not is_pinned_frame(frame)
+    assert is_pinned_frame(PinnedFramePool().take(6, 7))
+    assert not is_pinned_frame(pinned[:, ::-1])  # strided: staged instead
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_pinned_frames_give_the_staged_output(cuda_graphs):
+    stage, staged = _stage(cuda_graphs=cuda_graphs), _stage(cuda_graphs=False)
+    cases = [
+        [_image(1080, 1920, seed=1)],
+        [_image(1081, 1917, seed=2), _image(1, 5, seed=3)],
+        [_image(576, 768, seed=4)] * 3,
+    ]
+    for frames in cases:
+        pinned = [_pinned_copy(f) for f in frames]
+        expected = _output(staged, frames)
+        before = stage._staging.direct_frames
+        for _ in range(3):  # eager, first sighting, then captured replays
+            assert torch.equal(_output(stage, pinned), expected)
+        assert stage._staging.direct_frames - before == 3 * len(frames)
+
+
+def test_mixed_batch_of_pinned_pageable_and_device_frames():
+    stage, staged = _stage(), _stage(cuda_graphs=False)
+    frames = [_image(720, 1280, seed=5), _image(577, 769, seed=6), _image(1080, 1920, seed=7), _image(30, 40, seed=8)]
+    mixed = [
+        _pinned_copy(frames[0]),
+        frames[1],
+        torch.from_numpy(frames[2]).cuda(),
+        _pinned_copy(frames[3]),
+    ]
+    expected = _output(staged, frames)
+    for _ in range(3):
+        assert torch.equal(_output(stage, mixed), expected)
+
+
+def test_pooled_frame_not_reused_while_its_copy_is_pending():
+    """The caller's stream is kept busy, so the copy of each pinned frame waits behind it: the
+    stage must hold the frame (the pool sees it in use) until that copy has run."""
+    stage, staged = _stage(), _stage(cuda_graphs=False)
+    pool = PinnedFramePool()
+    sources = [_image(2160, 3840, seed=20 + i) for i in range(5)]
+    outs = [torch.empty(1, 3, 312, 312, device="cuda") for _ in sources]
+    events, addresses = [], []
+    for source, out in zip(sources, outs):
+        frame = pool.take(2160, 3840)
+        frame[...] = source
+        addresses.append(frame.ctypes.data)
+        torch.cuda._sleep(20_000_000)  # ~10 ms of GPU time before this frame's copy can run
+        events.append(stage([frame], out=out).ready_event)
+        del frame  # only the stage holds it now
+    assert len(set(addresses[:2])) == 2  # the frame of the previous call was still in flight
+    for source, out, event in zip(sources, outs, events):
+        event.synchronize()
+        assert torch.equal(out, _output(staged, [source]))
+    assert pool.allocations <= 3  # and frames came back once their copies were done
