@@ -7,8 +7,7 @@ thread pool has to wake up, which it does for each frame in a pipeline: see
 Triton preprocess stage sees that (``is_pinned_frame``) and sends the frame by one async copy.
 
 ``adapters/pinned_video_source.py`` decodes video into frames from a :class:`PinnedFramePool`.
-A buffer is reused only once nothing references its frame any more (CPython's reference count:
-the same rule as ``adapters/stages/mask_buffers.py``), so a frame kept by a sink, a queue or an
+A buffer is reused only once nothing references its frame any more (``adapters/recycling.py``), so a frame kept by a sink, a queue or an
 in-flight upload is never overwritten. Past the pinned-memory budget, or without CUDA, frames are
 decoded into ordinary memory as before, with the reason logged once.
 """
@@ -16,17 +15,16 @@ decoded into ordinary memory as before, with the reason logged once.
 from __future__ import annotations
 
 import logging
-import sys
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
+from inference_fastpath.adapters.recycling import is_unreferenced
+
 LOGGER = logging.getLogger("inference_fastpath")
 
 DEFAULT_PINNED_BUDGET_BYTES = 1 << 30  # ~170 1080p frames: a source buffer of 64 plus in-flight ones
-# References to an idle frame while `_idle` looks at it: the pool's list and getrefcount's argument.
-_IDLE_REFERENCES = 2
 
 
 def is_pinned_frame(frame: np.ndarray) -> bool:
@@ -62,7 +60,7 @@ class PinnedFramePool:
     def take(self, height: int, width: int) -> Optional[np.ndarray]:
         frames = self._frames.setdefault((height, width), [])
         for index in range(len(frames)):
-            if _idle(frames, index):
+            if is_unreferenced(frames, index):
                 return frames[index]
         nbytes = height * width * 3
         if self.allocated_bytes + nbytes > self.budget_bytes:
@@ -85,7 +83,7 @@ class PinnedFramePool:
         return frame
 
     def in_use(self) -> int:
-        return sum(not _idle(frames, i) for frames in self._frames.values() for i in range(len(frames)))
+        return sum(not is_unreferenced(frames, i) for frames in self._frames.values() for i in range(len(frames)))
 
     def _allocate(self, height: int, width: int) -> np.ndarray:
         if not self.pin:
@@ -99,7 +97,7 @@ class PinnedFramePool:
             if shape == keep:
                 continue
             for index in reversed(range(len(frames))):
-                if _idle(frames, index):
+                if is_unreferenced(frames, index):
                     self.allocated_bytes -= frames[index].nbytes
                     del frames[index]
 
@@ -107,10 +105,6 @@ class PinnedFramePool:
         if self.fallback_reason is None:
             self.fallback_reason = reason
             LOGGER.warning("pinned frames: decoding into ordinary memory for now: %s", reason)
-
-
-def _idle(frames: List[np.ndarray], index: int) -> bool:
-    return sys.getrefcount(frames[index]) <= _IDLE_REFERENCES
 
 
 __all__ = [

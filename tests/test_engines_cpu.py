@@ -605,6 +605,7 @@ def fake_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current)
     monkeypatch.setattr(torch.cuda, "stream", _NullContext)
     monkeypatch.setattr(torch.cuda, "device", _NullContext)
+    monkeypatch.setattr(base, "stream_made_current", _NullContext)
     monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None)
     captures = []
 

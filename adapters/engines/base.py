@@ -41,6 +41,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from inference_fastpath.adapters.cuda_streams import stream_made_current
 from inference_fastpath.adapters.engines.cuda_graphs import (
     CapturedGraph,
     GraphKey,
@@ -303,7 +304,7 @@ class EngineBase(abc.ABC):
                 stream.wait_event(batch.ready_event)
             else:
                 stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.device(self.device), torch.cuda.stream(stream):
+            with stream_made_current(stream):
                 boxes, logits, masks, release, buffer_key = self._run_on_stream(x, stream)
                 done = torch.cuda.Event()
                 done.record(stream)

@@ -10,14 +10,11 @@ pool allocate, as before.
 
 from __future__ import annotations
 
-import sys
 from typing import Dict, List, Tuple
 
 import numpy as np
 
-# References to an idle buffer while `_idle` looks at it: the pool's list and getrefcount's own
-# argument (the buffer is read straight from the list: no local name holds it).
-_IDLE_REFERENCES = 2
+from inference_fastpath.adapters.recycling import is_unreferenced
 
 
 class MaskBufferPool:
@@ -33,7 +30,7 @@ class MaskBufferPool:
     def take(self, n: int, height: int, width: int) -> np.ndarray:
         """A zeroed ``(n, height, width)`` bool view the caller may give away."""
         buffers = self._buffers.setdefault((height, width), [])
-        idle = [i for i in range(len(buffers)) if _idle(buffers, i)]
+        idle = [i for i in range(len(buffers)) if is_unreferenced(buffers, i)]
         for i in idle:
             if buffers[i].shape[0] >= n:
                 view = buffers[i][:n]
@@ -47,7 +44,3 @@ class MaskBufferPool:
         if len(buffers) < self.buffers_per_size:
             buffers.append(base)
         return base[:n]
-
-
-def _idle(buffers: List[np.ndarray], index: int) -> bool:
-    return sys.getrefcount(buffers[index]) <= _IDLE_REFERENCES

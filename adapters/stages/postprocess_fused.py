@@ -35,6 +35,7 @@ from inference_models.models.common.roboflow.model_packages import (
     StaticCropOffset,
 )
 
+from inference_fastpath.adapters.cuda_streams import stream_made_current
 from inference_fastpath.adapters.engines.cuda_graphs import (
     BoundedGraphCapture,
     CapturedGraph,
@@ -251,7 +252,7 @@ class FusedPostprocess(GraphCaptureStats):
                 return self._run(raw, metadata, request, release, geometries)
             if raw.done_event is not None:
                 self._stream.wait_event(raw.done_event)
-            with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
+            with stream_made_current(self._stream):
                 return self._run(raw, metadata, request, release, geometries)
         finally:
             release()  # after an error: the copies (if any) were enqueued before it

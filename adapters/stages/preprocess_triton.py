@@ -55,6 +55,7 @@ from inference_fastpath.adapters.engines.cuda_graphs import (
     GraphCaptureStats,
     LRUCache,
 )
+from inference_fastpath.adapters.cuda_streams import stream_made_current
 from inference_fastpath.adapters.pinned_frames import is_pinned_frame
 from inference_fastpath.adapters.stages.contracts import Frame, PreprocessedBatch
 from inference_fastpath.kernels.preprocess_resize_normalize import (
@@ -582,11 +583,6 @@ class _Staging:
         CUDA: frames already in pinned memory (``is_pinned_frame``: e.g. from
         ``pinned_video_source``) skip the fill and are sent by one async copy each, straight from
         their own memory; the stage holds them until that copy is done."""
-        if self._cuda and stream is None:
-            stream = torch.cuda.current_stream(self._device.index)
-        return self._upload(frames, stream)
-
-    def _upload(self, frames: Sequence[np.ndarray], stream: Optional[torch.cuda.Stream]) -> List[torch.Tensor]:
         pinned = [self._cuda and is_pinned_frame(frame) for frame in frames]
         staged = [frame for frame, direct in zip(frames, pinned) if not direct]
         offsets, total, chunks = self.plan(staged) if staged else ([], 0, [])
@@ -604,6 +600,8 @@ class _Staging:
             fill_chunks(host, frames, offsets, chunks, pool=self._fill_pool())
             return [self._view(host, f.shape, o) for f, o in zip(frames, offsets)]
 
+        if stream is None:
+            stream = torch.cuda.current_stream(self._device.index)
         direct_frames = [frame for frame, direct in zip(frames, pinned) if direct]
         direct_offsets, direct_total = staging_layout(direct_frames)
         direct_offsets = [total + offset for offset in direct_offsets]  # after the staged frames
@@ -634,10 +632,8 @@ class _Staging:
                 self._pending[slot] = True
                 self._held[slot] = direct_frames  # their memory is read until the event
         self.direct_frames += len(direct_frames)
-        if not direct_frames:
-            return [self._view(device_buf, f.shape, o) for f, o in zip(staged, offsets)]
         staged_views = iter([self._view(device_buf, f.shape, o) for f, o in zip(staged, offsets)])
-        direct_iter = iter(direct_views)
+        direct_iter = iter(direct_views)  # back in the callers' frame order
         return [next(direct_iter) if direct else next(staged_views) for direct in pinned]
 
     @staticmethod
@@ -725,7 +721,6 @@ class TritonPreprocess(GraphCaptureStats):
         self._cuda = self.device.type == "cuda"
         usable_cuda = self._cuda and self._config_problem is None
         self._stream = torch.cuda.Stream(self.device) if usable_cuda else None
-        self._device_index = self.device.index if self._cuda else None
         self._op = ResizeNormalizeOp(self.device)
         self._staging = _Staging(self.device, chunks=upload_chunks, threads=upload_threads)
         self._out: Optional[torch.Tensor] = None
@@ -871,20 +866,13 @@ class TritonPreprocess(GraphCaptureStats):
         with self._lock:
             if not self._cuda:
                 return self._run(frames, out)
-            # One device context and the stage's stream made current for the whole call (the
-            # upload, the launches and the event use it). Plain int indexes and set_stream keep
-            # this cheap: torch's stream context and current_stream() without an index each
-            # resolve the current device through several Python calls (~25 us per preprocess).
-            with torch.cuda.device(self._device_index):
-                producer = torch.cuda.current_stream(self._device_index)
+            # the stage's stream is current for the whole call: the upload, the launches and the
+            # event use it
+            with stream_made_current(self._stream) as producer:
                 self._stream.wait_stream(producer)  # frames / `out` readers queued so far first
-                torch.cuda.set_stream(self._stream)
-                try:
-                    batch = self._run(frames, out)
-                    batch.ready_event = torch.cuda.Event()
-                    batch.ready_event.record(self._stream)
-                finally:
-                    torch.cuda.set_stream(producer)
+                batch = self._run(frames, out)
+                batch.ready_event = torch.cuda.Event()
+                batch.ready_event.record(self._stream)
             if out is not None:
                 out.record_stream(self._stream)
             for frame in frames:
