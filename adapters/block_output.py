@@ -1,7 +1,9 @@
 """Last stage: host detections -> ``sv.Detections`` with the data keys stock Workflows blocks expect.
 
-Dense masks are attached as they come out of the postprocess (no polygon round trip); the RLE output
-keeps COCO RLE dicts in ``data["rle_mask"]`` and no dense mask, as the stock RLE kind does.
+Dense masks are attached as they come out of the postprocess (no polygon round trip), minus the
+detections the stock v3 block's polygon step drops (masks whose largest contour has fewer than 3
+points); the RLE output keeps COCO RLE dicts in ``data["rle_mask"]`` and no dense mask, and keeps every
+detection, as the stock v4 (RLE) block does.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from inference.core.workflows.execution_engine.constants import (
 )
 from inference.core.workflows.execution_engine.entities.base import WorkflowImageData
 
+from inference_fastpath.adapters.masks import survives_polygon_step
 from inference_fastpath.adapters.stages.contracts import FrameDetections
 
 CLASS_NAME_KEY = "class_name"
@@ -37,6 +40,8 @@ def to_sv_detections(
     class_filter: Optional[Sequence[str]] = None,
 ) -> sv.Detections:
     keep = _class_filter_mask(detections.class_id, class_names, class_filter)
+    if detections.dense_masks is not None and len(keep):
+        keep &= survives_polygon_step(detections.dense_masks, detections.xyxy)
     count = int(keep.sum())
     keep_all = count == len(keep)  # the usual case: no copy of the (N, H, W) masks
     height, width = detections.image_size

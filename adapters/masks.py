@@ -16,3 +16,30 @@ def largest_external_contour(mask: np.ndarray) -> np.ndarray:
         return np.zeros((0, 2), dtype=np.float32)
     longest = max(contours, key=len)
     return longest.reshape(-1, 2).astype(np.float32)
+
+
+def survives_polygon_step(masks: np.ndarray, xyxy: np.ndarray) -> np.ndarray:
+    """(N,) bool: which dense masks the stock v3 block keeps.
+
+    Stock turns each mask into its largest external contour and drops detections whose polygon
+    has fewer than 3 points (empty masks, single pixels, straight 1-pixel lines). A mask with 3
+    pixels of one 2x2 window has a component that is not a straight line, hence such a polygon;
+    two rows through the box centre usually show one, so the contour is traced only for the rest.
+
+    Example:
+        >>> masks = np.zeros((2, 4, 4), bool); masks[0, 1:3, 1:3] = True; masks[1, 2, :] = True
+        >>> survives_polygon_step(masks, np.array([[1, 1, 3, 3], [0, 2, 4, 3]], float)).tolist()
+        [True, False]
+    """
+    keep = np.zeros(len(masks), dtype=bool)
+    height = masks.shape[1] if masks.ndim == 3 else 0
+    for index, mask in enumerate(masks):
+        if height >= 2:
+            row = min(max(int((xyxy[index, 1] + xyxy[index, 3]) / 2), 0), height - 2)
+            pair = mask[row : row + 2].view(np.uint8)
+            windows = pair[0, :-1] + pair[0, 1:] + pair[1, :-1] + pair[1, 1:]
+            if windows.size and windows.max() >= 3:
+                keep[index] = True
+                continue
+        keep[index] = len(largest_external_contour(mask)) >= 3
+    return keep

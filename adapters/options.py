@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Dict, Literal, Mapping, Optional, Tuple, get_args
 
+from pydantic import TypeAdapter, ValidationError
+
 PreprocessChoice = Literal["auto", "triton", "reference"]
 EngineChoice = Literal["auto", "tensorrt", "torch", "onnx"]
 PostprocessChoice = Literal["auto", "fused", "reference"]
@@ -24,6 +26,9 @@ ALLOWED_VALUES: Dict[str, Tuple[Any, ...]] = {
     "mask_output": get_args(MaskOutputChoice),
     "pipeline_depth": get_args(PipelineDepth),
 }
+
+
+_BOOL = TypeAdapter(bool)
 
 
 class InvalidOptionError(ValueError):
@@ -49,9 +54,14 @@ class FastpathOptions:
                     f"Invalid value {value!r} for option `{name}`: expected one of {list(allowed)}."
                 )
         if not isinstance(self.cuda_graphs, bool):
-            raise InvalidOptionError(
-                f"Invalid value {self.cuda_graphs!r} for option `cuda_graphs`: expected true or false."
-            )
+            # a selector hands the raw value over ("false" from $inputs); parse it as the manifest
+            # parses the same text written into the workflow JSON
+            try:
+                object.__setattr__(self, "cuda_graphs", _BOOL.validate_python(self.cuda_graphs))
+            except ValidationError:
+                raise InvalidOptionError(
+                    f"Invalid value {self.cuda_graphs!r} for option `cuda_graphs`: expected true or false."
+                ) from None
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any]) -> "FastpathOptions":

@@ -17,6 +17,7 @@ import torch
 
 from inference_fastpath.adapters.model_loading import LoadedModel
 from inference_fastpath.adapters.options import FastpathOptions
+from inference_fastpath.adapters.stages.contracts import PostprocessRequest
 from inference_fastpath.adapters.stages.engine_reference import ReferenceEngine
 from inference_fastpath.adapters.stages.postprocess_reference import ReferencePostprocess
 from inference_fastpath.adapters.stages.preprocess_reference import ReferencePreprocess
@@ -30,6 +31,7 @@ class StageChoice:
     requested: str
     selected: str
     fallback_reason: Optional[str] = None
+    note: Optional[str] = None  # a selected fast stage's stated difference from the reference, if any
 
 
 def _import_attribute(module: str, attribute: str) -> Tuple[Optional[Any], Optional[str]]:
@@ -135,7 +137,12 @@ def select_postprocess(options: FastpathOptions, loaded: LoadedModel) -> Tuple[C
     )
     if stage is None:
         return reference, StageChoice("postprocess", options.postprocess, "reference", reason)
-    return _with_request_fallback(stage, reference), StageChoice("postprocess", options.postprocess, "fused")
+    if not stage.accumulation().usable:  # known now for every call: say so once, at selection
+        reason = stage.unsupported_reason([], PostprocessRequest(0.5, None, "dense"))
+        return reference, StageChoice("postprocess", options.postprocess, "reference", reason)
+    return _with_request_fallback(stage, reference), StageChoice(
+        "postprocess", options.postprocess, "fused", note=stage.precision_note
+    )
 
 
 class _FallbackOnce:

@@ -318,6 +318,11 @@ class RFDetrInstanceSegmentationBlockV1(WorkflowBlock):
                 mask_output=mask_output,
                 pipeline_depth=pipeline_depth,
             )
+            max_detections = _positive_int("max_detections", max_detections)
+            if class_filter is not None and (
+                isinstance(class_filter, str) or not all(isinstance(name, str) for name in class_filter)
+            ):
+                raise ValueError(f"`class_filter` must be a list of class names, got {class_filter!r}.")
             runner = RUNNERS.get(model_id=model_id, options=options, api_key=self._api_key)
             self._log_stage_choices_once(runner)
             request = PostprocessRequest(
@@ -474,6 +479,15 @@ class RFDetrInstanceSegmentationBlockV1(WorkflowBlock):
                 )
             else:
                 LOGGER.info("step %s: %s=%s -> %s", step, choice.stage, choice.requested, choice.selected)
+            if choice.note:
+                LOGGER.warning("step %s: %s=%s: %s", step, choice.stage, choice.selected, choice.note)
+
+
+def _positive_int(field: str, value) -> int:
+    """The manifest's PositiveInt rule, for values that arrive through selectors or direct calls."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{field}` must be a positive integer, got {value!r}.")
+    return value
 
 
 def _select(future: Future, key: str) -> Future:

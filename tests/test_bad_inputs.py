@@ -92,3 +92,24 @@ def test_pipeline_with_unknown_model_reports_the_error_and_ends_cleanly(short_cl
     run = run_pipeline(str(short_clip), load_workflow(FASTPATH), {"model_id": str(tmp_path / "missing")})
     assert run.results == []
     assert run.errors and "missing" in run.errors[0]["error_message"]
+
+
+@pytest.mark.parametrize(
+    "inputs, named",
+    [({"max_detections": -1}, "max_detections"), ({"max_detections": 0}, "max_detections"),
+     ({"max_detections": True}, "max_detections"), ({"per_class_confidence": {"alpha": "abc"}}, "per_class_confidence"),
+     ({"class_filter": "alpha"}, "class_filter")],
+)
+def test_direct_run_validates_inputs_naming_the_field(demo_model_dir, inputs, named):
+    """Called outside the workflow engine, the block checks what the manifest would have checked."""
+    from inference.core.workflows.errors import ClientCausedStepExecutionError
+    from inference.core.workflows.execution_engine.entities.base import ImageParentMetadata, WorkflowImageData
+
+    from inference_fastpath.blocks.rfdetr_instance_segmentation_v1 import RFDetrInstanceSegmentationBlockV1
+
+    image = WorkflowImageData(parent_metadata=ImageParentMetadata(parent_id="p"),
+                              numpy_image=np.zeros((16, 16, 3), np.uint8))
+    block = RFDetrInstanceSegmentationBlockV1()
+    with pytest.raises(ClientCausedStepExecutionError) as excinfo:
+        block.run(images=[image], model_id=demo_model_dir, **REFERENCE, **inputs)
+    assert f"`{named}" in excinfo.value.public_message

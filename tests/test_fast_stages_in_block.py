@@ -34,6 +34,8 @@ def test_triton_preprocess_and_fused_postprocess_match_the_reference(
     ).run(runtime_parameters=params)[0]["predictions"]
     fast_runner = [r for key, r in RUNNERS._runners.items() if key[1].postprocess == "fused"][-1]
     assert [c.selected for c in fast_runner.choices if c.stage != "engine"] == ["triton", "fused"]
+    assert [c.fallback_reason for c in fast_runner.choices if c.stage != "engine"] == [None, None]
+    assert fast_runner.postprocess.fast_stage.accumulation().exact  # no near-exact note either
     if mask_output == "rle":
         assert list(fast.data["rle_mask"]) == list(reference.data["rle_mask"])
         assert len(fast) == len(reference) > 0

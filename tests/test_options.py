@@ -41,3 +41,30 @@ def test_thresholds_follow_stock_modes_and_per_class_overrides():
         resolve_threshold("default", None, {"zebra": 0.5}, names)
     with pytest.raises(ValueError, match="custom_confidence"):
         resolve_threshold("custom", None, None, names)
+
+
+@pytest.mark.parametrize("text, expected", [("false", False), ("False", False), ("true", True), ("0", False), ("1", True)])
+def test_cuda_graphs_text_from_a_selector_parses_as_in_the_json(text, expected):
+    from inference_fastpath.blocks.rfdetr_instance_segmentation_v1 import BlockManifest
+
+    manifest = BlockManifest.model_validate(
+        {"type": "fastpath/rfdetr_instance_segmentation@v1", "name": "s", "images": "$inputs.image",
+         "model_id": "m/1", "cuda_graphs": text}
+    )
+    assert manifest.cuda_graphs is expected
+    assert FastpathOptions(cuda_graphs=text).cuda_graphs is expected
+    with pytest.raises(InvalidOptionError, match="cuda_graphs"):
+        FastpathOptions(cuda_graphs="maybe")
+
+
+def test_threshold_values_are_validated_naming_the_field():
+    names = ["alpha", "b"]
+    with pytest.raises(ValueError, match=r"per_class_confidence\['alpha'\].*'abc'"):
+        resolve_threshold("default", None, {"alpha": "abc"}, names)
+    with pytest.raises(ValueError, match=r"per_class_confidence\['alpha'\]"):
+        resolve_threshold("default", None, {"alpha": 1.5}, names)
+    with pytest.raises(ValueError, match="per_class_confidence"):
+        resolve_threshold("default", None, ["alpha"], names)
+    with pytest.raises(ValueError, match="custom_confidence"):
+        resolve_threshold("custom", "high", None, names)
+    assert float(resolve_threshold("default", None, {"alpha": "0.5"}, names)[0]) == pytest.approx(0.5)

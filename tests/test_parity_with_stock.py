@@ -100,3 +100,18 @@ def test_per_class_thresholds_and_class_filter(demo_model_dir, clip_frames):
         runtime_parameters=params
     )[0]["predictions"]
     assert set(filtered.data["class_name"].tolist()) == {dropped}
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (2, 2), (3, 10000), (20, 20), (10000, 3)])
+def test_tiny_and_thin_frames_match_stock(engines, demo_model_dir, clip_frames, shape):
+    """Masks that the stock polygon step cannot turn into a polygon (empty, one pixel, a straight
+    line) are dropped by stock; our block drops the same detections."""
+    import cv2
+
+    ours_engine, stock_engine = engines
+    frame = cv2.resize(clip_frames[0], (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
+    params = {"image": [frame], "model_id": demo_model_dir}
+    ours = ours_engine.run(runtime_parameters=params)[0]["predictions"]
+    stock = stock_engine.run(runtime_parameters=params)[0]["predictions"]
+    report = compare_detections(ours, stock, polygonise_a=True)
+    assert report.within(confidence=1e-5, box_px=1.0, mask_iou=0.999), report

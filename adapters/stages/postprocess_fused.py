@@ -58,7 +58,11 @@ from inference_fastpath.adapters.stages.postprocess_program import (
     grown,
     spec_for,
 )
-from inference_fastpath.kernels.postprocess_mask_dense import calibrate_accumulation
+from inference_fastpath.kernels.postprocess_mask_dense import (
+    NEAR_EXACT_RELATIVE_BOUND,
+    AccumulationRecipe,
+    calibrate_accumulation,
+)
 from inference_fastpath.kernels.postprocess_mask_rle import transitions_to_crop
 from inference_fastpath.kernels.postprocess_select import FrameGeometry, frame_geometry
 
@@ -88,7 +92,7 @@ class FusedPostprocess(GraphCaptureStats):
     name = "fused_postprocess"
 
     def __init__(self, num_classes: int, classes_re_mapping: Optional[Any], device: Union[str, torch.device],
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, accumulation: Optional[AccumulationRecipe] = None):
         self.num_classes = int(num_classes)
         self.classes_re_mapping = classes_re_mapping
         self.device = torch.device(device)
@@ -99,7 +103,7 @@ class FusedPostprocess(GraphCaptureStats):
         if self._class_mapping is not None:
             mapping = classes_re_mapping.class_mapping
             self._n_output_classes = int(mapping.max().item()) + 1 if mapping.numel() else 0
-        self._acc_mode: Optional[int] = None
+        self._recipe = accumulation  # None: calibrated against torch on first use
         self.cuda_graphs = bool(cuda_graphs)
         self._captures: Optional[BoundedGraphCapture] = None  # CUDA only
         self._programs: LRUCache[ProgramSpec, _ProgramEntry] = LRUCache(_MAX_PROGRAMS, on_evict=_free_entry)
@@ -123,11 +127,27 @@ class FusedPostprocess(GraphCaptureStats):
             return torch.cuda.is_available()
         return os.environ.get("TRITON_INTERPRET") == "1"
 
+    def accumulation(self) -> AccumulationRecipe:
+        """The resize accumulation recipe used on this device (see :class:`AccumulationRecipe`)."""
+        if self._recipe is None:
+            self._recipe = calibrate_accumulation(self.device)
+        return self._recipe
+
     def accumulation_mode(self) -> int:
-        """Resize accumulation recipe matching torch on this device (-1: none matches)."""
-        if self._acc_mode is None:
-            self._acc_mode = calibrate_accumulation(self.device)
-        return self._acc_mode
+        """Resize accumulation recipe matching torch on this device (-1: none is close enough)."""
+        return self.accumulation().mode
+
+    @property
+    def precision_note(self) -> Optional[str]:
+        """None when masks are bit-exact; else what the near-exact mode may change."""
+        recipe = self.accumulation()
+        if recipe.exact or not recipe.usable:
+            return None
+        return (
+            f"near-exact masks: no recorded accumulation recipe reproduces torch {torch.__version__}'s resize "
+            f"bit for bit on {self.device}; the closest is off by {recipe.max_relative_error:.1e} of the local "
+            f"logit magnitude, so a mask pixel can differ only where |logit| <= 2**-20 of it"
+        )
 
     def unsupported_reason(
         self,
@@ -174,8 +194,12 @@ class FusedPostprocess(GraphCaptureStats):
             if self.device.type == "cpu" and _has_exact_score_ties(raw.logits, thr, self._kept_columns(raw)):
                 # the kernels order exact ties as torch.topk does on CUDA; the CPU order differs
                 return "exact score ties on the CPU (CUDA's top-k tie order is replayed, not the CPU's)", None
-        if self.accumulation_mode() < 0:
-            return "torch's bilinear resize arithmetic could not be reproduced on this device", None
+        recipe = self.accumulation()
+        if not recipe.usable:
+            return (
+                f"torch's bilinear resize arithmetic could not be reproduced on this device (closest recipe off by "
+                f"{recipe.max_relative_error:.1e} of the logit magnitude, bound {NEAR_EXACT_RELATIVE_BOUND:.1e})"
+            ), None
         return None, geometries
 
     def _kept_columns(self, raw: RawOutputs) -> torch.Tensor:

@@ -23,6 +23,8 @@ from inference_fastpath.adapters.stages.postprocess_fused import (
     synthetic_outputs,
 )
 from inference_fastpath.kernels.postprocess_mask_dense import (
+    ACC_MODES,
+    NEAR_EXACT_RELATIVE_BOUND,
     axis_taps,
     calibrate_accumulation,
     interp_logits_float,
@@ -93,13 +95,41 @@ def test_axis_taps_equal_torch_weights(in_size, out_size):
 
 
 def test_calibrated_resize_is_bit_exact():
-    mode = calibrate_accumulation(DEVICE)
-    assert mode >= 0
+    recipe = calibrate_accumulation(DEVICE)
+    assert recipe.exact, recipe
+    mode = recipe.mode
     gen = torch.Generator().manual_seed(0)
     for (gh, gw), (th, tw) in [((78, 78), (240, 320)), ((60, 78), (61, 500)), ((5, 9), (77, 13))]:
         grid = (torch.randn((gh, gw), generator=gen) * 3).to(DEVICE)
         ref = tvf.resize(grid[None], [th, tw], interpolation=tvf.InterpolationMode.BILINEAR)[0]
         assert torch.equal(interp_logits_float(grid, (gh, gw), (th, tw), mode), ref)
+
+
+def test_other_recipes_flip_signs_only_within_the_near_exact_bound():
+    """Grids built so that ``t0*w0 + t1*w1`` nearly cancels at every output column: the recipes
+    that torch does not use here do flip thresholded pixels, and only inside the stated bound."""
+    exact = calibrate_accumulation(DEVICE).mode
+    in_w, out_w, rows = 16, 51, 64
+    table, _ = probe_axis_taps(in_w, out_w, DEVICE)
+    gen = torch.Generator().manual_seed(3)
+    grid = torch.randn((rows, in_w), generator=gen, dtype=torch.float64) * 4
+    for column in range(0, out_w, 3):  # one column's pair of taps per source pair, set to cancel
+        first, w0, w1 = int(table[column, 0]), float(table[column, 1]), float(table[column, 2])
+        if w1 != 0 and first + 1 < in_w:
+            grid[:, first + 1] = -grid[:, first] * w0 / w1
+    grid = grid.float().to(DEVICE)
+    ref = tvf.resize(grid[None], [rows, out_w], interpolation=tvf.InterpolationMode.BILINEAR)[0]
+    magnitude = tvf.resize(grid.abs()[None], [rows, out_w], interpolation=tvf.InterpolationMode.BILINEAR)[0]
+    flipped = 0
+    for mode in ACC_MODES:
+        ours = interp_logits_float(grid, (rows, in_w), (rows, out_w), mode)
+        assert torch.all((ours - ref).abs() <= NEAR_EXACT_RELATIVE_BOUND * magnitude)
+        flips = (ours > 0) != (ref > 0)
+        assert torch.all(ref[flips].abs() <= NEAR_EXACT_RELATIVE_BOUND * magnitude[flips])
+        if mode == exact:
+            assert not flips.any()
+        flipped += int(flips.sum())
+    assert flipped > 0  # the bound is exercised, not vacuous
 
 
 # ----------------------------------------------------------------------------- host helpers
