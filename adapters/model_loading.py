@@ -1,19 +1,26 @@
 """Loads RF-DETR instance-segmentation packages through inference-models, once per (model, backend, device).
 
 Models load without the inference model manager, so the block works wherever the Workflows runtime
-runs (``ExecutionEngine``, ``InferencePipeline``, the HTTP server) without extra init parameters.
+runs (``ExecutionEngine``, ``InferencePipeline``, the HTTP server). Which models a request may load,
+from where and under which key follows the stock block's rules (``model_access.py``).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import torch
+
+from inference_fastpath.adapters.model_access import (
+    AccessSettings,
+    check_key_has_access,
+    key_for_weights,
+    resolve_roboflow_model,
+)
 
 LOGGER = logging.getLogger("inference_fastpath")
 
@@ -59,20 +66,34 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def looks_like_local_path(model_id: str) -> bool:
-    # Roboflow ids look like "project/3"; anything absolute, relative-dotted or existing is a path.
-    return model_id.startswith(("/", "./", "../", "~")) or os.path.isdir(model_id)
-
-
 class ModelRegistry:
-    """Process-wide cache of loaded models. Thread-safe; each key loads at most once."""
+    """Process-wide cache of loaded models. Thread-safe; each key loads at most once.
 
-    def __init__(self) -> None:
+    A loaded model is shared by every request, as the stock model manager shares it; with access
+    checks on (``MODELS_CACHE_AUTH_ENABLED``) each request's key is checked before it is served.
+    """
+
+    def __init__(self, settings: Optional[AccessSettings] = None) -> None:
         self._models: Dict[ModelKey, LoadedModel] = {}
         self._key_locks: Dict[ModelKey, threading.Lock] = {}
         self._lock = threading.Lock()
+        self._settings = settings  # None: this server's settings, read on first use
+
+    @property
+    def settings(self) -> AccessSettings:
+        if self._settings is None:
+            self._settings = AccessSettings.of_this_server()
+        return self._settings
 
     def get(self, model_id: str, engine: str, device: str, api_key: Optional[str] = None) -> LoadedModel:
+        """The model for this request, loaded on first use; ``api_key`` is the request's key."""
+        if not isinstance(model_id, str) or not model_id.strip():
+            raise ModelLoadingError(f"`model_id` must be a non-empty string, got {model_id!r}.")
+        settings = self.settings
+        settings.refuse_unsafe_model_id(model_id)
+        local = settings.is_local_package(model_id)
+        if settings.check_keys and not local:
+            check_key_has_access(model_id, api_key)
         backend = ENGINE_TO_BACKEND.get(engine)  # "auto" -> None
         key = ModelKey(model_id=model_id, backend=backend, device=device)
         with self._lock:
@@ -83,7 +104,9 @@ class ModelRegistry:
             with self._lock:
                 if key in self._models:
                     return self._models[key]
-            loaded = load_rfdetr_segmentation_model(key, api_key=api_key)
+            if not local:
+                resolve_roboflow_model(model_id, api_key)
+            loaded = load_rfdetr_segmentation_model(key, api_key=api_key, settings=settings, local=local)
             with self._lock:
                 self._models[key] = loaded
             return loaded
@@ -97,13 +120,15 @@ class ModelRegistry:
 MODEL_REGISTRY = ModelRegistry()
 
 
-def load_rfdetr_segmentation_model(key: ModelKey, api_key: Optional[str] = None) -> LoadedModel:
+def load_rfdetr_segmentation_model(
+    key: ModelKey, api_key: Optional[str], settings: AccessSettings, local: bool
+) -> LoadedModel:
+    """Load ``key`` through inference-models; ``local``: a package directory the operator allows."""
     from inference_models import AutoModel
+    from inference_models.errors import ModelRetrievalError
 
     model_id = key.model_id
-    if not isinstance(model_id, str) or not model_id.strip():
-        raise ModelLoadingError(f"`model_id` must be a non-empty string, got {model_id!r}.")
-    if looks_like_local_path(model_id):
+    if local:
         path = Path(model_id).expanduser()
         if not path.is_dir():
             raise ModelNotFoundError(
@@ -119,11 +144,14 @@ def load_rfdetr_segmentation_model(key: ModelKey, api_key: Optional[str] = None)
     try:
         model = AutoModel.from_pretrained(
             model_id_or_path=model_id,
-            api_key=api_key,
+            api_key=key_for_weights(api_key),
             backend=key.backend,
             device=torch.device(key.device),
-            allow_direct_local_storage_loading=True,
+            allow_untrusted_packages=settings.untrusted_packages,
+            allow_direct_local_storage_loading=local,
         )
+    except ModelRetrievalError:
+        raise  # 401 / 402 / 403 / 404 from the model registry: the server answers with those codes
     except Exception as error:  # inference-models raises many types; keep the cause attached
         raise ModelLoadingError(
             f"Could not load `model_id` {key.model_id!r} (backend={key.backend or 'auto'}, "

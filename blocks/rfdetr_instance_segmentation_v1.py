@@ -11,7 +11,7 @@ import time
 import uuid
 from concurrent.futures import Future
 from contextlib import contextmanager
-from typing import Dict, List, Literal, Optional, Type, Union
+from typing import Any, Dict, List, Literal, Optional, Type, Union
 
 from pydantic import ConfigDict, Field, PositiveInt, field_validator, model_validator
 
@@ -45,6 +45,7 @@ from inference.core.workflows.prototypes.block import (
 
 from inference_fastpath.adapters.block_output import empty_frame_detections, to_sv_detections
 from inference_fastpath.adapters.frames import InvalidFrameError, normalise_frame
+from inference_fastpath.adapters.model_access import LocalPackagesRefused
 from inference_fastpath.adapters.model_loading import ModelLoadingError
 from inference_fastpath.adapters.options import FastpathOptions, InvalidOptionError
 from inference_fastpath.adapters.scheduler import FutureScheduler
@@ -275,16 +276,21 @@ class BlockManifest(WorkflowBlockManifest):
         return ">=1.3.0,<2.0.0"
 
 
+# The request's API key as the stock model blocks receive it: the HTTP request's key on the server,
+# the pipeline's key in InferencePipeline (see adapters/model_access.py).
+API_KEY_PARAMETER = "workflows_core.api_key"
+
+
 class RFDetrInstanceSegmentationBlockV1(WorkflowBlock):
-    def __init__(self, api_key: Optional[str] = None) -> None:
-        self._api_key = api_key
+    def __init__(self, **init_parameters: Any) -> None:
+        self._api_key: Optional[str] = init_parameters.get(API_KEY_PARAMETER)
         self._logged_choices: set = set()
         self._last_run_finished: Optional[float] = None
         self._future_scheduler: Optional[FutureScheduler] = None
 
     @classmethod
     def get_init_parameters(cls) -> List[str]:
-        return ["api_key"]
+        return [API_KEY_PARAMETER]
 
     @classmethod
     def get_manifest(cls) -> Type[WorkflowBlockManifest]:
@@ -364,7 +370,7 @@ class RFDetrInstanceSegmentationBlockV1(WorkflowBlock):
         the runtime's client error, so the HTTP server answers 4xx naming the step and the cause."""
         try:
             yield
-        except (InvalidOptionError, ModelLoadingError, ValueError) as error:
+        except (InvalidOptionError, ModelLoadingError, LocalPackagesRefused, ValueError) as error:
             raise ClientCausedStepExecutionError(
                 block_id=getattr(self, "_workflow_step_name", BLOCK_TYPE),
                 status_code=getattr(error, "status_code", 400),

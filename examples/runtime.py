@@ -14,7 +14,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 RUNTIME_ENVIRONMENT = {
     "WORKFLOWS_PLUGINS": "inference_fastpath",
-    "ALLOW_INFERENCE_MODELS_DIRECTLY_ACCESS_LOCAL_PACKAGES": "True",
     "DISABLE_VERSION_CHECK": "True",
     "METRICS_ENABLED": "False",
     "ACTIVE_LEARNING_ENABLED": "False",
@@ -22,8 +21,15 @@ RUNTIME_ENVIRONMENT = {
 }
 
 
-def configure_environment() -> None:
-    for name, value in RUNTIME_ENVIRONMENT.items():
+# The demo, run_video and the benchmarks are their own operator: they load the local demo package.
+LOCAL_PACKAGES_OPT_IN = {"ALLOW_INFERENCE_MODELS_DIRECTLY_ACCESS_LOCAL_PACKAGES": "True"}
+
+
+def configure_environment(allow_local_packages: bool = True) -> None:
+    """Set the runtime variables (unless already set); ``allow_local_packages`` opts this process in
+    to loading local package directories, as an operator does for their own scripts."""
+    settings = {**RUNTIME_ENVIRONMENT, **(LOCAL_PACKAGES_OPT_IN if allow_local_packages else {})}
+    for name, value in settings.items():
         os.environ.setdefault(name, value)
     plugins = os.environ["WORKFLOWS_PLUGINS"].split(",")
     if "inference_fastpath" not in plugins:

@@ -33,7 +33,9 @@ def _landing_page_directories():
 
 
 def build_app():
-    configure_environment()
+    # A server answers other people's requests: local packages stay refused unless the operator sets
+    # ALLOW_INFERENCE_MODELS_DIRECTLY_ACCESS_LOCAL_PACKAGES=True in the server's environment.
+    configure_environment(allow_local_packages=False)
     from inference.core.interfaces.http.http_api import HttpInterface
     from inference.core.managers.base import ModelManager
     from inference.core.registries.roboflow import RoboflowModelRegistry

@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-from inference_fastpath.examples.runtime import RUNTIME_ENVIRONMENT, execution_engine
+from inference_fastpath.examples.runtime import LOCAL_PACKAGES_OPT_IN, RUNTIME_ENVIRONMENT, execution_engine
 from inference_fastpath.workflows import FASTPATH, load_workflow
 
 BLOCK_TYPE = "fastpath/rfdetr_instance_segmentation@v1"
@@ -31,7 +31,7 @@ def _free_port() -> int:
 def server(tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    environment = {**os.environ, **RUNTIME_ENVIRONMENT}
+    environment = {**os.environ, **RUNTIME_ENVIRONMENT, **LOCAL_PACKAGES_OPT_IN}  # the test is the operator
     command = [sys.executable, "-m", "uvicorn", "inference_fastpath.examples.serve:build_app", "--factory",
                "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
     with open(log, "w") as log_file:
