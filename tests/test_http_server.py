@@ -2,61 +2,29 @@
 
 from __future__ import annotations
 
-import base64
 import os
-import socket
-import subprocess
 import sys
-import time
+from pathlib import Path
 
-import cv2
 import httpx
 import numpy as np
 import pytest
 
 from inference_fastpath.examples.runtime import LOCAL_PACKAGES_OPT_IN, RUNTIME_ENVIRONMENT, execution_engine
-from inference_fastpath.workflows import FASTPATH, load_workflow
+from inference_fastpath.workflows import FASTPATH, STOCK_V3, load_workflow
+
+sys.path.insert(0, str(Path(__file__).parent))
+from support.http_server import image_input, run_workflow, running_server  # noqa: E402
 
 BLOCK_TYPE = "fastpath/rfdetr_instance_segmentation@v1"
 REFERENCE = dict(preprocess="reference", postprocess="reference")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
     environment = {**os.environ, **RUNTIME_ENVIRONMENT, **LOCAL_PACKAGES_OPT_IN}  # the test is the operator
-    command = [sys.executable, "-m", "uvicorn", "inference_fastpath.examples.serve:build_app", "--factory",
-               "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
-    with open(log, "w") as log_file:
-        process = subprocess.Popen(command, env=environment, stdout=log_file, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    try:
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"server exited early:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{base}/info", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server did not start in time:\n{log.read_text()[-3000:]}")
-            time.sleep(1)
+    with running_server(environment, tmp_path_factory.mktemp("server") / "server.log") as base:
         yield base
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 @pytest.fixture(scope="module")
@@ -81,19 +49,11 @@ def test_describe_lists_every_option_as_the_builder_renders_it(described):
     assert described["human_friendly_block_name"] == "RF-DETR Instance Segmentation (Fastpath)"
 
 
-def _run(server, workflow, inputs):
-    return httpx.post(f"{server}/workflows/run", json={"specification": workflow, "inputs": inputs}, timeout=300)
-
-
-def _image_input(frame):
-    return {"type": "base64", "value": base64.b64encode(cv2.imencode(".png", frame)[1].tobytes()).decode()}
-
-
 @pytest.mark.slow
 def test_run_over_http_matches_the_block_in_process(server, demo_model_dir, clip_frames):
     frame = clip_frames[0]
     workflow = load_workflow(FASTPATH, **REFERENCE)
-    response = _run(server, workflow, {"image": _image_input(frame), "model_id": demo_model_dir})
+    response = run_workflow(server, workflow, {"image": image_input(frame), "model_id": demo_model_dir})
     assert response.status_code == 200, response.text[:1000]
     served = response.json()["outputs"][0]["predictions"]["predictions"]
     local = execution_engine(workflow).run(runtime_parameters={"image": [frame], "model_id": demo_model_dir})[0]
@@ -109,7 +69,7 @@ def test_run_over_http_matches_the_block_in_process(server, demo_model_dir, clip
         assert len(served_detection["points"]) >= 3
 
     rle_workflow = load_workflow(FASTPATH, mask_output="rle", **REFERENCE)
-    response = _run(server, rle_workflow, {"image": _image_input(frame), "model_id": demo_model_dir})
+    response = run_workflow(server, rle_workflow, {"image": image_input(frame), "model_id": demo_model_dir})
     assert response.status_code == 200, response.text[:1000]
     rle = response.json()["outputs"][0]["predictions"]["predictions"]
     assert len(rle) == len(local)
@@ -125,27 +85,41 @@ def test_run_over_http_matches_the_block_in_process(server, demo_model_dir, clip
 def test_selector_switches_an_option_at_run_time(server, demo_model_dir, clip_frames):
     workflow = load_workflow(FASTPATH, preprocess="$inputs.preprocess", postprocess="reference")
     workflow["inputs"].append({"type": "WorkflowParameter", "name": "preprocess", "default_value": "auto"})
-    image = _image_input(clip_frames[0])
-    ok = _run(server, workflow, {"image": image, "model_id": demo_model_dir, "preprocess": "reference"})
+    image = image_input(clip_frames[0])
+    ok = run_workflow(server, workflow, {"image": image, "model_id": demo_model_dir, "preprocess": "reference"})
     assert ok.status_code == 200, ok.text[:500]
-    bad = _run(server, workflow, {"image": image, "model_id": demo_model_dir, "preprocess": "cuda-magic"})
+    bad = run_workflow(server, workflow, {"image": image, "model_id": demo_model_dir, "preprocess": "cuda-magic"})
     # The server checks the run-time value against the manifest before the block runs.
     assert bad.status_code == 400 and "property preprocess" in bad.text
 
 
 def test_bad_requests_get_4xx_naming_the_field(server, tmp_path):
-    image = _image_input(np.zeros((16, 16, 3), np.uint8))
-    invalid_value = _run(server, load_workflow(FASTPATH, engine="tensorrtx"), {"image": image, "model_id": "x"})
+    image = image_input(np.zeros((16, 16, 3), np.uint8))
+    invalid_value = run_workflow(server, load_workflow(FASTPATH, engine="tensorrtx"), {"image": image, "model_id": "x"})
     assert invalid_value.status_code == 400 and "engine" in invalid_value.text
 
     wrong_kind = load_workflow(FASTPATH)
     wrong_kind["steps"][0]["images"] = "$inputs.model_id"
-    response = _run(server, wrong_kind, {"image": image, "model_id": "x"})
+    response = run_workflow(server, wrong_kind, {"image": image, "model_id": "x"})
     assert response.status_code == 400 and "images" in response.text
 
-    missing = _run(server, load_workflow(FASTPATH), {"image": image, "model_id": str(tmp_path / "nope")})
+    missing = run_workflow(server, load_workflow(FASTPATH), {"image": image, "model_id": str(tmp_path / "nope")})
     assert missing.status_code == 404 and "nope" in missing.text
 
     depth_selector = load_workflow(FASTPATH, pipeline_depth="$inputs.depth")
-    response = _run(server, depth_selector, {"image": image, "model_id": "x"})
+    response = run_workflow(server, depth_selector, {"image": image, "model_id": "x"})
     assert response.status_code == 400 and "fixed when the workflow is compiled" in response.text
+
+
+@pytest.mark.slow
+def test_with_the_operator_opt_in_both_blocks_load_the_same_local_package(server, demo_model_dir, clip_frames):
+    image = image_input(clip_frames[0])
+    ours = run_workflow(server, load_workflow(FASTPATH, **REFERENCE), {"image": image, "model_id": demo_model_dir})
+    stock = run_workflow(server, load_workflow(STOCK_V3), {"image": image, "model_id": demo_model_dir})
+    assert ours.status_code == stock.status_code == 200, (ours.text[:300], stock.text[:300])
+    ours_predictions = ours.json()["outputs"][0]["predictions"]["predictions"]
+    stock_predictions = stock.json()["outputs"][0]["predictions"]["predictions"]
+    assert len(ours_predictions) == len(stock_predictions) > 0
+    for a, b in zip(ours_predictions, stock_predictions):
+        assert a["class"] == b["class"] and abs(a["confidence"] - b["confidence"]) < 1e-5
+        assert all(abs(a[k] - b[k]) <= 1.0 for k in ("x", "y", "width", "height"))
