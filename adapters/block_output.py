@@ -27,7 +27,7 @@ from inference.core.workflows.execution_engine.constants import (
 from inference.core.workflows.execution_engine.entities.base import WorkflowImageData
 
 from inference_fastpath.adapters.masks import survives_polygon_step
-from inference_fastpath.adapters.stages.contracts import FrameDetections
+from inference_fastpath.adapters.contracts import FrameDetections
 
 CLASS_NAME_KEY = "class_name"
 

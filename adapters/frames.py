@@ -8,13 +8,13 @@ conversion is logged once; empty frames, non-uint8 data and odd channel counts r
 from __future__ import annotations
 
 import logging
-from typing import List, Sequence
+from typing import Any, List, Sequence, Set, Tuple
 
 import cv2
 import numpy as np
 import torch
 
-from inference_fastpath.adapters.stages.contracts import Frame
+from inference_fastpath.adapters.contracts import Frame
 
 LOGGER = logging.getLogger("inference_fastpath")
 _CONVERSIONS_LOGGED: set = set()
@@ -59,7 +59,21 @@ def normalise_frame(frame: Frame, index: int = 0) -> Frame:
     return frame
 
 
-def normalise_frames(frames: Sequence[Frame]) -> List[Frame]:
-    if len(frames) == 0:
-        raise InvalidFrameError("images: the batch holds no frames.")
-    return [normalise_frame(frame, index) for index, frame in enumerate(frames)]
+def split_valid_frames(images: Sequence[Any], step_name: str = "") -> Tuple[List[Frame], Set[int]]:
+    """The frames of a step's images that the model can run on, and the indexes of those it cannot.
+
+    A bad frame must not stop a video stream (an exception would end InferencePipeline's inference
+    thread), so it is left out with an error log naming the frame and its source.
+    """
+    frames, invalid = [], set()
+    for index, image in enumerate(images):
+        try:
+            frames.append(normalise_frame(image.numpy_image, index))
+        except InvalidFrameError as error:
+            video = getattr(image, "video_metadata", None)
+            LOGGER.error(
+                "step %s: skipping frame %s of source %s: %s", step_name or "?",
+                getattr(video, "frame_number", "?"), getattr(video, "video_identifier", "?"), error,
+            )
+            invalid.add(index)
+    return frames, invalid

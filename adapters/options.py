@@ -6,7 +6,7 @@ caches. Validation errors name the offending field and list the allowed values.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Dict, Literal, Mapping, Optional, Tuple, get_args
 
 from pydantic import TypeAdapter, ValidationError
@@ -37,6 +37,13 @@ class InvalidOptionError(ValueError):
 
 @dataclass(frozen=True)
 class FastpathOptions:
+    """The optimization options of one step; each selects one stage implementation.
+
+    Example:
+        >>> FastpathOptions(preprocess="reference", cuda_graphs="false").cuda_graphs
+        False
+    """
+
     preprocess: PreprocessChoice = "auto"
     engine: EngineChoice = "auto"
     cuda_graphs: bool = True
@@ -68,6 +75,11 @@ class FastpathOptions:
         """Builds options from a mapping (e.g. block run kwargs), ignoring unrelated keys."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known and v is not None})
+
+    def stage_options(self) -> "FastpathOptions":
+        """These options without the ones that select no stage (``mask_output`` is a per-run request,
+        ``pipeline_depth`` a scheduling choice): what a runner is built from and cached by."""
+        return replace(self, mask_output="dense", pipeline_depth=1)
 
     def describe(self) -> Dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -7,9 +7,6 @@ for RF-DETR; every optimization is a per-block option shown in the builder's add
 from __future__ import annotations
 
 import logging
-import time
-import uuid
-from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Any, Dict, List, Literal, Optional, Type, Union
 
@@ -43,20 +40,16 @@ from inference.core.workflows.prototypes.block import (
     WorkflowBlockManifest,
 )
 
-from inference_fastpath.adapters.block_output import empty_frame_detections, to_sv_detections
-from inference_fastpath.adapters.frames import InvalidFrameError, normalise_frame
 from inference_fastpath.adapters.model_access import LocalPackagesRefused
 from inference_fastpath.adapters.model_loading import ModelLoadingError
 from inference_fastpath.adapters.options import FastpathOptions, InvalidOptionError
-from inference_fastpath.adapters.scheduler import FutureScheduler
-from inference_fastpath.adapters.stream_pipelining import (
+from inference_fastpath.adapters.runner import RUNNERS, SegmentationRunner
+from inference_fastpath.adapters.scheduling.pipeline_glue import (
+    StreamPipelinedStep,
     declare_step_depth,
-    declared_step_depth,
-    enable_runtime_pipelining,
+    per_key_outputs,
 )
-from inference_fastpath.adapters.segmentation_runner import RUNNERS, SegmentationRunner
-from inference_fastpath.adapters.stages.contracts import PostprocessRequest
-from inference_fastpath.adapters.thresholds import resolve_threshold
+from inference_fastpath.adapters.step_inputs import StepInputs
 
 LOGGER = logging.getLogger("inference_fastpath")
 
@@ -281,12 +274,23 @@ class BlockManifest(WorkflowBlockManifest):
 API_KEY_PARAMETER = "workflows_core.api_key"
 
 
-class RFDetrInstanceSegmentationBlockV1(WorkflowBlock):
+# The request's API key as the stock model blocks receive it: the HTTP request's key on the server,
+# the pipeline's key in InferencePipeline (see adapters/model_access.py).
+API_KEY_PARAMETER = "workflows_core.api_key"
+OUTPUT_KEYS = ("inference_id", "predictions", "model_id")
+
+
+class RFDetrInstanceSegmentationBlockV1(StreamPipelinedStep, WorkflowBlock):
+    """RF-DETR instance segmentation with switchable fast stages; outputs as the stock v3 block.
+
+    Example:
+        >>> block = RFDetrInstanceSegmentationBlockV1(**{"workflows_core.api_key": None})  # doctest: +SKIP
+        >>> block.run(images=[image], model_id="my-project/3", mask_output="rle")[0]["predictions"]  # doctest: +SKIP
+    """
+
     def __init__(self, **init_parameters: Any) -> None:
         self._api_key: Optional[str] = init_parameters.get(API_KEY_PARAMETER)
         self._logged_choices: set = set()
-        self._last_run_finished: Optional[float] = None
-        self._future_scheduler: Optional[FutureScheduler] = None
 
     @classmethod
     def get_init_parameters(cls) -> List[str]:
@@ -313,206 +317,49 @@ class RFDetrInstanceSegmentationBlockV1(WorkflowBlock):
         postprocess: str = "auto",
         pipeline_depth: int = 1,
     ) -> BlockResult:
-        run_started = time.perf_counter()
         with self._client_errors():
-            options = FastpathOptions(
-                preprocess=preprocess,
-                engine=engine,
-                cuda_graphs=cuda_graphs,
-                postprocess=postprocess,
-                precision=precision,
-                mask_output=mask_output,
-                pipeline_depth=pipeline_depth,
+            options = FastpathOptions(preprocess=preprocess, engine=engine, cuda_graphs=cuda_graphs,
+                                      postprocess=postprocess, precision=precision, mask_output=mask_output,
+                                      pipeline_depth=pipeline_depth)
+            inputs = StepInputs.from_block(
+                model_id=model_id, confidence_mode=confidence_mode, custom_confidence=custom_confidence,
+                per_class_confidence=per_class_confidence, class_filter=class_filter,
+                max_detections=max_detections, mask_output=mask_output,
             )
-            max_detections = _positive_int("max_detections", max_detections)
-            if class_filter is not None and (
-                isinstance(class_filter, str) or not all(isinstance(name, str) for name in class_filter)
-            ):
-                raise ValueError(f"`class_filter` must be a list of class names, got {class_filter!r}.")
             runner = RUNNERS.get(model_id=model_id, options=options, api_key=self._api_key)
             self._log_stage_choices_once(runner)
-            request = PostprocessRequest(
-                threshold=resolve_threshold(
-                    confidence_mode=confidence_mode,
-                    custom_confidence=custom_confidence,
-                    per_class_confidence=per_class_confidence,
-                    class_names=runner.class_names,
-                    recommended_parameters=getattr(runner.loaded.model, "recommended_parameters", None),
-                ),
-                max_detections=max_detections,
-                mask_format=mask_output,
-            )
-        frames, invalid = self._valid_frames(images, mask_output)
+            results = runner.submit(images, inputs, self.scheduler(pipeline_depth), step_name=self._step_name)
+        return per_key_outputs(results, OUTPUT_KEYS)
 
-        def launch():
-            return runner.launch(frames) if frames else None
-
-        def finish(launched):
-            detections, timings = runner.complete(launched, request) if launched else ([], None)
-            output_started = time.perf_counter()
-            results = self._block_results(images, detections, invalid, runner, model_id, class_filter)
-            self._record_timings(runner, timings, run_started, output_started)
-            if launched is not None and runner.timeline is not None:
-                runner.timeline.mark(launched.trace, "result_ready")
-            return results
-
-        if pipeline_depth > 1:
-            futures = self._scheduler(pipeline_depth).submit(launch, finish, count=len(images))
-            return [
-                {"inference_id": _inference_id_of(future), "predictions": _predictions_of(future), "model_id": model_id}
-                for future in futures
-            ]
-        return finish(launch())
+    @property
+    def _step_name(self) -> str:
+        return getattr(self, "_workflow_step_name", None) or BLOCK_TYPE
 
     @contextmanager
     def _client_errors(self):
-        """Client mistakes (bad option value from a selector, unknown model, bad thresholds) surface as
-        the runtime's client error, so the HTTP server answers 4xx naming the step and the cause."""
+        """Client mistakes (bad option value from a selector, a refused or unknown model, bad thresholds)
+        surface as the runtime's client error, so the HTTP server answers 4xx naming the step and cause."""
         try:
             yield
         except (InvalidOptionError, ModelLoadingError, LocalPackagesRefused, ValueError) as error:
             raise ClientCausedStepExecutionError(
-                block_id=getattr(self, "_workflow_step_name", BLOCK_TYPE),
+                block_id=self._step_name,
                 status_code=getattr(error, "status_code", 400),
                 public_message=str(error),
                 context="workflow_execution | step_execution | fastpath_setup",
                 inner_error=error,
             ) from error
 
-    def _block_results(self, images, detections, invalid, runner, model_id, class_filter) -> BlockResult:
-        detections = iter(detections)
-        results = []
-        for index, image in enumerate(images):
-            frame_detections = invalid[index] if index in invalid else next(detections)
-            inference_id = str(uuid.uuid4())
-            results.append(
-                {
-                    "inference_id": inference_id,
-                    "predictions": to_sv_detections(
-                        frame_detections,
-                        class_names=runner.class_name_array,
-                        image=image,
-                        inference_id=inference_id,
-                        class_filter=class_filter,
-                    ),
-                    "model_id": model_id,
-                }
-            )
-        return results
-
-    # --- depth-2 scheduling (see adapters/scheduler.py and adapters/stream_pipelining.py) ---
-
-    def __setattr__(self, name, value) -> None:
-        super().__setattr__(name, value)
-        if name == "_workflow_step_name":  # set by the Execution Engine right after construction
-            super().__setattr__("_declared_depth", declared_step_depth(value))
-
-    def _scheduler(self, depth: int) -> FutureScheduler:
-        if self._future_scheduler is None or self._future_scheduler.depth != depth:
-            if self._future_scheduler is not None:
-                self._future_scheduler.close()
-            self._future_scheduler = FutureScheduler(depth)
-        return self._future_scheduler
-
-    def is_stream_pipelined(self) -> bool:
-        pipelined = getattr(self, "_declared_depth", 1) > 1
-        if pipelined:
-            # InferencePipeline asks this (or the next method) once at init and from then on relies on
-            # the process-wide switch; make sure it is on before the first frame.
-            enable_runtime_pipelining()
-        return pipelined
-
-    def can_activate_stream_pipeline(self) -> bool:
-        return self.is_stream_pipelined()
-
-    def stream_pipeline_depth(self) -> int:
-        # Each run returns futures of its *own* frames, so the runtime must not shift the pairing.
-        return 0
-
-    def flush_stream_pipeline_outputs(self) -> list:
-        return []  # nothing is held back between runs: every submitted frame already has its futures
-
-    def close_stream_pipeline(self) -> None:
-        if self._future_scheduler is not None:
-            self._future_scheduler.close()  # finishes every submitted frame first
-
-    def close(self) -> None:
-        self.close_stream_pipeline()
-
-    def _record_timings(self, runner, timings, run_started: float, output_started: float) -> None:
-        finished = time.perf_counter()
-        if timings is not None:
-            timings.output_ms = (finished - output_started) * 1e3
-            # Time between two runs of this step: waiting for the next decoded frame + workflow overhead.
-            if self._last_run_finished is not None:
-                timings.extra["between_runs_ms"] = (run_started - self._last_run_finished) * 1e3
-            runner.timings.append(timings)
-        self._last_run_finished = finished
-
-    def _valid_frames(self, images: Batch[WorkflowImageData], mask_output: str):
-        """Frames the model can run on, and an empty result for each one it cannot.
-
-        A bad frame must not stop a video stream (an exception would end InferencePipeline's
-        inference thread), so it yields no detections and an error log naming the frame.
-        """
-        frames, invalid = [], {}
-        for index, image in enumerate(images):
-            try:
-                frames.append(normalise_frame(image.numpy_image, index))
-            except InvalidFrameError as error:
-                video = image.video_metadata
-                LOGGER.error(
-                    "step %s: skipping frame %s of source %s: %s",
-                    getattr(self, "_workflow_step_name", BLOCK_TYPE),
-                    getattr(video, "frame_number", "?"),
-                    getattr(video, "video_identifier", "?"),
-                    error,
-                )
-                invalid[index] = empty_frame_detections(image.numpy_image, mask_output)
-        return frames, invalid
-
     def _log_stage_choices_once(self, runner: SegmentationRunner) -> None:
-        step = getattr(self, "_workflow_step_name", None) or BLOCK_TYPE
         for choice in runner.choices:
             key = (id(runner), choice)
             if key in self._logged_choices:
                 continue
             self._logged_choices.add(key)
             if choice.fallback_reason:
-                LOGGER.warning(
-                    "step %s: %s=%s resolved to %s: %s",
-                    step, choice.stage, choice.requested, choice.selected, choice.fallback_reason,
-                )
+                LOGGER.warning("step %s: %s=%s resolved to %s: %s", self._step_name, choice.stage,
+                               choice.requested, choice.selected, choice.fallback_reason)
             else:
-                LOGGER.info("step %s: %s=%s -> %s", step, choice.stage, choice.requested, choice.selected)
+                LOGGER.info("step %s: %s=%s -> %s", self._step_name, choice.stage, choice.requested, choice.selected)
             if choice.note:
-                LOGGER.warning("step %s: %s=%s: %s", step, choice.stage, choice.selected, choice.note)
-
-
-def _positive_int(field: str, value) -> int:
-    """The manifest's PositiveInt rule, for values that arrive through selectors or direct calls."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{field}` must be a positive integer, got {value!r}.")
-    return value
-
-
-def _select(future: Future, key: str) -> Future:
-    selected: Future = Future()
-
-    def copy(done: Future) -> None:
-        error = done.exception()
-        if error is not None:
-            selected.set_exception(error)
-        else:
-            selected.set_result(done.result()[key])
-
-    future.add_done_callback(copy)
-    return selected
-
-
-def _predictions_of(future: Future) -> Future:
-    return _select(future, "predictions")
-
-
-def _inference_id_of(future: Future) -> Future:
-    return _select(future, "inference_id")
+                LOGGER.warning("step %s: %s=%s: %s", self._step_name, choice.stage, choice.selected, choice.note)

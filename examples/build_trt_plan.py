@@ -34,7 +34,7 @@ from typing import Any, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from inference_fastpath.adapters.engines.torch_engine import build_random_model, prepare_capture_safe_module
+from inference_fastpath.adapters.engine.torch_engine import build_random_model, prepare_capture_safe_module
 
 INPUT_NAME = "input"
 OUTPUT_NAMES = ("dets", "labels", "masks")

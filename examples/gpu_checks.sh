@@ -38,14 +38,14 @@ case "$step" in
     ;;
   micro)  # MICRO picks the microbenchmarks; *_ARGS pass options to each
     case ",${MICRO:-pre,post,engine}," in *,pre,*)
-      timeout 150 python3 -m inference_fastpath.kernels.bench_preprocess_resize_normalize --out "$out/bench_preprocess.json" ${PRE_ARGS:-} 2>&1 | tee "$out/bench_preprocess.log" | tail -20 ;; esac
+      timeout 150 python3 -m inference_fastpath.examples.benchmarks.bench_preprocess --out "$out/bench_preprocess.json" ${PRE_ARGS:-} 2>&1 | tee "$out/bench_preprocess.log" | tail -20 ;; esac
     case ",${MICRO:-pre,post,engine}," in *,post,*)
-      timeout 200 python3 -m inference_fastpath.kernels.bench_postprocess --out "$out/bench_postprocess.json" ${POST_ARGS:-} 2>&1 | tee "$out/bench_postprocess.log" | tail -25 ;; esac
+      timeout 200 python3 -m inference_fastpath.examples.benchmarks.bench_postprocess --out "$out/bench_postprocess.json" ${POST_ARGS:-} 2>&1 | tee "$out/bench_postprocess.log" | tail -25 ;; esac
     case ",${MICRO:-pre,post,engine}," in *,engine,*)
-      timeout 200 python3 -m inference_fastpath.examples.bench_engine --out "$out/bench_engine.json" ${ENGINE_ARGS:-} 2>&1 | tee "$out/bench_engine.log" | tail -20 ;; esac
+      timeout 200 python3 -m inference_fastpath.examples.benchmarks.bench_engine --out "$out/bench_engine.json" ${ENGINE_ARGS:-} 2>&1 | tee "$out/bench_engine.log" | tail -20 ;; esac
     ;;
   e2e)
-    timeout "${E2E_TIMEOUT:-420}" python3 -m inference_fastpath.examples.benchmark --frames "${FRAMES:-150}" --warmup 10 \
+    timeout "${E2E_TIMEOUT:-420}" python3 -m inference_fastpath.examples.benchmarks.benchmark --frames "${FRAMES:-150}" --warmup 10 \
       --presets "${PRESETS:-reference,fast,fast-depth2}" ${EXTRA_CONFIGS:-} --out "$out/bench_e2e.json" 2>&1 \
       | grep -v -i "warn" | tee "$out/bench_e2e.log" | tail -30
     ;;

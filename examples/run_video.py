@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from inference_fastpath.examples.runtime import configure_environment
+from inference_fastpath.workflows.running import configure_environment
 
 configure_environment()  # before anything imports `inference`
 
@@ -48,7 +48,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from inference_fastpath.examples.demo_model import build_demo_model, default_clip_path
-    from inference_fastpath.examples.runtime import run_pipeline
+    from inference_fastpath.workflows.running import run_pipeline
     from inference_fastpath.workflows import FASTPATH_ANNOTATED, load_workflow
 
     video = args.video or str(default_clip_path())
@@ -88,7 +88,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     reference = video
     if args.pinned_decode:
-        from inference_fastpath.adapters.pinned_video_source import pinned_video_source
+        from inference_fastpath.adapters.cuda.pinned_video_source import pinned_video_source
 
         reference = pinned_video_source(video)
     run = run_pipeline(reference, workflow, {"model_id": model}, on_result=on_result)

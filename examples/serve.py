@@ -14,7 +14,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from inference_fastpath.examples.runtime import configure_environment
+from inference_fastpath.workflows.running import configure_environment
 
 
 @contextmanager

@@ -14,28 +14,20 @@ those positions, evaluating pixels with the shared exact resize
   pass 2 writes the positions in COCO order.
 
 The compressed COCO strings are coded from these positions on the device too
-(``postprocess_rle_string.py``); polygons are traced on the host from the same positions
-(tight crop + OpenCV).
+(``postprocess_rle_string.py``).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple
+from typing import Optional
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-from inference_fastpath.kernels.postprocess_mask_dense import (
-    SEL_QUERY_WORD,
-    SEL_ROW_WORDS,
-    MaskPlan,
-    _eval_mask_pixels,
-    _tile_uniform,
-    window_size,
-)
+from inference_fastpath.kernels.mask_resize import MaskPlan, _eval_mask_pixels, _tile_uniform, window_size
+from inference_fastpath.kernels.postprocess_mask_dense import SEL_QUERY_WORD, SEL_ROW_WORDS
 
 # Columns per program / rows per step. The interpreter (CPU tests) pays per operation,
 # not per element, so it gets larger blocks; the logic is identical.
@@ -151,29 +143,3 @@ def launch_rle_emit(masks_b: torch.Tensor, bin_b: Optional[torch.Tensor], sel_ro
 
 
 # ----------------------------------------------------------------------------- host side
-
-
-def transitions_to_crop(transitions: np.ndarray, height: int, width: int
-                        ) -> Optional[Tuple[np.ndarray, int, int]]:
-    """Tight uint8 crop (rows, cols) of the mask and its (x0, y0), or None if empty."""
-    t = np.asarray(transitions, dtype=np.int64)
-    if t.size == 0:
-        return None
-    n_pixels = height * width
-    starts = t[0::2]
-    ends = t[1::2]
-    if ends.size < starts.size:
-        ends = np.append(ends, n_pixels)
-    first_col = int(starts[0] // height)
-    last_col = int((ends[-1] - 1) // height)
-    ncols = last_col - first_col + 1
-    base = first_col * height
-    diff = np.zeros(ncols * height + 1, dtype=np.int32)
-    np.add.at(diff, starts - base, 1)
-    np.add.at(diff, ends - base, -1)
-    strip = np.cumsum(diff[:-1], dtype=np.int32).astype(np.uint8)
-    cols = strip.reshape(ncols, height)
-    rows_any = np.flatnonzero(cols.any(axis=0))
-    y0, y1 = int(rows_any[0]), int(rows_any[-1])
-    crop = np.ascontiguousarray(cols[:, y0 : y1 + 1].T)
-    return crop, first_col, y0

@@ -409,7 +409,6 @@ class ResizeNormalizeOp:
         interpreted = interpreter_active()
         self._pil_block = pil_block or ((32, 32) if interpreted else (2, 64))
         self._cv2_block = cv2_block or ((32, 32) if interpreted else (8, 64))
-        self.keep: Optional[List[torch.Tensor]] = None  # tables a graph capture reads (see _use)
 
     # -- coefficient tables ------------------------------------------------------------------
 
@@ -424,10 +423,11 @@ class ResizeNormalizeOp:
         uploaded.record()
         return _AxisTable(table, taps, uploaded)
 
-    def _use(self, entry: _AxisTable) -> torch.Tensor:
+    def _use(self, entry: _AxisTable, keep: Optional[List[torch.Tensor]]) -> torch.Tensor:
         """Make the current stream see the upload and keep the table alive for its launches
         even if the LRU drops it meanwhile. While a CUDA graph is being captured the upload
-        must be complete (the graph's owner keeps the tables listed in ``keep`` alive)."""
+        must be complete, and the table goes into the caller's ``keep`` list (the graph's owner
+        keeps it alive)."""
         if entry.uploaded is not None and entry.uploaded.query():
             entry.uploaded = None  # done: later launches need no wait
         if entry.uploaded is None and self.device.type != "cuda":
@@ -435,8 +435,8 @@ class ResizeNormalizeOp:
         if torch.cuda.is_current_stream_capturing():
             if entry.uploaded is not None:
                 raise RuntimeError("a coefficient table upload is still pending; capture later")
-            if self.keep is not None:
-                self.keep.append(entry.table)
+            if keep is not None:
+                keep.append(entry.table)
             return entry.table
         stream = torch.cuda.current_stream(self.device)
         if entry.uploaded is not None:
@@ -476,6 +476,7 @@ class ResizeNormalizeOp:
         pad_value: int = 0,
         swap_rb: bool = False,
         debug_u8: Optional[torch.Tensor] = None,
+        keep: Optional[List[torch.Tensor]] = None,
     ) -> torch.Tensor:
         """PIL-exact BILINEAR resize of ``src`` (optionally cropped) into ``dst_box`` of ``out``,
         then ``out[c] = lut[c, value]`` with the channel order reversed when ``swap_rb``.
@@ -490,6 +491,8 @@ class ResizeNormalizeOp:
             crop: ``(x, y, w, h)`` source region to resize (static crop); default whole frame.
             dst_box: ``(x, y, w, h)`` region of ``out`` receiving the resized image; the rest is
                 ``lut[c, pad_value]`` (letterbox). Default: all of ``out``.
+            keep: while a CUDA graph is captured, the coefficient tables the launch reads are
+                appended here, for the graph's owner to keep alive.
             pad_value: uint8 code written outside ``dst_box``.
             swap_rb: reverse the channel order (BGR <-> RGB) on the way out.
             debug_u8: optional uint8 ``(Ho, Wo, 3)`` / ``(N, Ho, Wo, 3)`` receiving the resized
@@ -533,8 +536,8 @@ class ResizeNormalizeOp:
             batched_out.stride(3), out_h, out_w,
             dbg, *dbg_strides,
             lut,
-            self._use(xtab), xtab.taps,
-            self._use(ytab), ytab.taps,
+            self._use(xtab, keep), xtab.taps,
+            self._use(ytab, keep), ytab.taps,
             bx, by, bw, bh, int(pad_value),
             SWAP_RB=bool(swap_rb),
             VERTICAL_FIRST=vertical_first,
@@ -552,6 +555,7 @@ class ResizeNormalizeOp:
         crop: Optional[Box] = None,
         box: Optional[Box] = None,
         pad_value: int = 0,
+        keep: Optional[List[torch.Tensor]] = None,
     ) -> torch.Tensor:
         """``cv2.resize(src_crop, (box_w, box_h))`` (INTER_LINEAR, exact) written into ``box`` of
         the uint8 ``canvas`` (``(Hc, Wc, 3)`` or ``(N, Hc, Wc, 3)``); ``pad_value`` elsewhere.
@@ -572,7 +576,7 @@ class ResizeNormalizeOp:
         _cv2_linear_canvas_kernel[grid](
             src, src.stride(0), src.stride(1), src.stride(2), src.stride(3),
             dst, dst.stride(0), dst.stride(1), dst.stride(2), dst.stride(3), dst_h, dst_w,
-            self._use(xtab), self._use(ytab),
+            self._use(xtab, keep), self._use(ytab, keep),
             bx, by, bw, bh, int(pad_value),
             BLOCK_Y=block_y,
             BLOCK_X=block_x,

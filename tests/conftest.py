@@ -12,14 +12,18 @@ os.environ.setdefault("METRICS_ENABLED", "False")
 os.environ.setdefault("ACTIVE_LEARNING_ENABLED", "False")
 os.environ.setdefault("CORE_MODEL_GAZE_ENABLED", "False")
 
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))  # `support.*`: the helpers the tests share
 from typing import List  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from inference_fastpath.examples.video_io import read_frames, write_clip  # noqa: E402
+from inference_fastpath.workflows.video_files import read_frames, write_clip  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -31,18 +35,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
 @pytest.fixture(scope="session")
 def clip_path() -> Path:
-    from inference_fastpath.examples.demo_model import default_clip_path
-
-    return default_clip_path()
+    return REPOSITORY / "examples" / "data" / "clip.mp4"
 
 
 @pytest.fixture(scope="session")
 def demo_model_dir(clip_path) -> str:
-    from inference_fastpath.examples.demo_model import build_demo_model
-
-    return str(build_demo_model(clip_path=clip_path))
+    """The demo package, built (or found in the user cache) by the example, run as a user runs it."""
+    done = subprocess.run([sys.executable, "-m", "inference_fastpath.examples.demo_model", "--clip", str(clip_path)],
+                          capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.splitlines()[0].strip()
 
 
 @pytest.fixture(scope="session")

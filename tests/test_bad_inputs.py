@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from inference_fastpath.examples.runtime import execution_engine, run_pipeline
+from inference_fastpath.workflows.running import execution_engine, run_pipeline
 from inference_fastpath.workflows import FASTPATH, load_workflow
 
 REFERENCE = dict(preprocess="reference", postprocess="reference")

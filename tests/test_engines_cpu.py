@@ -16,17 +16,20 @@ import numpy as np
 import pytest
 import torch
 
-from inference_fastpath.adapters.engines import base, cuda_graphs, selection
-from inference_fastpath.adapters.engines.base import (
+from inference_fastpath.adapters import selection
+from inference_fastpath.adapters.engine import base
+from inference_fastpath.adapters.engine import graphs as cuda_graphs
+from inference_fastpath.adapters.engine.reference import ReferenceEngine
+from inference_fastpath.adapters.engine.base import (
     EngineStats,
-    ModelForwardEngine,
     materialize_outputs,
     order_output_names,
     plan_batch_chunks,
 )
-from inference_fastpath.adapters.engines.cuda_graphs import CapturedGraph, GraphRunner, LRUCache, make_graph_key
-from inference_fastpath.adapters.engines.onnx_engine import OnnxEngine, resolve_output_shape
-from inference_fastpath.adapters.engines.tensorrt_engine import (
+from inference_fastpath.adapters.caches import LRUCache
+from inference_fastpath.adapters.engine.graphs import CapturedGraph, GraphRunner, make_graph_key
+from inference_fastpath.adapters.engine.onnx_engine import OnnxEngine, resolve_output_shape
+from inference_fastpath.adapters.engine.tensorrt_engine import (
     BatchProfile,
     batch_profile,
     bind_io,
@@ -36,7 +39,7 @@ from inference_fastpath.adapters.engines.tensorrt_engine import (
     select_io,
     trt_dtype_to_torch,
 )
-from inference_fastpath.adapters.stages.contracts import PreprocessedBatch, RawOutputs
+from inference_fastpath.adapters.contracts import PreprocessedBatch, RawOutputs
 
 
 # ----------------------------------------------------------------------------- model fixtures
@@ -44,14 +47,14 @@ from inference_fastpath.adapters.stages.contracts import PreprocessedBatch, RawO
 
 @pytest.fixture(scope="module")
 def seg_model():
-    from inference_fastpath.adapters.engines.torch_engine import build_random_model
+    from inference_fastpath.adapters.engine.torch_engine import build_random_model
 
     return build_random_model("rfdetr-seg-nano", device="cpu", seed=0)
 
 
 @pytest.fixture(scope="module")
 def torch_engine(seg_model):
-    from inference_fastpath.adapters.engines.torch_engine import TorchEngine
+    from inference_fastpath.adapters.engine.torch_engine import TorchEngine
 
     return TorchEngine(seg_model, cuda_graphs=True)  # graphs requested on purpose: must fall back
 
@@ -471,20 +474,20 @@ class FakeForwardModel:
 
 
 def test_selection_torch_package(seg_model, monkeypatch):
-    from inference_fastpath.adapters.engines import torch_engine as torch_engine_module
-    from inference_fastpath.adapters.engines.torch_engine import TorchEngine
+    from inference_fastpath.adapters.engine import torch_engine as torch_engine_module
+    from inference_fastpath.adapters.engine.torch_engine import TorchEngine
 
-    engine, reason = selection.select_engine("auto", True, seg_model)  # one real build
+    engine, reason = selection.build_engine("auto", True, seg_model)  # one real build
     assert isinstance(engine, TorchEngine) and "cuda_graphs" in reason and "CUDA" in reason
     # The remaining rules only need the engine's type: skip the (slow) copy of the network.
     monkeypatch.setattr(torch_engine_module, "prepare_capture_safe_module", lambda network, dtype: network)
-    engine, reason = selection.select_engine("auto", False, seg_model)
+    engine, reason = selection.build_engine("auto", False, seg_model)
     assert isinstance(engine, TorchEngine) and reason is None
-    engine, reason = selection.select_engine("tensorrt", False, seg_model)
+    engine, reason = selection.build_engine("tensorrt", False, seg_model)
     assert isinstance(engine, TorchEngine) and "tensorrt" in reason
-    engine, reason = selection.select_engine("onnx", False, seg_model)
+    engine, reason = selection.build_engine("onnx", False, seg_model)
     assert isinstance(engine, TorchEngine) and "onnx" in reason
-    engine, reason = selection.select_engine("torch", False, seg_model, precision="fp16")
+    engine, reason = selection.build_engine("torch", False, seg_model, precision="fp16")
     assert isinstance(engine, TorchEngine) and engine.precision == "fp32" and "fp16" in reason
 
 
@@ -493,31 +496,31 @@ def test_selection_onnx_package(tmp_path, tiny_onnx_bytes):
 
     model = FakeOnnxModel(onnxruntime.InferenceSession(_tiny_onnx(tmp_path, tiny_onnx_bytes), providers=["CPUExecutionProvider"]))
     assert selection.detect_backend(model) == "onnx"
-    engine, reason = selection.select_engine("auto", False, model)
+    engine, reason = selection.build_engine("auto", False, model)
     assert isinstance(engine, OnnxEngine) and reason is None
-    engine, reason = selection.select_engine("auto", True, model)
+    engine, reason = selection.build_engine("auto", True, model)
     assert isinstance(engine, OnnxEngine) and "cuda_graphs" in reason
-    engine, reason = selection.select_engine("torch", False, model)
+    engine, reason = selection.build_engine("torch", False, model)
     assert isinstance(engine, OnnxEngine) and "torch" in reason
 
 
 def test_selection_trt_package_without_gpu_falls_back_and_never_raises():
     model = FakeTrtModel()
     assert selection.detect_backend(model) == "tensorrt"
-    engine, reason = selection.select_engine("auto", True, model)
-    assert isinstance(engine, ModelForwardEngine)
+    engine, reason = selection.build_engine("auto", True, model)
+    assert isinstance(engine, ReferenceEngine)
     assert "tensorrt engine could not be built" in reason
-    engine, reason = selection.select_engine("torch", False, model)
-    assert isinstance(engine, ModelForwardEngine) and "torch" in reason
+    engine, reason = selection.build_engine("torch", False, model)
+    assert isinstance(engine, ReferenceEngine) and "torch" in reason
 
 
 def test_selection_unknown_model_and_bad_request():
-    engine, reason = selection.select_engine("auto", False, FakeForwardModel())
-    assert isinstance(engine, ModelForwardEngine) and "unrecognised" in reason
+    engine, reason = selection.build_engine("auto", False, FakeForwardModel())
+    assert isinstance(engine, ReferenceEngine) and "unrecognised" in reason
     raw = engine(PreprocessedBatch(tensor=torch.zeros(2, 3, 8, 8), metadata=[]))
     assert raw.boxes.shape == (2, 2, 4) and raw.masks.shape == (2, 2, 4, 4)
     with pytest.raises(ValueError):
-        selection.select_engine("openvino", False, FakeForwardModel())
+        selection.build_engine("openvino", False, FakeForwardModel())
 
 
 # ----------------------------------------------------------------------------- engine call flow (fake CUDA)

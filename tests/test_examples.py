@@ -8,8 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from inference_fastpath.examples.runtime import execution_engine
-from inference_fastpath.examples.video_io import read_frames, write_clip
+from inference_fastpath.workflows.running import execution_engine
+from inference_fastpath.workflows.video_files import read_frames, write_clip
 from inference_fastpath.workflows import FASTPATH_ANNOTATED, load_workflow
 
 pytestmark = pytest.mark.slow
@@ -48,7 +48,7 @@ def test_run_video_writes_an_annotated_video(demo_model_dir, tiny_clip, tmp_path
 
 
 def test_benchmark_runs_stock_and_ours_and_writes_json_and_chart(demo_model_dir, tiny_clip, tmp_path):
-    from inference_fastpath.examples.benchmark import main
+    from inference_fastpath.examples.benchmarks.benchmark import main
 
     out = tmp_path / "bench.json"
     assert main(["--video", tiny_clip, "--model", demo_model_dir, "--frames", "3", "--warmup", "1",

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from inference_fastpath.examples.parity import compare_detections
-from inference_fastpath.examples.runtime import execution_engine
+from inference_fastpath.workflows.comparison import compare_detections
+from inference_fastpath.workflows.running import execution_engine
 from inference_fastpath.workflows import FASTPATH, load_workflow
 
 pytestmark = pytest.mark.slow
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 def test_triton_preprocess_and_fused_postprocess_match_the_reference(
     demo_model_dir, clip_frames, monkeypatch, mask_output
 ):
-    from inference_fastpath.adapters.segmentation_runner import RUNNERS
+    from inference_fastpath.adapters.runner import RUNNERS
 
     if os.environ.get("TRITON_INTERPRET") != "1":
         import torch
@@ -35,7 +35,7 @@ def test_triton_preprocess_and_fused_postprocess_match_the_reference(
     fast_runner = [r for key, r in RUNNERS._runners.items() if key[1].postprocess == "fused"][-1]
     assert [c.selected for c in fast_runner.choices if c.stage != "engine"] == ["triton", "fused"]
     assert [c.fallback_reason for c in fast_runner.choices if c.stage != "engine"] == [None, None]
-    assert fast_runner.postprocess.fast_stage.accumulation().exact  # no near-exact note either
+    assert fast_runner.postprocess.fast.accumulation().exact  # no near-exact note either
     if mask_output == "rle":
         assert list(fast.data["rle_mask"]) == list(reference.data["rle_mask"])
         assert len(fast) == len(reference) > 0

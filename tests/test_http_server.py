@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
-from inference_fastpath.examples.runtime import LOCAL_PACKAGES_OPT_IN, RUNTIME_ENVIRONMENT, execution_engine
+from inference_fastpath.workflows.running import LOCAL_PACKAGES_OPT_IN, RUNTIME_ENVIRONMENT, execution_engine
 from inference_fastpath.workflows import FASTPATH, STOCK_V3, load_workflow
 
-sys.path.insert(0, str(Path(__file__).parent))
-from support.http_server import image_input, run_workflow, running_server  # noqa: E402
+from support.http_server import image_input, run_workflow, running_server
 
 BLOCK_TYPE = "fastpath/rfdetr_instance_segmentation@v1"
 REFERENCE = dict(preprocess="reference", postprocess="reference")

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from inference_fastpath.adapters.stages.mask_buffers import MaskBufferPool
+from inference_fastpath.adapters.postprocess.mask_buffers import MaskBufferPool
 
 
 def test_buffer_comes_back_only_when_unreferenced():

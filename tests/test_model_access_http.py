@@ -8,18 +8,15 @@ key of every request. Each scenario uses its own model id: inference caches mode
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from inference_fastpath.examples.runtime import RUNTIME_ENVIRONMENT
+from inference_fastpath.workflows.running import RUNTIME_ENVIRONMENT
 from inference_fastpath.workflows import FASTPATH, STOCK_V3, load_workflow
 
-sys.path.insert(0, str(Path(__file__).parent))
-from support.fake_roboflow_api import FakeRoboflowAPI, ServedModel  # noqa: E402
-from support.http_server import image_input, run_workflow, running_server  # noqa: E402
+from support.fake_roboflow_api import FakeRoboflowAPI, ServedModel
+from support.http_server import image_input, run_workflow, running_server
 
 pytestmark = pytest.mark.slow
 OURS = load_workflow(FASTPATH, preprocess="reference", postprocess="reference")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from inference_fastpath.examples.parity import compare_detections
-from inference_fastpath.examples.runtime import execution_engine
+from inference_fastpath.workflows.comparison import compare_detections
+from inference_fastpath.workflows.running import execution_engine
 from inference_fastpath.workflows import FASTPATH, load_workflow
 
 pytestmark = pytest.mark.slow
@@ -20,7 +20,7 @@ def onnx_package(tmp_path_factory, demo_model_dir):
 
 
 def test_onnx_package_gives_the_torch_package_detections(onnx_package, demo_model_dir, clip_frames):
-    from inference_fastpath.adapters.segmentation_runner import RUNNERS
+    from inference_fastpath.adapters.runner import RUNNERS
 
     onnx_engine = execution_engine(load_workflow(FASTPATH, engine="onnx", preprocess="reference", postprocess="reference"))
     torch_engine = execution_engine(load_workflow(FASTPATH, engine="torch", preprocess="reference", postprocess="reference"))

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from inference_fastpath.examples.parity import compare_detections, mask_iou
-from inference_fastpath.examples.runtime import execution_engine, run_pipeline
+from inference_fastpath.workflows.comparison import compare_detections, mask_iou
+from inference_fastpath.workflows.running import execution_engine, run_pipeline
 from inference_fastpath.workflows import FASTPATH, STOCK_V3, load_workflow
 
 pytestmark = pytest.mark.slow

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from inference_fastpath.adapters.pinned_frames import PinnedFramePool, is_pinned_frame
-from inference_fastpath.adapters.pinned_video_source import PinnedVideoFrameProducer, pinned_video_source
-from inference_fastpath.examples.parity import compare_detections
-from inference_fastpath.examples.runtime import run_pipeline
+from inference_fastpath.adapters.cuda.pinned_frames import PinnedFramePool, is_pinned_frame
+from inference_fastpath.adapters.cuda.pinned_video_source import PinnedVideoFrameProducer, pinned_video_source
+from inference_fastpath.workflows.comparison import compare_detections
+from inference_fastpath.workflows.running import run_pipeline
 from inference_fastpath.workflows import FASTPATH, load_workflow
 
 

@@ -6,12 +6,12 @@ import threading
 
 import pytest
 
-from inference_fastpath.adapters.scheduler import WORKER_THREAD_PREFIX
-from inference_fastpath.examples.parity import compare_detections
-from inference_fastpath.examples.runtime import execution_engine, run_pipeline
+from inference_fastpath.adapters.scheduling.depth2 import WORKER_THREAD_PREFIX
+from inference_fastpath.workflows.comparison import compare_detections
+from inference_fastpath.workflows.running import execution_engine, run_pipeline
 from inference_fastpath.workflows import FASTPATH, load_workflow
 
-from inference_fastpath.examples.video_io import read_frames, write_clip
+from inference_fastpath.workflows.video_files import read_frames, write_clip
 
 pytestmark = pytest.mark.slow
 REFERENCE = dict(preprocess="reference", postprocess="reference")
@@ -65,7 +65,7 @@ def test_two_sources_are_pipelined_and_complete(demo_model_dir, clips):
 
 
 def test_termination_mid_stream_delivers_every_frame_the_block_took(demo_model_dir, clip_path, tmp_path):
-    from inference_fastpath.adapters.segmentation_runner import RUNNERS
+    from inference_fastpath.adapters.runner import RUNNERS
 
     clip = write_clip(tmp_path / "ten.mp4", read_frames(clip_path, count=10, step=3))
     RUNNERS.clear()

@@ -22,16 +22,10 @@ import pytest
 from inference_models.models.common.roboflow.model_packages import ClassNameRemoval
 from inference_models.models.rfdetr.class_remapping import prepare_class_remapping
 
-from inference_fastpath.adapters.stages.contracts import PostprocessRequest, RawOutputs
-from inference_fastpath.adapters.stages.postprocess_fused import (
-    FusedPostprocess,
-    frames_mismatch,
-    make_metadata,
-    mask_to_polygon,
-    reference_detections,
-    synthetic_outputs,
-)
-from inference_fastpath.adapters.stages.recorded_outputs import load_recorded_outputs, save_recorded_outputs
+from inference_fastpath.adapters.contracts import PostprocessRequest, RawOutputs
+from inference_fastpath.adapters.postprocess.fused import FusedPostprocess
+from support.postprocess_cases import frames_mismatch, make_metadata, reference_detections, synthetic_outputs
+from support.recorded_outputs import load_recorded_outputs, save_recorded_outputs
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -59,7 +53,7 @@ def stage():
     return FusedPostprocess(NUM_CLASSES, None, DEVICE)
 
 
-@pytest.mark.parametrize("fmt", ["dense", "rle", "polygon"])
+@pytest.mark.parametrize("fmt", ["dense", "rle"])
 def test_batch_of_two_frames_all_formats(stage, fmt):
     raw = _device(synthetic_outputs(batch=2, n_confident=4, seed=21))
     meta = [make_metadata((72, 96), mode="letterbox"), make_metadata((64, 48))]
@@ -68,8 +62,8 @@ def test_batch_of_two_frames_all_formats(stage, fmt):
         assert frame.image_size == (m.original_size.height, m.original_size.width)
         assert frame.xyxy.dtype == np.float32 and frame.xyxy.shape == (len(frame), 4)
         assert frame.confidence.dtype == np.float32 and frame.class_id.dtype == np.int64
-        filled = [x is not None for x in (frame.dense_masks, frame.rle_masks, frame.polygons)]
-        assert filled == [fmt == "dense", fmt == "rle", fmt == "polygon"]
+        filled = [x is not None for x in (frame.dense_masks, frame.rle_masks)]
+        assert filled == [fmt == "dense", fmt == "rle"]
     if fmt == "dense":
         assert ours[0].dense_masks.dtype == bool and ours[0].dense_masks.shape == (len(ours[0]), 72, 96)
 
@@ -89,7 +83,7 @@ def test_remapping_thresholds_and_cap():
     _assert_equal(stage, raw, meta, PostprocessRequest(0.3, None, "dense"), remap=remap)
 
 
-@pytest.mark.parametrize("fmt", ["dense", "rle", "polygon"])
+@pytest.mark.parametrize("fmt", ["dense", "rle"])
 def test_no_detections(stage, fmt):
     raw = _device(synthetic_outputs(n_confident=0, seed=23))
     (frame,) = _assert_equal(stage, raw, [make_metadata((30, 40))], PostprocessRequest(0.99, None, fmt))
@@ -185,7 +179,7 @@ def test_compact_recorded_outputs(tmp_path, stage):
 
 
 @pytest.mark.parametrize("path", RECORDED or [None], ids=[os.path.basename(p) for p in RECORDED] or ["none"])
-@pytest.mark.parametrize("fmt", ["dense", "rle", "polygon"])
+@pytest.mark.parametrize("fmt", ["dense", "rle"])
 def test_recorded_engine_outputs(path, fmt):
     if path is None:
         pytest.skip("no recorded outputs in tests/data/postprocess/")
@@ -197,10 +191,10 @@ def test_recorded_engine_outputs(path, fmt):
 
 
 @pytest.mark.parametrize("path", TIES, ids=[os.path.basename(p) for p in TIES])
-@pytest.mark.parametrize("fmt", ["dense", "rle", "polygon"])
+@pytest.mark.parametrize("fmt", ["dense", "rle"])
 def test_recorded_score_ties(path, fmt):
-    from inference_fastpath.adapters.stage_selection import _with_request_fallback
-    from inference_fastpath.adapters.stages.postprocess_reference import ReferencePostprocess
+    from inference_fastpath.adapters.fallback import FallbackStage
+    from inference_fastpath.adapters.postprocess.reference import ReferencePostprocess
 
     raw, meta, info = load_recorded_outputs(path, DEVICE)
     num_classes = int(info.get("num_classes", NUM_CLASSES))
@@ -211,28 +205,16 @@ def test_recorded_score_ties(path, fmt):
         _assert_equal(stage, raw, meta, request, num_classes=num_classes)
         return
     assert "ties" in stage.unsupported_reason(meta, request, raw)
-    selected = _with_request_fallback(stage, ReferencePostprocess(num_classes=num_classes, classes_re_mapping=None))
+    selected = FallbackStage("postprocess", stage, ReferencePostprocess(num_classes=num_classes, classes_re_mapping=None))
     _assert_equal(selected, raw, meta, request, num_classes=num_classes)
 
 
-def test_mask_to_polygon_matches_inference_mask2poly():
-    postprocess = pytest.importorskip("inference.core.utils.postprocess")
-    rng = np.random.default_rng(0)
-    for _ in range(20):
-        m = np.zeros((30, 40), np.uint8)
-        for _ in range(rng.integers(0, 4)):
-            y, x = rng.integers(0, 30), rng.integers(0, 40)
-            m[y : y + rng.integers(1, 12), x : x + rng.integers(1, 12)] = 1
-        np.testing.assert_array_equal(mask_to_polygon(m), postprocess.mask2poly(m))
-
-
-@pytest.mark.parametrize("fmt", ["dense", "rle", "polygon"])
+@pytest.mark.parametrize("fmt", ["dense", "rle"])
 def test_small_payload_buffers_grow_without_changing_results(monkeypatch, fmt):
     """A payload longer than the copied prefix, then longer than the device buffer, still
     gives the reference result; the stage remembers the larger sizes for the next frame."""
-    from inference_fastpath.adapters.stages import postprocess_fused as fused
+    from inference_fastpath.adapters.postprocess import fused
 
-    monkeypatch.setitem(fused._DEFAULT_SIZES, fused.RUNS, (64, 8))
     monkeypatch.setitem(fused._DEFAULT_SIZES, fused.STRINGS, (64, 8))
     monkeypatch.setitem(fused._DEFAULT_SIZES, fused.DENSE, (64, 8))
     stage = FusedPostprocess(NUM_CLASSES, None, DEVICE)

@@ -24,17 +24,19 @@ import numpy as np
 import pytest
 from torchvision.transforms import functional as tvf
 
-from inference_fastpath.adapters.stages.contracts import PostprocessRequest
-from inference_fastpath.adapters.stages.postprocess_fused import FusedPostprocess, reference_detections
-from inference_fastpath.adapters.stages.recorded_outputs import load_recorded_outputs
-from inference_fastpath.kernels import postprocess_mask_dense as dense_kernels
-from inference_fastpath.kernels.postprocess_mask_dense import (
+from inference_fastpath.adapters.contracts import PostprocessRequest
+from inference_fastpath.adapters.postprocess.fused import FusedPostprocess
+from inference_fastpath.adapters.postprocess.synthetic import make_metadata, synthetic_outputs
+from inference_fastpath.kernels import mask_resize as dense_kernels
+from inference_fastpath.kernels.mask_resize import (
     ACC_MODES,
     NEAR_EXACT_RELATIVE_BOUND,
     AccumulationRecipe,
     calibrate_accumulation,
 )
 from inference_fastpath.kernels.postprocess_select import frame_geometry
+from support.postprocess_cases import reference_detections
+from support.recorded_outputs import load_recorded_outputs
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -113,8 +115,6 @@ def test_a_real_disagreement_falls_back(monkeypatch):
         pytest.skip("both recipes are exact here")
     assert not recipe.usable
     stage = FusedPostprocess(90, None, DEVICE, accumulation=recipe)
-    from inference_fastpath.adapters.stages.postprocess_fused import make_metadata
-
     reason = stage.unsupported_reason([make_metadata((32, 32))], PostprocessRequest(0.5, None, "dense"))
     assert "could not be reproduced" in reason
 
@@ -154,8 +154,6 @@ def test_near_exact_masks_differ_only_within_the_bound(path, exact_recipe, repor
 
 def test_near_exact_on_noise_masks_with_many_zero_crossings(exact_recipe, report):
     """Masks of pure noise cross zero everywhere, so some pixels do land inside the bound."""
-    from inference_fastpath.adapters.stages.postprocess_fused import make_metadata, synthetic_outputs
-
     raw = synthetic_outputs(n_confident=24, seed=61, device=DEVICE)
     gen = torch.Generator().manual_seed(62)
     raw.masks = (torch.randn(raw.masks.shape, generator=gen) * 4).to(DEVICE)

@@ -20,16 +20,16 @@ from inference_models.models.common.roboflow.model_packages import (  # noqa: E4
 )
 from inference_models.models.rfdetr.pre_processing import pre_process_network_input  # noqa: E402
 
-from inference_fastpath.adapters.stages import preprocess_triton as pt  # noqa: E402
-from inference_fastpath.adapters.stages.preprocess_triton import (  # noqa: E402
-    TritonPreprocess,
+from inference_fastpath.adapters.preprocess import upload as pt  # noqa: E402
+from inference_fastpath.adapters.preprocess.planning import stretch_network_input  # noqa: E402
+from inference_fastpath.adapters.preprocess.triton import TritonPreprocess  # noqa: E402
+from inference_fastpath.adapters.preprocess.upload import (  # noqa: E402
+    Staging as _Staging,
     UploadChunk,
-    _Staging,
     auto_upload_chunks,
     fill_chunks,
     plan_upload_chunks,
     staging_layout,
-    stretch_network_input,
 )
 from inference_fastpath.kernels.preprocess_resize_normalize import interpreter_active  # noqa: E402
 

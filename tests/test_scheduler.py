@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from inference_fastpath.adapters.scheduler import WORKER_THREAD_PREFIX, FutureScheduler
+from inference_fastpath.adapters.scheduling.depth2 import WORKER_THREAD_PREFIX, FutureScheduler
 
 
 def _worker_threads():

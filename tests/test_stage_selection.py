@@ -9,7 +9,7 @@ import torch
 
 from inference_fastpath.adapters.model_loading import LoadedModel, ModelKey
 from inference_fastpath.adapters.options import FastpathOptions
-from inference_fastpath.adapters.stage_selection import select_postprocess, select_preprocess
+from inference_fastpath.adapters.selection import select_postprocess, select_preprocess
 
 
 class _FakeModel:
@@ -48,7 +48,7 @@ def test_reference_choices_have_no_fallback_reason(loaded_on_cpu):
 
 def test_block_logs_each_stage_choice_once_per_step(loaded_on_cpu, caplog, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    from inference_fastpath.adapters.segmentation_runner import SegmentationRunner
+    from inference_fastpath.adapters.runner import SegmentationRunner
     from inference_fastpath.blocks.rfdetr_instance_segmentation_v1 import RFDetrInstanceSegmentationBlockV1
 
     runner = SegmentationRunner(loaded_on_cpu, FastpathOptions(postprocess="fused", preprocess="reference"))

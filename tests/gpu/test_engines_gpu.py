@@ -19,9 +19,9 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-from inference_fastpath.adapters.engines.base import materialize_outputs, outputs_as_model_results  # noqa: E402
-from inference_fastpath.adapters.engines.torch_engine import TorchEngine, build_random_model  # noqa: E402
-from inference_fastpath.adapters.stages.contracts import PreprocessedBatch, RawOutputs  # noqa: E402
+from inference_fastpath.adapters.engine.base import materialize_outputs, outputs_as_model_results  # noqa: E402
+from inference_fastpath.adapters.engine.torch_engine import TorchEngine, build_random_model  # noqa: E402
+from inference_fastpath.adapters.contracts import PreprocessedBatch, RawOutputs  # noqa: E402
 
 Triple = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 ATOL_FP32 = 1e-5
@@ -351,7 +351,7 @@ def test_onnx_engine_cuda_iobinding_matches_cpu(tmp_path, tiny_onnx_bytes):
     ort = pytest.importorskip("onnxruntime")
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("onnxruntime has no CUDA execution provider here")
-    from inference_fastpath.adapters.engines.onnx_engine import OnnxEngine
+    from inference_fastpath.adapters.engine.onnx_engine import OnnxEngine
 
     path = tmp_path / "tiny.onnx"
     path.write_bytes(tiny_onnx_bytes())
@@ -367,7 +367,7 @@ def test_onnx_engine_cuda_iobinding_matches_cpu(tmp_path, tiny_onnx_bytes):
 
 def test_tensorrt_engine_graph_equals_eager(tmp_path, tiny_onnx_bytes):
     trt = pytest.importorskip("tensorrt")
-    from inference_fastpath.adapters.engines.tensorrt_engine import BatchProfile, TensorRTEngine
+    from inference_fastpath.adapters.engine.tensorrt_engine import BatchProfile, TensorRTEngine
 
     builder = trt.Builder(trt.Logger(trt.Logger.WARNING))
     network = builder.create_network(0)

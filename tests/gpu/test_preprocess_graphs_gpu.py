@@ -26,8 +26,9 @@ from inference_models.models.common.roboflow.model_packages import (  # noqa: E4
     TrainingInputSize,
 )
 
-from inference_fastpath.adapters.stages import preprocess_triton  # noqa: E402
-from inference_fastpath.adapters.stages.preprocess_triton import TritonPreprocess, stretch_network_input  # noqa: E402
+from inference_fastpath.adapters.preprocess import triton as preprocess_triton  # noqa: E402
+from inference_fastpath.adapters.preprocess.planning import stretch_network_input  # noqa: E402
+from inference_fastpath.adapters.preprocess.triton import TritonPreprocess  # noqa: E402
 
 DEVICE = torch.device("cuda")
 

@@ -21,8 +21,9 @@ from inference_models.models.common.roboflow.model_packages import (  # noqa: E4
     ImagePreProcessing,
 )
 
-from inference_fastpath.adapters.pinned_frames import PinnedFramePool, is_pinned_frame  # noqa: E402
-from inference_fastpath.adapters.stages.preprocess_triton import TritonPreprocess, stretch_network_input  # noqa: E402
+from inference_fastpath.adapters.cuda.pinned_frames import PinnedFramePool, is_pinned_frame  # noqa: E402
+from inference_fastpath.adapters.preprocess.planning import stretch_network_input  # noqa: E402
+from inference_fastpath.adapters.preprocess.triton import TritonPreprocess  # noqa: E402
 
 
 def _image(height: int, width: int, seed: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Fused mask kernels (dense bit-packed, RLE, polygons) vs inference-models' reference.
+"""Fused mask kernels (dense bit-packed, RLE) vs inference-models' reference.
 
 Runs on CUDA when available, else through the Triton interpreter (CPU).
 """
@@ -14,15 +14,10 @@ import numpy as np
 import pytest
 from torchvision.transforms import functional as tvf
 
-from inference_fastpath.adapters.stages.contracts import PostprocessRequest, RawOutputs
-from inference_fastpath.adapters.stages.postprocess_fused import (
-    FusedPostprocess,
-    frames_mismatch,
-    make_metadata,
-    reference_detections,
-    synthetic_outputs,
-)
-from inference_fastpath.kernels.postprocess_mask_dense import (
+from inference_fastpath.adapters.contracts import PostprocessRequest, RawOutputs
+from inference_fastpath.adapters.postprocess.fused import FusedPostprocess
+from support.postprocess_cases import frames_mismatch, make_metadata, reference_detections, synthetic_outputs
+from inference_fastpath.kernels.mask_resize import (
     ACC_MODES,
     NEAR_EXACT_RELATIVE_BOUND,
     axis_taps,
@@ -30,7 +25,6 @@ from inference_fastpath.kernels.postprocess_mask_dense import (
     interp_logits_float,
     probe_axis_taps,
 )
-from inference_fastpath.kernels.postprocess_mask_rle import transitions_to_crop
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -42,7 +36,7 @@ def stage():
     return FusedPostprocess(NUM_CLASSES, None, DEVICE)
 
 
-def _check(stage, raw, metadata, formats=("dense", "rle", "polygon"), threshold=0.5, max_detections=None):
+def _check(stage, raw, metadata, formats=("dense", "rle"), threshold=0.5, max_detections=None):
     raw = RawOutputs(boxes=raw.boxes.to(DEVICE), logits=raw.logits.to(DEVICE), masks=raw.masks.to(DEVICE))
     n = None
     for fmt in formats:
@@ -135,24 +129,6 @@ def test_other_recipes_flip_signs_only_within_the_near_exact_bound():
 # ----------------------------------------------------------------------------- host helpers
 
 
-def test_transitions_to_crop_random_masks():
-    rng = np.random.default_rng(0)
-    for _ in range(30):
-        h, w = rng.integers(1, 20, 2)
-        m = rng.random((h, w)) < rng.random()
-        flat = m.T.reshape(-1)  # column-major
-        prev = np.concatenate([[False], flat[:-1]])
-        trans = np.flatnonzero(flat != prev)
-        crop = transitions_to_crop(trans, int(h), int(w))
-        if not m.any():
-            assert crop is None
-            continue
-        img, x0, y0 = crop
-        ys, xs = np.nonzero(m)
-        assert (x0, y0) == (xs.min(), ys.min())
-        np.testing.assert_array_equal(img.astype(bool), m[y0 : ys.max() + 1, x0 : xs.max() + 1])
-
-
 # ----------------------------------------------------------------------------- end to end
 
 
@@ -182,7 +158,7 @@ def test_geometries(stage, meta):
 @pytest.mark.parametrize("hw", [(20, 10), (10, 20), (5, 300)], ids=["20x10", "10x20", "5x300"])
 def test_frames_smaller_than_mask_grid(stage, hw):
     mode = "letterbox" if hw == (10, 20) else "stretch"
-    formats = ("dense", "rle", "polygon") if hw == (20, 10) else ("dense", "rle")
+    formats = ("dense", "rle")
     _check(stage, synthetic_outputs(n_confident=4, seed=3), [make_metadata(hw, mode=mode)], formats=formats)
 
 
@@ -230,18 +206,6 @@ def test_half_precision_masks(stage):
     raw = synthetic_outputs(n_confident=3, seed=8)
     raw.masks = raw.masks.half()
     _check(stage, raw, [make_metadata((72, 88))], formats=("dense", "rle"))
-
-
-def test_polygons_of_multi_component_masks(stage):
-    def blobs(h, w):
-        yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-        m = torch.full((h, w), -2.0)
-        for cy, cx, r in ((15, 15, 6), (50, 60, 12), (60, 20, 3)):
-            m = torch.maximum(m, r - ((yy - cy) ** 2 + (xx - cx) ** 2).float().sqrt())
-        return m
-
-    raw = _with_masks(synthetic_outputs(n_confident=2, seed=9), blobs)
-    _check(stage, raw, [make_metadata((120, 140))], formats=("polygon",))
 
 
 def test_4k_frame(stage):

@@ -16,12 +16,8 @@ from inference_models.entities import ImageDimensions
 from inference_models.models.common.roboflow.model_packages import ClassNameRemoval
 from inference_models.models.rfdetr.class_remapping import prepare_class_remapping
 
-from inference_fastpath.adapters.stages.contracts import PostprocessRequest, RawOutputs
-from inference_fastpath.adapters.stages.postprocess_fused import (
-    make_metadata,
-    reference_detections,
-    synthetic_outputs,
-)
+from inference_fastpath.adapters.contracts import PostprocessRequest, RawOutputs
+from support.postprocess_cases import make_metadata, reference_detections, synthetic_outputs
 from inference_fastpath.kernels.postprocess_select import (
     decode_selection,
     frame_geometry,

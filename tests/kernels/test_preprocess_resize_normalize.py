@@ -36,11 +36,8 @@ from inference_models.models.common.roboflow.model_packages import (  # noqa: E4
 from inference_models.models.rfdetr.pre_processing import pre_process_network_input  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from inference_fastpath.adapters.stages.preprocess_triton import (  # noqa: E402
-    PlanningError,
-    TritonPreprocess,
-    plan_frame,
-)
+from inference_fastpath.adapters.preprocess.planning import PlanningError, plan_frame  # noqa: E402
+from inference_fastpath.adapters.preprocess.triton import TritonPreprocess  # noqa: E402
 from inference_fastpath.kernels.preprocess_resize_normalize import (  # noqa: E402
     ResizeNormalizeOp,
     interpreter_active,

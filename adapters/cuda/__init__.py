@@ -1,0 +1,1 @@
+"""CUDA plumbing shared by the stages: stream switching, buffer recycling, pinned frames."""

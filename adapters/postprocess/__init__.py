@@ -1,0 +1,1 @@
+"""Postprocess stage: engine outputs -> host detections. `reference.py` (inference-models) and its fast twin `fused.py`."""

@@ -1,0 +1,1 @@
+"""Preprocess stage: frames -> the network input. `reference.py` (inference-models, PIL) and its fast twin `triton.py`."""

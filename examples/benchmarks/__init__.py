@@ -1,0 +1,1 @@
+"""Benchmarks and profilers: each a script that prints and saves JSON (and a plot)."""

@@ -1,0 +1,141 @@
+"""Diagnostic: where the host time of a whole ``InferencePipeline`` run goes, per thread (GPU host).
+
+    python -m inference_fastpath.examples.benchmarks.profile_pipeline --preset fast-rle-depth2 --frames 120
+
+Runs the configuration once unprofiled (warm-up: graph capture, kernel compilation, FPS), then again
+with the same runner under yappi, CPU clock, every thread. Prints the FPS of both runs, each thread's
+CPU ms per frame (the GIL serialises Python, so their sum against the wall time per frame says whether the host
+is the limit) and the functions with the most own CPU time, with their cumulative time.
+Needs ``yappi`` (in the GPU wheelhouse).
+
+``--timed`` instead wraps the named functions (``module:qualname``) with a clock and prints the
+p10/p50/p90 of their per-call wall time in the profiled run: ~1 us per call instead of yappi's
+several-fold slowdown, so the pipeline keeps its real timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from inference_fastpath.workflows.running import configure_environment
+
+configure_environment()
+
+
+DEFAULT_TIMED = (
+    "roboflow_workflows.execution_engine.v1.core:ExecutionEngineV1.run",
+    "inference_fastpath.adapters.runner:SegmentationRunner.launch",
+    "inference_fastpath.adapters.runner:SegmentationRunner.complete",
+    "inference_fastpath.adapters.preprocess.triton:TritonPreprocess.run_supported",
+    "inference_fastpath.adapters.preprocess.triton:TritonPreprocess.unsupported_reason",
+    "inference_fastpath.adapters.preprocess.triton:_Staging.upload",
+    "inference_fastpath.adapters.preprocess.triton:fill_chunk",
+    "inference_fastpath.adapters.engine.base:EngineBase.input_buffer",
+    "inference_fastpath.adapters.engine.base:EngineBase.__call__",
+    "inference_fastpath.adapters.postprocess.fused:FusedPostprocess.run_supported",
+    "inference_fastpath.adapters.postprocess.fused:FusedPostprocess._execute",
+    "inference_fastpath.adapters.postprocess.program:PostprocessProgram.finish",
+    "inference_fastpath.adapters.postprocess.program:PostprocessProgram._host_payload",
+    "inference_fastpath.adapters.postprocess.program:paste_crops",
+    "inference_fastpath.blocks.rfdetr_instance_segmentation_v1:to_sv_detections",
+)
+
+
+def wrap_with_clock(targets: Sequence[str]) -> Dict[str, List[float]]:
+    """Replace each ``module:qualname`` by a wrapper appending its wall ms per call."""
+    importlib.import_module("inference.core")  # installs the workflows configuration first
+    samples: Dict[str, List[float]] = defaultdict(list)
+    for target in targets:
+        module_name, _, qualname = target.partition(":")
+        owner = importlib.import_module(module_name)
+        *path, name = qualname.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        original = getattr(owner, name)
+
+        def timed(*args, __original=original, __key=qualname, **kwargs):
+            start = time.perf_counter()
+            try:
+                return __original(*args, **kwargs)
+            finally:
+                samples[__key].append((time.perf_counter() - start) * 1e3)
+
+        setattr(owner, name, functools.wraps(original)(timed))
+    return samples
+
+
+def print_call_times(samples: Dict[str, List[float]], frames: int) -> None:
+    import numpy as np
+
+    print(f"\n{'function':<60} {'calls/f':>7} {'p10 ms':>8} {'p50 ms':>8} {'p90 ms':>8}")
+    for key, values in samples.items():
+        values = values[len(values) // 5:]  # skip the warm-up share
+        if values:
+            p10, p50, p90 = np.percentile(values, [10, 50, 90])
+            print(f"{key[-60:]:<60} {len(values) / max(1, frames * 0.8):7.2f} {p10:8.3f} {p50:8.3f} {p90:8.3f}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="fast-rle-depth2")
+    parser.add_argument("--options", default="", help="extra block options, key=value,...")
+    parser.add_argument("--frames", type=int, default=120)
+    parser.add_argument("--top", type=int, default=45)
+    parser.add_argument("--clock", default="cpu", choices=("cpu", "wall"))
+    parser.add_argument("--timed", nargs="*", default=None,
+                        help="time these module:qualname calls instead of running yappi (no names: a default set)")
+    args = parser.parse_args(argv)
+
+    from inference_fastpath.examples.benchmarks.benchmark import PRESETS, parse_config, run_configuration, truncated_clip
+    from inference_fastpath.examples.demo_model import build_demo_model, default_clip_path
+    from inference_fastpath.workflows import FASTPATH, load_workflow
+
+    options = dict(PRESETS[args.preset])
+    options.update(parse_config(f"x:{args.options}")[1])
+    model = str(build_demo_model())
+    with tempfile.TemporaryDirectory() as directory:
+        video = truncated_clip(str(default_clip_path()), args.frames, Path(directory))
+        workflow = load_workflow(FASTPATH, **options)
+        plain = run_configuration("plain", workflow, video, model, 10, options=options)
+        if args.timed is not None:
+            samples = wrap_with_clock(args.timed or DEFAULT_TIMED)
+            timed = run_configuration("timed", workflow, video, model, 10, options=options, fresh_runner=False)
+            print(f"\nfps plain {plain['fps']:.1f}, timed {timed['fps']:.1f}")
+            print_call_times(samples, timed["frames"])
+            return 0
+        import yappi
+
+        yappi.set_clock_type(args.clock)
+        yappi.clear_stats()
+        yappi.start(builtins=True, profile_threads=True)
+        profiled = run_configuration("profiled", workflow, video, model, 10, options=options, fresh_runner=False)
+        yappi.stop()
+    frames = max(1, profiled["frames"])
+    wall_ms = 1e3 * profiled["wall_s"] / frames
+    print(f"\nfps plain {plain['fps']:.1f}, profiled {profiled['fps']:.1f}; profiled wall {wall_ms:.2f} ms/frame")
+    total = 0.0
+    for thread in sorted(yappi.get_thread_stats(), key=lambda t: -t.ttot):
+        per_frame = 1e3 * thread.ttot / frames
+        total += per_frame
+        if per_frame >= 0.01:
+            print(f"thread {thread.name:<24} id={thread.id:<3} {per_frame:7.3f} ms/frame ({args.clock})")
+    print(f"all threads {total:.3f} ms/frame vs wall {wall_ms:.3f}")
+    stats = yappi.get_func_stats()
+    stats.sort("tsub")
+    print(f"\n{'function':<100} {'calls':>7} {'own ms/f':>9} {'cum ms/f':>9}")
+    for row in list(stats)[: args.top]:
+        name = f"{row.module.split('site-packages/')[-1]}:{row.lineno} {row.name}"
+        print(f"{name[-100:]:<100} {row.ncall:>7} {1e3 * row.tsub / frames:9.3f} {1e3 * row.ttot / frames:9.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
