@@ -39,7 +39,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--pipeline-depth", type=int, default=1, choices=[1, 2])
     parser.add_argument("--confidence", type=float, help="custom confidence threshold")
     parser.add_argument("--pinned-decode", action="store_true",
-                        help="decode into recycled pinned buffers (adapters/pinned_video_source.py): the Triton "
+                        help="decode into recycled pinned buffers (adapters/cuda/pinned_video_source.py): the Triton "
                              "preprocess then uploads each frame without a staging copy")
     return parser.parse_args(argv)
 

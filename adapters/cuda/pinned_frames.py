@@ -1,13 +1,12 @@
 """Frames in page-locked (pinned) host memory: detection and a recycling pool.
 
 A numpy frame in ordinary (pageable) memory reaches the GPU through a copy into a pinned staging
-buffer and then a DMA. The copy costs 0.03-0.2 ms per 1080p frame (the upper end when torch's CPU
-thread pool has to wake up, which it does for each frame in a pipeline: see
-``examples/upload_paths.py``). A frame that already lives in pinned memory skips it: the
-Triton preprocess stage sees that (``is_pinned_frame``) and sends the frame by one async copy.
+buffer and then a DMA; that copy runs on the pipeline's thread for every frame. A frame that already
+lives in pinned memory skips it: the Triton preprocess stage sees that (``is_pinned_frame``) and sends
+the frame by one async copy.
 
-``adapters/pinned_video_source.py`` decodes video into frames from a :class:`PinnedFramePool`.
-A buffer is reused only once nothing references its frame any more (``adapters/recycling.py``), so a frame kept by a sink, a queue or an
+``pinned_video_source.py`` decodes video into frames from a :class:`PinnedFramePool`. A buffer is
+reused only once nothing references its frame any more (``recycling.py``), so a frame kept by a sink, a queue or an
 in-flight upload is never overwritten. Past the pinned-memory budget, or without CUDA, frames are
 decoded into ordinary memory as before, with the reason logged once.
 """

@@ -3,7 +3,7 @@
     from inference_fastpath.adapters.cuda.pinned_video_source import pinned_video_source
     InferencePipeline.init_with_workflow(video_reference=pinned_video_source("in.mp4"), ...)
 
-Each frame is decoded into a recycled page-locked buffer (``adapters/pinned_frames.py``), so the
+Each frame is decoded into a recycled page-locked buffer (``pinned_frames.py``), so the
 Triton preprocess sends it to the GPU by one async copy, without the staging fill. Everything
 else (opening, properties, release) is OpenCV's producer from ``inference``, unchanged.
 """

@@ -1,6 +1,6 @@
 """Making a stage's CUDA stream current for one call, cheaply.
 
-``torch.cuda.device(d)`` plus ``torch.cuda.stream(s)`` cost ~25 us of Python per call: both resolve
+``torch.cuda.device(d)`` plus ``torch.cuda.stream(s)`` cost tens of microseconds of Python per call: both resolve
 the current device through several Python calls (``_get_device_index`` with no index asks
 ``torch.cuda.is_available()`` each time). The stages switch streams on every frame, so they use
 :func:`stream_made_current`, which passes int device indexes and calls ``set_stream`` directly.

@@ -1,8 +1,7 @@
 """Reusable host buffers for the dense ``(N, H, W)`` bool masks the postprocess hands out.
 
-A fresh 5-20 MB array per frame costs its page faults on first write (profile_pipeline --timed:
-pasting 12 masks of 768x576 took 3.6 ms inside a running pipeline, 0.75 ms into memory already
-mapped). The pool hands out views of a few long-lived buffers instead and takes a buffer back only
+A fresh multi-megabyte array per frame costs its page faults on first write, several times the
+paste itself into memory already mapped. The pool hands out views of a few long-lived buffers instead and takes a buffer back only
 once nothing references it any more - no view, no ``sv.Detections`` still holding its masks - which
 CPython's reference count tells exactly. A caller keeping every frame's masks simply makes the
 pool allocate, as before.

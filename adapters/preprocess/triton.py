@@ -66,8 +66,8 @@ LOGGER = logging.getLogger("inference_fastpath")
 
 _STAGING_ALIGN = 16  # keeps every staged frame 16-byte aligned (Triton specialises on it)
 _PLAN_CACHE_SIZE = 64
-# Kernel launches captured per (plan, source buffer, output buffer): a replay costs ~10 us of
-# host time where a Triton launch costs 0.1-0.2 ms. A launch is captured the second time its
+# Kernel launches captured per (plan, source buffer, output buffer): a graph replay costs a small
+# fraction of the host time of Triton launches. A launch is captured the second time its
 # key is seen (one-off shapes stay eager); past _MAX_LAUNCH_CAPTURES captures the stage stays
 # eager, with the reason logged.
 _MAX_LAUNCH_GRAPHS = 8

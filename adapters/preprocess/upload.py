@@ -27,14 +27,11 @@ _STAGING_ALIGN = 16  # keeps every staged frame 16-byte aligned (Triton speciali
 
 # Chunked upload policy. A numpy frame is filled into pinned memory and sent with an H2D DMA.
 # Split into row chunks, chunk k's DMA can run while chunk k+1 is filled, leaving about
-# (fill + DMA) / n exposed on top of max(fill, DMA); each extra chunk costs one more copy_ call
-# (host time) and a DMA start-up. Measured on the H100 host (`bench_preprocess_resize_normalize
-# --sweep-upload`, examples/results/h100-2026-11-21/): the upload alone improves a little
-# (1080p: 0.41 ms in one copy, 0.36 in 4 chunks) but call-to-ready latency gets worse below 4K
-# (768x576: 0.47 ms one copy vs 0.51 in 2 chunks; 1080p: 0.58 vs 0.76 in 4), and 4K gains ~3%
-# (1.15 vs 1.12 ms in 8). So only batches of at least _CHUNKING_MIN_BYTES are chunked:
-# n = round(bytes / _CHUNK_TARGET_BYTES), between 2 and _MAX_UPLOAD_CHUNKS (4K: 8 of ~3.1 MB).
-# Chunk boundaries fall on row boundaries (every chunk is whole rows of one or more frames).
+# (fill + DMA) / n exposed on top of max(fill, DMA); but each extra chunk costs one more copy_ call
+# (host time) and a DMA start-up, which outweighs the overlap below 4K-sized batches
+# (`examples/benchmarks/bench_preprocess.py --sweep-upload` measures it). So only batches of at least
+# _CHUNKING_MIN_BYTES are chunked: n = round(bytes / _CHUNK_TARGET_BYTES), between 2 and
+# _MAX_UPLOAD_CHUNKS. Chunk boundaries fall on row boundaries (whole rows of one or more frames).
 _CHUNKING_MIN_BYTES = 16 << 20
 _CHUNK_TARGET_BYTES = 3 << 19  # 1.5 MiB
 _MAX_UPLOAD_CHUNKS = 8
@@ -139,9 +136,7 @@ def fill_chunk(
     """Copy the rows of ``chunk`` from ``frames`` into the uint8 staging tensor ``host``.
 
     ``use_torch``: torch's CPU copy (split over its intra-op threads) where the frame allows it;
-    otherwise, and for negative strides, ``np.copyto`` (one thread, GIL released). (A single
-    np.copyto for frames below 4 MiB was tried: no faster inside a running pipeline, 0.28 vs
-    0.26 ms for 768x576 by profile_pipeline --timed, and slower in isolation.)"""
+    otherwise, and for negative strides, ``np.copyto`` (one thread, GIL released)."""
     for index, first, last in chunk.pieces:
         frame = frames[index]
         view = _frame_rows(host, frame, offsets[index], first, last)
@@ -218,7 +213,7 @@ class Staging:
 
     def plan(self, frames: Sequence[np.ndarray]) -> Tuple[List[int], int, List[UploadChunk]]:
         """Offsets, staged size and chunks of one upload of ``frames`` (cached per batch shape:
-        planning 4 chunks costs ~10 us of Python, a stream sends the same shape every call)."""
+        planning the chunks is pure Python, and a stream sends the same shape every call)."""
         key = tuple(frame.shape for frame in frames)
         cached = self._plans.get(key)
         if cached is not None:

@@ -263,7 +263,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--config", action="append", default=[],
                         help="extra 'name:key=value,...' configuration (block options, plus switch_interval_ms: "
                              "the Python GIL switch interval during that run, and source=path|pinned: the "
-                             "video source, see adapters/pinned_video_source.py)")
+                             "video source, see adapters/cuda/pinned_video_source.py)")
     parser.add_argument("--out", default="benchmark.json")
     parser.add_argument("--png", default=None, help="chart path (default: --out with .png)")
     args = parser.parse_args(argv)
