@@ -1,8 +1,9 @@
 """Last stage: host detections -> ``sv.Detections`` with the data keys stock Workflows blocks expect.
 
-Dense masks are attached as they come out of the postprocess (no polygon round trip), minus the
-detections the stock v3 block's polygon step drops (masks whose largest contour has fewer than 3
-points); the RLE output keeps COCO RLE dicts in ``data["rle_mask"]`` and no dense mask, and keeps every
+Compact and dense masks are attached as they come out of the postprocess (no polygon round trip),
+minus the detections the stock v3 block's polygon step drops (masks whose largest contour has fewer
+than 3 points). The RLE output keeps COCO RLE dicts in ``data["rle_mask"]`` with the same masks as a
+``CompactMask`` in ``mask`` (so visualizations never decode the RLE to full frames), and keeps every
 detection, as the stock v4 (RLE) block does.
 """
 
@@ -13,6 +14,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 import supervision as sv
+from supervision.detection.compact_mask import CompactMask
 from inference.core.workflows.core_steps.common.utils import (
     attach_parents_coordinates_to_sv_detections,
 )
@@ -40,17 +42,15 @@ def to_sv_detections(
     class_filter: Optional[Sequence[str]] = None,
 ) -> sv.Detections:
     keep = _class_filter_mask(detections.class_id, class_names, class_filter)
-    if detections.dense_masks is not None and len(keep):
-        keep &= survives_polygon_step(detections.dense_masks, detections.xyxy)
-    count = int(keep.sum())
-    keep_all = count == len(keep)  # the usual case: no copy of the (N, H, W) masks
-    height, width = detections.image_size
     rle = detections.rle_masks is not None
-    dense_masks = None
-    if detections.dense_masks is not None:
-        dense_masks = detections.dense_masks if keep_all else detections.dense_masks[keep]
-    elif not rle:
-        dense_masks = np.zeros((count, height, width), dtype=bool)  # polygons are not an sv mask format
+    masks = detections.compact_masks if detections.compact_masks is not None else detections.dense_masks
+    if masks is not None and not rle and len(keep):  # the stock v3 block's rule (v4, RLE, keeps all)
+        keep &= survives_polygon_step(masks, detections.xyxy)
+    count = int(keep.sum())
+    keep_all = count == len(keep)  # the usual case: no copy of the masks
+    height, width = detections.image_size
+    if masks is not None and not keep_all:
+        masks = masks[np.flatnonzero(keep)] if detections.compact_masks is not None else masks[keep]
     class_id = detections.class_id[keep].astype(int)
     prediction_type = "rle-instance-segmentation" if rle else "instance-segmentation"
     data = {  # given to the constructor: validated once, not once per key
@@ -71,7 +71,7 @@ def to_sv_detections(
         xyxy=detections.xyxy[keep].astype(np.float64).reshape(-1, 4),
         confidence=detections.confidence[keep].astype(np.float64),
         class_id=class_id,
-        mask=dense_masks,
+        mask=masks,
         data=data,
     )
     return attach_parents_coordinates_to_sv_detections(detections=result, image=image)
@@ -101,8 +101,10 @@ def empty_frame_detections(frame, mask_format: str = "dense") -> FrameDetections
         confidence=np.zeros((0,), dtype=np.float32),
         class_id=np.zeros((0,), dtype=np.int64),
         image_size=(height, width),
-        dense_masks=None if mask_format == "rle" else np.zeros((0, height, width), dtype=bool),
+        dense_masks=np.zeros((0, height, width), dtype=bool) if mask_format == "dense" else None,
         rle_masks=[] if mask_format == "rle" else None,
+        compact_masks=None if mask_format == "dense" else CompactMask([], np.zeros((0, 2), np.int32),
+                                                                       np.zeros((0, 2), np.int32), (height, width)),
     )
 
 

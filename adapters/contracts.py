@@ -14,7 +14,7 @@ import torch
 from inference_models.models.common.roboflow.model_packages import PreProcessingMetadata
 
 Frame = Union[np.ndarray, torch.Tensor]  # uint8 HWC, BGR (numpy) or a CUDA uint8 tensor
-MaskFormat = Literal["dense", "rle"]
+MaskFormat = Literal["compact", "dense", "rle"]
 
 
 @dataclass
@@ -52,7 +52,8 @@ class PostprocessRequest:
 class FrameDetections:
     """Detections of one frame, host-side, ready to become an ``sv.Detections``.
 
-    Exactly one of ``dense_masks`` / ``rle_masks`` is filled, as requested.
+    ``compact`` fills ``compact_masks``, ``dense`` fills ``dense_masks``, ``rle`` fills ``rle_masks``
+    and ``compact_masks`` (the same masks, for blocks that read ``sv.Detections.mask``).
     """
 
     xyxy: np.ndarray  # (N, 4) float32 pixel coordinates in the original frame
@@ -61,6 +62,7 @@ class FrameDetections:
     image_size: Tuple[int, int]  # (height, width) of the original frame
     dense_masks: Optional[np.ndarray] = None  # (N, H, W) bool
     rle_masks: Optional[List[Dict[str, Any]]] = None  # COCO RLE {"size": [h, w], "counts": bytes}
+    compact_masks: Optional[Any] = None  # supervision.CompactMask: per-mask crops of the foreground box
 
     def __len__(self) -> int:
         return int(self.xyxy.shape[0])
@@ -124,6 +126,12 @@ class FastStage(Protocol):
 
 
 def _mask_keys(frame: FrameDetections) -> List[Any]:
+    if frame.compact_masks is not None:
+        cm = frame.compact_masks
+        keys = [(r.tobytes(), tuple(s), tuple(o)) for r, s, o in zip(cm._rles, cm._crop_shapes.tolist(), cm._offsets.tolist())]
+        if frame.rle_masks is not None:
+            keys = [(k, bytes(r["counts"]), tuple(r["size"])) for k, r in zip(keys, frame.rle_masks)]
+        return keys
     if frame.dense_masks is not None:
         return [m.tobytes() + bytes(str(m.shape), "ascii") for m in frame.dense_masks]
     if frame.rle_masks is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import cv2
 import numpy as np
 
@@ -18,13 +20,14 @@ def largest_external_contour(mask: np.ndarray) -> np.ndarray:
     return longest.reshape(-1, 2).astype(np.float32)
 
 
-def survives_polygon_step(masks: np.ndarray, xyxy: np.ndarray) -> np.ndarray:
-    """(N,) bool: which dense masks the stock v3 block keeps.
+def survives_polygon_step(masks: Any, xyxy: np.ndarray) -> np.ndarray:
+    """(N,) bool: which masks the stock v3 block keeps (dense ``(N, H, W)`` or a ``CompactMask``).
 
     Stock turns each mask into its largest external contour and drops detections whose polygon
     has fewer than 3 points (empty masks, single pixels, straight 1-pixel lines). A mask with 3
     pixels of one 2x2 window has a component that is not a straight line, hence such a polygon;
-    two rows through the box centre usually show one, so the contour is traced only for the rest.
+    two rows through the box centre (the crop's middle for compact masks) usually show one, so the
+    contour is traced only for the rest.
 
     Example:
         >>> masks = np.zeros((2, 4, 4), bool); masks[0, 1:3, 1:3] = True; masks[1, 2, :] = True
@@ -32,14 +35,24 @@ def survives_polygon_step(masks: np.ndarray, xyxy: np.ndarray) -> np.ndarray:
         [True, False]
     """
     keep = np.zeros(len(masks), dtype=bool)
-    height = masks.shape[1] if masks.ndim == 3 else 0
-    for index, mask in enumerate(masks):
-        if height >= 2:
-            row = min(max(int((xyxy[index, 1] + xyxy[index, 3]) / 2), 0), height - 2)
-            pair = mask[row : row + 2].view(np.uint8)
-            windows = pair[0, :-1] + pair[0, 1:] + pair[1, :-1] + pair[1, 1:]
-            if windows.size and windows.max() >= 3:
-                keep[index] = True
-                continue
-        keep[index] = len(largest_external_contour(mask)) >= 3
+    compact = not isinstance(masks, np.ndarray)
+    for index in range(len(masks)):
+        if compact:  # the crop has the mask's contour, shifted; its middle rows are the hint
+            mask = masks.crop(index)
+            row = (mask.shape[0] - 1) // 2
+        else:
+            mask = masks[index]
+            row = int((xyxy[index, 1] + xyxy[index, 3]) / 2)
+        keep[index] = _has_l_shape_near(mask, row) or len(largest_external_contour(mask)) >= 3
     return keep
+
+
+def _has_l_shape_near(mask: np.ndarray, row: int) -> bool:
+    """Whether rows ``row`` and ``row + 1`` hold 3 foreground pixels of one 2x2 window."""
+    height = mask.shape[0]
+    if height < 2:
+        return False
+    row = min(max(row, 0), height - 2)
+    pair = mask[row : row + 2].view(np.uint8)
+    windows = pair[0, :-1] + pair[0, 1:] + pair[1, :-1] + pair[1, 1:]
+    return bool(windows.size) and int(windows.max()) >= 3

@@ -15,7 +15,7 @@ PreprocessChoice = Literal["auto", "triton", "reference"]
 EngineChoice = Literal["auto", "tensorrt", "torch", "onnx"]
 PostprocessChoice = Literal["auto", "fused", "reference"]
 PrecisionChoice = Literal["fp32", "fp16", "bf16"]
-MaskOutputChoice = Literal["dense", "rle"]
+MaskOutputChoice = Literal["compact", "dense", "rle"]
 PipelineDepth = Literal[1, 2]
 
 ALLOWED_VALUES: Dict[str, Tuple[Any, ...]] = {
@@ -49,7 +49,7 @@ class FastpathOptions:
     cuda_graphs: bool = True
     postprocess: PostprocessChoice = "auto"
     precision: PrecisionChoice = "fp32"
-    mask_output: MaskOutputChoice = "dense"
+    mask_output: MaskOutputChoice = "compact"
     pipeline_depth: PipelineDepth = 1
     device: Optional[str] = None  # None: cuda when available, else cpu
 
@@ -79,7 +79,7 @@ class FastpathOptions:
     def stage_options(self) -> "FastpathOptions":
         """These options without the ones that select no stage (``mask_output`` is a per-run request,
         ``pipeline_depth`` a scheduling choice): what a runner is built from and cached by."""
-        return replace(self, mask_output="dense", pipeline_depth=1)
+        return replace(self, mask_output="compact", pipeline_depth=1)
 
     def describe(self) -> Dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

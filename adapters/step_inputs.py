@@ -18,7 +18,7 @@ class StepInputs:
 
     Example:
         >>> StepInputs(model_id="my-project/3", max_detections=50).mask_output
-        'dense'
+        'compact'
     """
 
     model_id: str
@@ -27,7 +27,7 @@ class StepInputs:
     per_class_confidence: Optional[Dict[str, float]] = None
     class_filter: Optional[Tuple[str, ...]] = None
     max_detections: int = 300
-    mask_output: str = "dense"
+    mask_output: str = "compact"
 
     def __post_init__(self) -> None:
         max_detections = self.max_detections

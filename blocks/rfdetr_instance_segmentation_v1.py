@@ -134,15 +134,17 @@ class BlockManifest(WorkflowBlockManifest):
         description="Maximum number of detections to return per image.",
         examples=[300, "$inputs.max_detections"],
     )
-    mask_output: Literal["dense", "rle"] = Field(
-        default="dense",
-        description="`dense`: `instance_segmentation_prediction` with full-frame masks (what annotators "
-        "and trackers take). `rle`: `rle_instance_segmentation_prediction` with COCO RLE masks, never "
-        "densified.",
+    mask_output: Literal["compact", "dense", "rle"] = Field(
+        default="compact",
+        description="How masks travel to the next blocks. `compact`: supervision CompactMask (each mask "
+        "stored as runs of its own box, never a full frame; every stock block reads it like dense masks). "
+        "`dense`: a full-frame boolean array per detection. `rle`: COCO RLE in data['rle_mask'] "
+        "(`rle_instance_segmentation_prediction`), with the same masks as a CompactMask in `mask`.",
         json_schema_extra={
             "values_metadata": {
-                "dense": _choice("Dense masks", "sv.Detections with a boolean mask per detection."),
-                "rle": _choice("RLE masks", "COCO run-length encoded masks in data['rle_mask']; no dense copy."),
+                "compact": _choice("Compact masks (Recommended)", "supervision CompactMask: per-box runs, no full-frame arrays."),
+                "dense": _choice("Dense masks", "sv.Detections with a full-frame boolean mask per detection."),
+                "rle": _choice("RLE masks", "COCO RLE in data['rle_mask'] plus a CompactMask in mask; serialises as RLE."),
             },
             **ADDITIONAL,
         },
@@ -253,14 +255,13 @@ class BlockManifest(WorkflowBlockManifest):
         ]
 
     def get_actual_outputs(self) -> List[OutputDefinition]:
-        kind = (
-            RLE_INSTANCE_SEGMENTATION_PREDICTION_KIND
-            if self.mask_output == "rle"
-            else INSTANCE_SEGMENTATION_PREDICTION_KIND
-        )
+        # the RLE output also carries its masks in `mask`: it satisfies both kinds, as stock v4 declares
+        kinds = [INSTANCE_SEGMENTATION_PREDICTION_KIND]
+        if self.mask_output == "rle":
+            kinds = [RLE_INSTANCE_SEGMENTATION_PREDICTION_KIND, INSTANCE_SEGMENTATION_PREDICTION_KIND]
         return [
             OutputDefinition(name="inference_id", kind=[INFERENCE_ID_KIND]),
-            OutputDefinition(name="predictions", kind=[kind]),
+            OutputDefinition(name="predictions", kind=kinds),
             OutputDefinition(name="model_id", kind=[ROBOFLOW_MODEL_ID_KIND]),
         ]
 
@@ -309,7 +310,7 @@ class RFDetrInstanceSegmentationBlockV1(StreamPipelinedStep, WorkflowBlock):
         per_class_confidence: Optional[Dict[str, float]] = None,
         class_filter: Optional[List[str]] = None,
         max_detections: int = 300,
-        mask_output: str = "dense",
+        mask_output: str = "compact",
         preprocess: str = "auto",
         engine: str = "auto",
         cuda_graphs: bool = True,

@@ -41,6 +41,7 @@ from inference_fastpath.adapters.contracts import (
 from inference_fastpath.adapters.postprocess.mask_buffers import MaskBufferPool
 from inference_fastpath.adapters.postprocess.program import (
     DENSE,
+    RUNS,
     STRINGS,
     PostprocessProgram,
     ProgramSpec,
@@ -57,13 +58,14 @@ from inference_fastpath.kernels.triton_runtime import unavailable_reason
 
 LOGGER = logging.getLogger("inference_fastpath")
 
-_OUTPUTS = {"dense": DENSE, "rle": STRINGS}  # mask_format -> program output
+_OUTPUTS = {"compact": RUNS, "dense": DENSE, "rle": STRINGS}  # mask_format -> program output
 _MIN_QUERIES = 33  # torch.topk(k <= 32) orders ties with a bitonic sort we do not replay
 # Payload room per output kind: (device buffer elements, elements copied with the header).
+# RUNS: int32 transition positions (a 1080p frame with 10 masks needs ~10-20 k);
 # STRINGS: bytes of COCO strings (~1-2 per run); DENSE: bytes of bit-packed crops.
 # All grow on demand, the copied prefix up to _MAX_PREFIX.
-_DEFAULT_SIZES = {STRINGS: (1 << 21, 1 << 16), DENSE: (1 << 22, 1 << 17)}
-_MAX_PREFIX = {STRINGS: 1 << 22, DENSE: 1 << 22}
+_DEFAULT_SIZES = {RUNS: (1 << 20, 1 << 15), STRINGS: (1 << 21, 1 << 16), DENSE: (1 << 22, 1 << 17)}
+_MAX_PREFIX = {RUNS: 1 << 20, STRINGS: 1 << 22, DENSE: 1 << 22}
 _MAX_PROGRAMS = 4  # live programs (static buffers + graph) per stage, least recently used evicted
 _MAX_CAPTURES = 16  # beyond this many captures (thresholds changing per frame?) run eagerly
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from inference_fastpath.adapters.contracts import FrameDetections, RawOutputs
+from inference_fastpath.adapters.postprocess.compact import compact_from_transitions
 from inference_fastpath.kernels.mask_resize import binarize_with_torch, make_mask_plan
 from inference_fastpath.kernels.postprocess_mask_dense import (
     device_crop_layout,
@@ -48,7 +49,8 @@ from inference_fastpath.kernels.postprocess_select import (
 )
 
 DENSE = "dense"
-STRINGS = "strings"  # compressed COCO RLE strings (bytes): the RLE output
+STRINGS = "strings"  # compressed COCO RLE strings (bytes) plus their transition positions: the RLE output
+RUNS = "runs"  # int32 transition positions alone: the compact output
 LAYOUT_WORDS = 5  # [offset, y0, first_byte, rows, bytes] of one dense crop
 
 
@@ -62,11 +64,11 @@ class ProgramSpec:
     mask_hw: Tuple[int, int]
     mask_dtype: torch.dtype
     geometries: Tuple[FrameGeometry, ...]
-    output: str  # DENSE or STRINGS
+    output: str  # DENSE, STRINGS or RUNS
     max_detections: Optional[int]
     threshold: float  # the scalar threshold (float32 value); unused when per_class_len > 0
     per_class_len: int  # length of the per-class threshold table, 0 for a scalar threshold
-    payload_capacity: int  # bytes of the device payload
+    payload_capacity: int  # elements of the device payload (RUNS: int32 positions, else bytes)
     prefix: int  # payload elements copied to the host with the header
     acc_mode: int
 
@@ -76,7 +78,7 @@ class ProgramSpec:
 
     @property
     def payload_dtype(self) -> torch.dtype:
-        return torch.uint8
+        return torch.int32 if self.output == RUNS else torch.uint8
 
 
 class PostprocessProgram:
@@ -105,7 +107,7 @@ class PostprocessProgram:
         self.params = torch.from_numpy(_geometry_params(spec.geometries)).to(device)
         cap = spec.capacity
         self.selection_words = HEADER_WORDS + cap * ROW_WORDS
-        extra = cap * (LAYOUT_WORDS if spec.output == DENSE else 1)
+        extra = cap * {DENSE: LAYOUT_WORDS, STRINGS: 2, RUNS: 1}[spec.output]
         self.payload = torch.empty(spec.payload_capacity, dtype=spec.payload_dtype, device=device)
         # STRINGS: the positions behind the strings. Every run count takes >= 1 byte, so when
         # the strings fit the payload, the positions fit a buffer of as many elements.
@@ -116,6 +118,10 @@ class PostprocessProgram:
         pin = device.type == "cuda"
         self.host_header = torch.empty(b * (self.selection_words + extra), dtype=torch.int32, pin_memory=pin)
         self.host_prefix = torch.empty(spec.prefix, dtype=spec.payload_dtype, pin_memory=pin)
+        # STRINGS: the positions travel too (the compact masks beside the COCO strings)
+        self.host_positions = (
+            torch.empty(spec.prefix, dtype=torch.int32, pin_memory=pin) if spec.output == STRINGS else None
+        )
         widths = [p.canvas[1] for p in self.plans]
         self.row_widths = torch.tensor(np.repeat(widths, cap), dtype=torch.int64, device=device)
         # per detection row (frame-major): its first column in the per-column RLE arrays, H * W,
@@ -174,6 +180,8 @@ class PostprocessProgram:
         header = torch.cat([selection.packed.reshape(-1), extra.reshape(-1)])
         self.host_header.copy_(header, non_blocking=True)
         self.host_prefix.copy_(self.payload[: spec.prefix], non_blocking=True)
+        if self.host_positions is not None:
+            self.host_positions.copy_(self.positions[: spec.prefix], non_blocking=True)
         return selection.packed, header
 
     def _enqueue_rle(self, selection, bins) -> torch.Tensor:
@@ -192,13 +200,15 @@ class PostprocessProgram:
         per_row = torch.cat(
             [counts[starts[b] : starts[b + 1]].view(cap, widths[b]).sum(1, dtype=torch.int32) for b in range(len(widths))]
         )
+        if self.spec.output == RUNS:
+            return per_row
         # one compressed COCO string per live row, coded from the positions
         live = self.row_index.view(-1, cap) < selection.packed[:, :1]
         slots = torch.where(live.reshape(-1), per_row + 1, 0).to(torch.int32)
         row_bytes = torch.empty(slots.numel(), dtype=torch.int64, device=self.device)
         launch_rle_strings(self.positions, offsets[self.row_first_column], slots, self.row_pixels,
                            self.payload, row_bytes)
-        return row_bytes.to(torch.int32)
+        return torch.cat([row_bytes.to(torch.int32), per_row])
 
     def _enqueue_dense(self, selection, bins) -> torch.Tensor:
         cap, mode = self.spec.capacity, self.spec.acc_mode
@@ -218,50 +228,66 @@ class PostprocessProgram:
     def finish(self, mask_pool=None) -> Optional[List[FrameDetections]]:
         """Decode the host copies (the device work must have completed).
 
-        Returns None when the payload did not fit the device buffer (``payload_total`` says
-        how much room the run needed). STRINGS become COCO RLE dicts by slicing (no run-length coding on the host). DENSE masks go into buffers from
-        ``mask_pool`` (a :class:`MaskBufferPool`) when given.
+        Returns None when the payload did not fit the device buffer (``payload_total`` says how much
+        room the run needed). DENSE masks go into buffers from ``mask_pool`` (a
+        :class:`MaskBufferPool`) when given; STRINGS become COCO RLE dicts by slicing, with their
+        compact masks beside them; RUNS become compact masks (``compact.py``).
         """
         spec = self.spec
         cap, batch = spec.capacity, spec.batch
         header = self.host_header.numpy()
         n_sel = batch * self.selection_words
         frames = decode_selection(header[:n_sel].reshape(batch, self.selection_words), cap)
+        counts = [len(f.confidence) for f in frames]
+        extra = header[n_sel:]
         if spec.output == DENSE:
-            layout = header[n_sel:].reshape(batch, cap, LAYOUT_WORDS).astype(np.int64)
-            sizes = [layout[b, : len(f.confidence), 3] * layout[b, : len(f.confidence), 4] for b, f in enumerate(frames)]
+            layout = extra.reshape(batch, cap, LAYOUT_WORDS).astype(np.int64)
+            sizes = [layout[b, :n, 3] * layout[b, :n, 4] for b, n in enumerate(counts)]
+        elif spec.output == STRINGS:
+            sizes = [s[:n] for s, n in zip(extra[: batch * cap].reshape(batch, cap).astype(np.int64), counts)]
+            runs = [r[:n] for r, n in zip(extra[batch * cap:].reshape(batch, cap).astype(np.int64), counts)]
         else:
-            per_det = header[n_sel:].reshape(batch, cap).astype(np.int64)
-            sizes = [per_det[b, : len(f.confidence)] for b, f in enumerate(frames)]
+            sizes = runs = [r[:n] for r, n in zip(extra.reshape(batch, cap).astype(np.int64), counts)]
         self.payload_total = total = int(sum(int(s.sum()) for s in sizes))
         if total > spec.payload_capacity:
             return None
-        payload = self._host_payload(total)
+        payload = self._host_payload(self.host_prefix, self.payload, total)
+        positions = payload
+        if spec.output == STRINGS:
+            positions = self._host_payload(self.host_positions, self.positions, int(sum(int(r.sum()) for r in runs)))
         results = []
-        cursor = 0
-        for b, (frame, plan) in enumerate(zip(frames, self.plans)):
+        cursor = position_cursor = 0
+        for b, (frame, plan, n) in enumerate(zip(frames, self.plans, counts)):
             height, width = plan.canvas
-            n = len(frame.confidence)
             if spec.output == DENSE:
                 out = mask_pool.take(n, height, width) if mask_pool is not None else None
                 masks = paste_crops(payload, layout[b, :n], height, width, out=out)
                 results.append(_frame_detections(frame, plan.geometry, dense_masks=masks))
                 continue
-            counts = per_det[b, :n]
-            bounds = (cursor + np.concatenate([[0], np.cumsum(counts)])).tolist()
+            position_bounds = (position_cursor + np.concatenate([[0], np.cumsum(runs[b])])).tolist()
+            position_cursor = position_bounds[-1]
+            compact = compact_from_transitions(
+                [positions[a:e] for a, e in zip(position_bounds[:-1], position_bounds[1:])], height, width
+            )
+            if spec.output == RUNS:
+                results.append(_frame_detections(frame, plan.geometry, compact_masks=compact))
+                continue
+            bounds = (cursor + np.concatenate([[0], np.cumsum(sizes[b])])).tolist()
             cursor = bounds[-1]
             rles = [{"size": [height, width], "counts": payload[a:e].tobytes()}
                     for a, e in zip(bounds[:-1], bounds[1:])]
-            results.append(_frame_detections(frame, plan.geometry, rle_masks=rles))
+            results.append(_frame_detections(frame, plan.geometry, rle_masks=rles, compact_masks=compact))
         return results
 
-    def _host_payload(self, total: int) -> np.ndarray:
-        prefix = self.spec.prefix
+    @staticmethod
+    def _host_payload(host: torch.Tensor, device: torch.Tensor, total: int) -> np.ndarray:
+        prefix = host.numel()
         if total <= prefix:
-            return self.host_prefix[:total].numpy()
+            return host[:total].numpy()
         # rare: more than the prefix; a blocking copy of the rest on the current stream
-        rest = self.payload[prefix:total].to("cpu")
-        return np.concatenate([self.host_prefix.numpy(), rest.numpy()])
+        rest = device[prefix:total].to("cpu")
+        return np.concatenate([host.numpy(), rest.numpy()])
+
 
 
 def _frame_detections(frame: FrameSelection, geometry: FrameGeometry, **masks) -> FrameDetections:

@@ -1,6 +1,7 @@
 """Reference postprocess: inference-models' RF-DETR segmentation post-processing functions.
 
-Dense and RLE outputs come straight from inference-models.
+Dense and RLE outputs come straight from inference-models; compact masks are built from them by
+supervision's own encoder (``compact.compact_from_dense``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from inference_models.models.rfdetr.common import (
     post_process_instance_segmentation_results_to_rle_masks,
 )
 
+from inference_fastpath.adapters.postprocess.compact import compact_from_dense
 from inference_fastpath.adapters.contracts import (
     FrameDetections,
     PostprocessRequest,
@@ -66,6 +68,19 @@ class ReferencePostprocess:
         )
         if request.mask_format == "rle":
             detections.rle_masks = list(result.mask.to_coco_rle_masks())
+            detections.compact_masks = compact_from_dense(_decode_rles(detections.rle_masks, image_size))
             return detections
-        detections.dense_masks = result.mask.detach().cpu().numpy().astype(bool)
+        dense = result.mask.detach().cpu().numpy().astype(bool)
+        if request.mask_format == "compact":
+            detections.compact_masks = compact_from_dense(dense)
+        else:
+            detections.dense_masks = dense
         return detections
+
+
+def _decode_rles(rles, image_size) -> np.ndarray:
+    from pycocotools import mask as mask_utils
+
+    if not rles:
+        return np.zeros((0, *image_size), dtype=bool)
+    return np.stack([mask_utils.decode(rle).astype(bool) for rle in rles])

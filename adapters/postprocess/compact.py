@@ -1,0 +1,79 @@
+"""Compact masks (``supervision.CompactMask``) straight from the fused postprocess's run boundaries.
+
+The device program writes, per mask, the positions ``k = x * H + y`` where its full-frame mask changes
+value in COCO's column-major order. A ``CompactMask`` keeps each mask as column-major run lengths of
+its foreground bounding box, so the crop's runs follow from those positions by arithmetic on the runs
+alone: no full-frame array, no per-pixel work.
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import numpy as np
+from supervision.detection.compact_mask import CompactMask
+
+
+def crop_runs(transitions: np.ndarray, height: int, width: int) -> Tuple[np.ndarray, Tuple[int, int], Tuple[int, int]]:
+    """``(run lengths, (crop_h, crop_w), (x1, y1))`` of one mask's foreground box.
+
+    ``transitions``: ascending full-frame column-major positions where the mask changes value (the
+    pixel before the first counts as background). The runs start with a background run, as
+    supervision's encoder writes them; an empty mask is one background pixel at (0, 0), as
+    ``CompactMask.from_dense`` stores it.
+
+    Example:
+        >>> crop_runs(np.array([5, 7, 9, 11]), 4, 4)  # column 1 rows 1-2, column 2 rows 1-2
+        (array([0, 4], dtype=int32), (2, 2), (1, 1))
+    """
+    t = np.asarray(transitions, dtype=np.int64)
+    if t.size == 0:
+        return np.array([1], dtype=np.int32), (1, 1), (0, 0)
+    if t.size % 2:
+        t = np.append(t, height * width)  # foreground up to the last pixel
+    starts, ends = t[0::2], t[1::2] - 1  # first and last pixel of each foreground run
+    x_start, y_start = np.divmod(starts, height)
+    x_end, y_end = np.divmod(ends, height)
+    if np.any(x_end > x_start):  # a run through the bottom of one column into the next: all rows
+        y1, y2 = 0, height - 1
+    else:
+        y1, y2 = int(y_start.min()), int(y_end.max())
+    x1, x2 = int(x_start.min()), int(x_end.max())
+    crop_h, crop_w = y2 - y1 + 1, x2 - x1 + 1
+    bounds = np.empty(2 * starts.size, dtype=np.int64)
+    bounds[0::2] = (x_start - x1) * crop_h + (y_start - y1)
+    bounds[1::2] = (x_end - x1) * crop_h + (y_end - y1) + 1
+    # a run ending on the crop's bottom row and one starting on the next column's top row touch
+    touching = bounds[1:-1:2] == bounds[2::2]
+    if touching.any():
+        keep = np.ones(bounds.size, dtype=bool)
+        keep[1:-1:2] = ~touching
+        keep[2::2] = ~touching
+        bounds = bounds[keep]
+    runs = np.diff(np.concatenate([[0], bounds, [crop_h * crop_w]]))
+    if runs[-1] == 0:
+        runs = runs[:-1]
+    return runs.astype(np.int32), (crop_h, crop_w), (x1, y1)
+
+
+def compact_from_transitions(per_mask: Sequence[np.ndarray], height: int, width: int) -> CompactMask:
+    """One frame's masks as a ``CompactMask`` (``per_mask``: each mask's transition positions)."""
+    rles: List[np.ndarray] = []
+    shapes = np.empty((len(per_mask), 2), dtype=np.int32)
+    offsets = np.empty((len(per_mask), 2), dtype=np.int32)
+    for index, transitions in enumerate(per_mask):
+        runs, shapes[index], offsets[index] = crop_runs(transitions, height, width)
+        rles.append(runs)
+    return CompactMask(rles, shapes, offsets, (int(height), int(width)))
+
+
+def compact_from_dense(masks: np.ndarray) -> CompactMask:
+    """The same ``CompactMask`` built by supervision's own encoder from dense ``(N, H, W)`` masks
+    (each cropped to its foreground box): the reference twin of :func:`compact_from_transitions`."""
+    height, width = masks.shape[1:]
+    boxes = np.tile(np.array([0, 0, -1, -1], dtype=np.float64), (len(masks), 1))  # empty: 1x1 at (0, 0)
+    for index, mask in enumerate(masks):
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        if rows.size:
+            boxes[index] = (cols[0], rows[0], cols[-1], rows[-1])
+    return CompactMask.from_dense(masks, boxes, image_shape=(int(height), int(width)))

@@ -1,0 +1,106 @@
+"""`fastpath/mask_visualization@v1`: the stock mask visualization, painted on the GPU from compact masks.
+
+Inputs are those of `roboflow_core/mask_visualization@v1` (palette, colour axis, opacity, copy_image) plus
+the `painter` option; the output image equals the stock block's within one intensity level.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import List, Literal, Optional, Type
+
+import torch
+from pydantic import ConfigDict, Field
+
+from inference.core.workflows.core_steps.visualizations.mask.v1 import MaskManifest, MaskVisualizationBlockV1
+from inference.core.workflows.execution_engine.entities.base import WorkflowImageData
+from inference.core.workflows.prototypes.block import BlockResult, WorkflowBlockManifest
+
+from inference_fastpath.adapters.fallback import FallbackStage
+from inference_fastpath.adapters.visualization.mask_painting import GpuMaskPainter
+from inference_fastpath.adapters.visualization.reference import AnnotatorPainter
+from inference_fastpath.kernels.triton_runtime import unavailable_reason
+
+LOGGER = logging.getLogger("inference_fastpath")
+BLOCK_TYPE = "fastpath/mask_visualization@v1"
+OUTPUT_IMAGE_KEY = "image"
+
+
+class BlockManifest(MaskManifest):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "name": "Mask Visualization (Fastpath)",
+            "version": "v1",
+            "short_description": "Mask visualization painted on the GPU from compact masks.",
+            "long_description": "The stock Mask Visualization block's picture, painted on the GPU with a Triton "
+            "kernel from the compact masks of the Fastpath segmentation block (no full-frame mask per object). "
+            "Other predictions (dense masks, RLE) and machines without a GPU are painted by the stock annotator.",
+            "license": "Apache-2.0",
+            "block_type": "visualization",
+            "search_keywords": ["annotator", "mask", "fastpath", "gpu"],
+            "ui_manifest": {"section": "visualization", "icon": "far fa-mask", "blockPriority": 12,
+                            "supervision": True},
+        }
+    )
+    type: Literal["fastpath/mask_visualization@v1"]
+    painter: Literal["auto", "triton", "reference"] = Field(
+        default="auto",
+        description="Who paints the masks.",
+        json_schema_extra={
+            "values_metadata": {
+                "auto": {"name": "Auto", "description": "The GPU kernel on a CUDA device, the stock annotator otherwise."},
+                "triton": {"name": "Triton (GPU)", "description": "The GPU kernel (also under TRITON_INTERPRET=1 on the CPU)."},
+                "reference": {"name": "Reference", "description": "supervision's MaskAnnotator, as the stock block."},
+            },
+            "additional_section": True,
+        },
+    )
+
+
+class FastpathMaskVisualizationBlockV1(MaskVisualizationBlockV1):
+    """The stock block's palette and annotator settings, with the painting handed to the GPU.
+
+    Example:
+        >>> block = FastpathMaskVisualizationBlockV1()  # doctest: +SKIP
+        >>> block.run(image, predictions, True, "DEFAULT", 10, [], "CLASS", 0.5)["image"]  # doctest: +SKIP
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._painters = {}
+        self._logged = set()
+
+    @classmethod
+    def get_manifest(cls) -> Type[WorkflowBlockManifest]:
+        return BlockManifest
+
+    def run(self, image: WorkflowImageData, predictions, copy_image: bool, color_palette: Optional[str],
+            palette_size: Optional[int], custom_colors: Optional[List[str]], color_axis: Optional[str],
+            opacity: Optional[float], painter: str = "auto") -> BlockResult:
+        annotator = self.getAnnotator(color_palette, palette_size, custom_colors, color_axis, opacity)
+        scene = image.numpy_image
+        if copy_image:
+            scene = scene.copy()
+        else:
+            image.declare_numpy_image_mutated()
+        annotated = self._painter(painter)(scene, predictions, annotator)
+        return {OUTPUT_IMAGE_KEY: WorkflowImageData.copy_and_replace(origin_image_data=image, numpy_image=annotated)}
+
+    def _painter(self, requested: str):
+        if requested not in self._painters:
+            reference = AnnotatorPainter()
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            reason = None
+            if requested == "reference":
+                painter = reference
+            elif requested == "auto" and device.type != "cuda":
+                reason, painter = "`auto` paints on the GPU only", reference
+            elif unavailable_reason(device) is not None:
+                reason, painter = unavailable_reason(device), reference
+            else:
+                painter = FallbackStage("mask painting", GpuMaskPainter(device), reference)
+            if reason:
+                LOGGER.warning("step %s: painter=%s resolved to the stock annotator: %s",
+                               getattr(self, "_workflow_step_name", BLOCK_TYPE), requested, reason)
+            self._painters[requested] = painter
+        return self._painters[requested]
