@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 import supervision as sv
-from supervision.detection.compact_mask import CompactMask
+from inference_fastpath.adapters.postprocess.compact import CompactMasks
 from inference.core.workflows.core_steps.common.utils import (
     attach_parents_coordinates_to_sv_detections,
 )
@@ -64,9 +64,9 @@ def to_sv_detections(
         data[INFERENCE_ID_KEY] = np.array([inference_id] * count, dtype=str).reshape(-1)
     data[PREDICTION_TYPE_KEY] = np.array([prediction_type] * count, dtype=str).reshape(-1)
     if rle:
-        masks = np.empty(count, dtype=object)  # 1-D object array of dicts, whatever their content
-        masks[:] = detections.rle_masks if keep_all else [detections.rle_masks[i] for i in np.flatnonzero(keep)]
-        data[RLE_MASK_KEY_IN_SV_DETECTIONS] = masks
+        rles = np.empty(count, dtype=object)  # 1-D object array of dicts, whatever their content
+        rles[:] = detections.rle_masks if keep_all else [detections.rle_masks[i] for i in np.flatnonzero(keep)]
+        data[RLE_MASK_KEY_IN_SV_DETECTIONS] = rles
     result = sv.Detections(
         xyxy=detections.xyxy[keep].astype(np.float64).reshape(-1, 4),
         confidence=detections.confidence[keep].astype(np.float64),
@@ -103,7 +103,7 @@ def empty_frame_detections(frame, mask_format: str = "dense") -> FrameDetections
         image_size=(height, width),
         dense_masks=np.zeros((0, height, width), dtype=bool) if mask_format == "dense" else None,
         rle_masks=[] if mask_format == "rle" else None,
-        compact_masks=None if mask_format == "dense" else CompactMask([], np.zeros((0, 2), np.int32),
+        compact_masks=None if mask_format == "dense" else CompactMasks([], np.zeros((0, 2), np.int32),
                                                                        np.zeros((0, 2), np.int32), (height, width)),
     )
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from supervision.detection.compact_mask import CompactMask
 
 from inference_fastpath.workflows.comparison import compare_detections, mask_iou
 from inference_fastpath.workflows.running import execution_engine, run_pipeline
@@ -74,11 +75,13 @@ def test_rle_output_decodes_to_the_dense_masks(demo_model_dir, clip_frames):
 
     frame = clip_frames[1]
     params = {"image": [frame], "model_id": demo_model_dir}
-    dense = execution_engine(load_workflow(FASTPATH, **REFERENCE)).run(runtime_parameters=params)[0]["predictions"]
+    dense = execution_engine(load_workflow(FASTPATH, mask_output="dense", **REFERENCE)).run(
+        runtime_parameters=params)[0]["predictions"]
     rle = execution_engine(load_workflow(FASTPATH, mask_output="rle", **REFERENCE)).run(runtime_parameters=params)[0][
         "predictions"
     ]
-    assert rle.mask is None and len(rle) == len(dense) > 0
+    assert isinstance(rle.mask, CompactMask) and len(rle) == len(dense) > 0
+    np.testing.assert_array_equal(rle.mask.to_dense(), dense.mask)  # the same masks, carried compact
     assert set(rle.data["prediction_type"]) == {"rle-instance-segmentation"}
     decoded = np.stack([mask_utils.decode(m) for m in rle.data["rle_mask"]]).astype(bool)
     np.testing.assert_array_equal(decoded, dense.mask)

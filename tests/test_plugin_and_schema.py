@@ -12,7 +12,7 @@ OPTIONS = {
     "engine": ["auto", "tensorrt", "torch", "onnx"],
     "postprocess": ["auto", "fused", "reference"],
     "pipeline_depth": [1, 2],
-    "mask_output": ["dense", "rle"],
+    "mask_output": ["compact", "dense", "rle"],
     "precision": ["fp32", "fp16", "bf16"],
 }
 
@@ -31,7 +31,8 @@ def test_plugin_module_exposes_the_workflows_interface():
     import inference_fastpath
 
     blocks = inference_fastpath.load_blocks()
-    assert [b.get_manifest().model_fields["type"].annotation.__args__[0] for b in blocks] == [BLOCK_TYPE]
+    assert [b.get_manifest().model_fields["type"].annotation.__args__[0] for b in blocks] == [
+        BLOCK_TYPE, "fastpath/mask_visualization@v1"]
     # no initializer of ours: the key comes from the runtime (the request's), never from our env lookup
     assert not hasattr(inference_fastpath, "REGISTERED_INITIALIZERS")
 
@@ -98,7 +99,12 @@ def test_outputs_follow_the_mask_output_option(described_block):
 
     kinds = {o.name: [k.name for k in o.kind] for o in described_block.outputs_manifest}
     assert set(kinds["predictions"]) == {"instance_segmentation_prediction", "rle_instance_segmentation_prediction"}
-    dense = BlockManifest(type=BLOCK_TYPE, name="s", images="$inputs.image", model_id="m")
+    compact = BlockManifest(type=BLOCK_TYPE, name="s", images="$inputs.image", model_id="m")
+    dense = BlockManifest(type=BLOCK_TYPE, name="s", images="$inputs.image", model_id="m", mask_output="dense")
     rle = BlockManifest(type=BLOCK_TYPE, name="s", images="$inputs.image", model_id="m", mask_output="rle")
+    assert compact.mask_output == "compact"
+    assert [k.name for k in compact.get_actual_outputs()[1].kind] == ["instance_segmentation_prediction"]
     assert [k.name for k in dense.get_actual_outputs()[1].kind] == ["instance_segmentation_prediction"]
-    assert [k.name for k in rle.get_actual_outputs()[1].kind] == ["rle_instance_segmentation_prediction"]
+    # the RLE output carries its masks in `mask` as well: both kinds, as the stock v4 block declares
+    assert [k.name for k in rle.get_actual_outputs()[1].kind] == [
+        "rle_instance_segmentation_prediction", "instance_segmentation_prediction"]

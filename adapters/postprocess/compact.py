@@ -8,10 +8,58 @@ alone: no full-frame array, no per-pixel work.
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import Any, List, Sequence, Tuple
 
 import numpy as np
 from supervision.detection.compact_mask import CompactMask
+
+
+class CompactMasks(CompactMask):
+    """A ``CompactMask`` that also takes the window index dense masks take, ``masks[:, y0:y1, x0:x1]``
+    (stock ``dynamic_crop`` crops masks that way): it returns that window as a dense array, painted
+    from the crops. Selections keep this class, so a selected subset can be windowed too.
+
+    Example:
+        >>> masks = compact_from_dense(np.eye(4, dtype=bool)[None])
+        >>> masks[:, 1:3, 0:4].astype(int).tolist()
+        [[[0, 1, 0, 0], [0, 0, 1, 0]]]
+    """
+
+    __slots__ = ()
+
+    @classmethod
+    def of(cls, masks: CompactMask) -> "CompactMasks":
+        return masks if isinstance(masks, cls) else cls(masks._rles, masks._crop_shapes, masks._offsets,
+                                                        masks._image_shape)
+
+    def __getitem__(self, index: Any):
+        if isinstance(index, tuple):
+            return self._window(index)
+        selected = super().__getitem__(index)
+        return CompactMasks.of(selected) if isinstance(selected, CompactMask) else selected
+
+    def _window(self, index: tuple) -> np.ndarray:
+        rows, cols = (index + (slice(None), slice(None)))[1:3]
+        if len(index) > 3 or not all(isinstance(part, slice) and part.step in (None, 1) for part in index[1:3]):
+            return self.to_dense()[index]
+        height, width = self._image_shape
+        y0, y1, _ = rows.indices(height)
+        x0, x1, _ = cols.indices(width)
+        chosen = np.arange(len(self))[index[0]]
+        chosen = np.atleast_1d(chosen)
+        out = np.zeros((chosen.size, max(y1 - y0, 0), max(x1 - x0, 0)), dtype=bool)
+        for slot, mask_index in enumerate(chosen):
+            crop = self.crop(int(mask_index))
+            cx, cy = (int(v) for v in self._offsets[mask_index])
+            top, left = max(cy, y0), max(cx, x0)
+            bottom, right = min(cy + crop.shape[0], y1), min(cx + crop.shape[1], x1)
+            if top < bottom and left < right:
+                out[slot, top - y0:bottom - y0, left - x0:right - x0] = crop[top - cy:bottom - cy, left - cx:right - cx]
+        return out if np.ndim(np.arange(len(self))[index[0]]) else out[0]
+
+    @staticmethod
+    def merge(masks_list: List[CompactMask]) -> "CompactMasks":
+        return CompactMasks.of(CompactMask.merge(masks_list))
 
 
 def crop_runs(transitions: np.ndarray, height: int, width: int) -> Tuple[np.ndarray, Tuple[int, int], Tuple[int, int]]:
@@ -64,7 +112,7 @@ def compact_from_transitions(per_mask: Sequence[np.ndarray], height: int, width:
     for index, transitions in enumerate(per_mask):
         runs, shapes[index], offsets[index] = crop_runs(transitions, height, width)
         rles.append(runs)
-    return CompactMask(rles, shapes, offsets, (int(height), int(width)))
+    return CompactMasks(rles, shapes, offsets, (int(height), int(width)))
 
 
 def compact_from_dense(masks: np.ndarray) -> CompactMask:
@@ -76,4 +124,4 @@ def compact_from_dense(masks: np.ndarray) -> CompactMask:
         rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
         if rows.size:
             boxes[index] = (cols[0], rows[0], cols[-1], rows[-1])
-    return CompactMask.from_dense(masks, boxes, image_shape=(int(height), int(width)))
+    return CompactMasks.of(CompactMask.from_dense(masks, boxes, image_shape=(int(height), int(width))))

@@ -78,7 +78,11 @@ class GpuMaskPainter:
             scene[y0:y1, x0:x1] = patch.cpu().numpy()
         return scene
 
-    __call__ = run_checked
+    def __call__(self, scene: np.ndarray, detections: sv.Detections, annotator: sv.MaskAnnotator) -> np.ndarray:
+        verdict = self.check(scene, detections, annotator)
+        if verdict.reason is not None:
+            raise ValueError(f"GpuMaskPainter cannot paint this call: {verdict.reason}")
+        return self.run_checked(verdict, scene, detections, annotator)
 
     def _label_plane(self, height: int, width: int) -> torch.Tensor:
         need = height * width

@@ -1,0 +1,131 @@
+"""Mask overlay kernel (through the fast painter) vs supervision's MaskAnnotator, over a grid.
+
+Runs on CUDA when available, else through the Triton interpreter (CPU). The picture must equal the
+stock annotator's within one intensity level per channel (the blend's rounding).
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import numpy as np
+import pytest
+import supervision as sv
+from supervision.detection.compact_mask import CompactMask
+
+from inference_fastpath.adapters.visualization.mask_painting import GpuMaskPainter
+from inference_fastpath.kernels.mask_overlay import MaskRuns
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _detections(masks: np.ndarray, class_id=None) -> sv.Detections:
+    n, height, width = masks.shape
+    boxes = np.zeros((n, 4))
+    for i, mask in enumerate(masks):
+        ys, xs = np.nonzero(mask)
+        boxes[i] = (xs.min(), ys.min(), xs.max(), ys.max()) if ys.size else (0, 0, 0, 0)
+    class_id = np.arange(n) if class_id is None else np.asarray(class_id)
+    return sv.Detections(xyxy=boxes, class_id=class_id, mask=CompactMask.from_dense(masks, boxes, (height, width)))
+
+
+def _masks(kind: str, height: int, width: int, rng) -> np.ndarray:
+    if kind == "empty":
+        return np.zeros((2, height, width), bool)
+    if kind == "full":
+        return np.ones((1, height, width), bool)
+    if kind == "one_pixel":
+        masks = np.zeros((3, height, width), bool)
+        for m in masks:
+            m[rng.integers(0, height), rng.integers(0, width)] = True
+        return masks
+    if kind == "overlapping":
+        masks = np.zeros((4, height, width), bool)
+        for m in masks:
+            y, x = rng.integers(0, height), rng.integers(0, width)
+            m[y : y + rng.integers(1, height + 1), x : x + rng.integers(1, width + 1)] = True
+        return masks
+    if kind == "noise":  # many short runs: a few hundred kernel programs, even under the interpreter
+        masks = np.zeros((3, height, width), bool)
+        masks[:, : min(height, 24), : min(width, 24)] = rng.random((3, min(height, 24), min(width, 24))) < 0.3
+        return masks
+    raise ValueError(kind)
+
+
+def _compare(scene, detections, annotator):
+    expected = annotator.annotate(scene=scene.copy(), detections=detections)
+    painter = GpuMaskPainter(DEVICE)
+    assert painter.check(scene, detections, annotator).reason is None
+    ours = painter(scene.copy(), detections, annotator)
+    difference = np.abs(ours.astype(np.int16) - expected.astype(np.int16))
+    assert difference.max() <= 1, f"{int((difference > 1).sum())} channel values differ by more than 1"
+    return int((difference > 0).sum())
+
+
+@pytest.mark.parametrize("hw", [(1, 1), (2, 3), (37, 53), (120, 160)])
+@pytest.mark.parametrize("kind", ["empty", "full", "one_pixel", "overlapping", "noise"])
+@pytest.mark.parametrize("opacity", [0.0, 0.5, 1.0])
+def test_overlay_equals_mask_annotator(hw, kind, opacity):
+    rng = np.random.default_rng(hash((hw, kind)) % 2**32)
+    scene = rng.integers(0, 256, (*hw, 3), dtype=np.uint8)
+    masks = _masks(kind, *hw, rng)
+    _compare(scene, _detections(masks), sv.MaskAnnotator(opacity=opacity))
+
+
+@pytest.mark.parametrize("lookup", [sv.ColorLookup.CLASS, sv.ColorLookup.INDEX])
+def test_colour_lookup_and_palette(lookup):
+    rng = np.random.default_rng(5)
+    scene = rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    masks = _masks("overlapping", 64, 80, rng)
+    annotator = sv.MaskAnnotator(color=sv.ColorPalette.from_hex(["#ff0000", "#00ff00", "#0000ff"]),
+                                 color_lookup=lookup, opacity=0.6)
+    _compare(scene, _detections(masks, class_id=[2, 2, 0, 1]), annotator)
+
+
+def test_8k_frame_with_small_masks():
+    rng = np.random.default_rng(8)
+    height, width = 4320, 7680
+    scene = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    masks = np.zeros((3, height, width), bool)
+    masks[0, 10:40, 20:90] = True
+    masks[1, height - 5 :, width - 7 :] = True
+    masks[2, 2000, 3000] = True
+    _compare(scene, _detections(masks), sv.MaskAnnotator(opacity=0.5))
+
+
+def test_a_mask_larger_than_the_frame_is_clipped():
+    """Predictions made on a larger image: the part outside the frame is not painted."""
+    rng = np.random.default_rng(9)
+    big = np.zeros((2, 60, 80), bool)
+    big[0, 20:60, 30:80] = True
+    big[1, 0:10, 0:10] = True
+    detections = _detections(big)
+    scene = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    expected = scene.copy()
+    blended = (0.5 * np.array(sv.ColorPalette.DEFAULT.by_idx(0).as_bgr()) + 0.5 * scene[20:, 30:]).round()
+    expected[20:, 30:] = blended.astype(np.uint8)
+    expected[:10, :10] = (0.5 * np.array(sv.ColorPalette.DEFAULT.by_idx(1).as_bgr()) + 0.5 * scene[:10, :10]).round()
+    ours = GpuMaskPainter(DEVICE)(scene.copy(), detections, sv.MaskAnnotator(opacity=0.5))
+    assert np.abs(ours.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_dense_masks_are_left_to_the_reference():
+    masks = np.zeros((1, 8, 8), bool)
+    masks[0, 2:5, 2:5] = True
+    detections = sv.Detections(xyxy=np.array([[2.0, 2, 4, 4]]), class_id=np.array([0]), mask=masks)
+    reason = GpuMaskPainter(DEVICE).check(np.zeros((8, 8, 3), np.uint8), detections, sv.MaskAnnotator()).reason
+    assert reason and "dense" in reason
+
+
+def test_runs_split_into_pieces_cover_every_pixel_once():
+    rng = np.random.default_rng(3)
+    masks = rng.random((2, 70, 90)) < 0.7
+    cm = _detections(masks).mask
+    runs = MaskRuns.from_crops(cm._rles, cm._crop_shapes, cm._offsets, np.array([0, 1]))
+    assert runs.pieces[:, 1].max() <= 4096
+    for priority in (0, 1):
+        rows = runs.pieces[runs.pieces[:, 5] == priority]
+        assert int(rows[:, 1].sum()) == int(masks[priority].sum())
