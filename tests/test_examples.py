@@ -29,7 +29,7 @@ def test_chaining_into_stock_annotators_draws_the_masks(demo_model_dir, clip_fra
     detections, annotated = result["predictions"], result["annotated"].numpy_image
     assert len(detections) > 0 and annotated.shape == frame.shape
     changed = np.any(annotated != frame, axis=2)
-    inside = np.any(detections.mask, axis=0)
+    inside = np.any(np.asarray(detections.mask), axis=0)
     assert changed[inside].mean() > 0.5, "the mask annotator did not paint the detected pixels"
 
 
@@ -42,6 +42,7 @@ def test_run_video_writes_an_annotated_video(demo_model_dir, tiny_clip, tmp_path
                  "--preprocess", "reference", "--postprocess", "reference", *decode]) == 0
     printed = capsys.readouterr().out
     assert "processed 3 frames" in printed and "fps" in printed
+    assert "video writer: 3 frames" in printed
     capture = cv2.VideoCapture(str(out))
     assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 3
     capture.release()
@@ -68,3 +69,20 @@ def test_benchmark_runs_stock_and_ours_and_writes_json_and_chart(demo_model_dir,
     pinned = report["results"][2]  # compared with `reference`, frame by frame
     assert pinned["source"] == "pinned" and pinned["pinned_source"]["pooled_frames"] == 3
     assert pinned["parity"]["frames_compared"] == 3 and pinned["parity"]["frames_within_bars"] == 3
+
+
+def test_benchmark_annotated_workflows_and_resolution(demo_model_dir, tiny_clip, tmp_path):
+    """The annotated configurations: stock v3 -> stock visualizations against ours -> our GPU mask
+    visualization (the stock annotator on a CPU) -> stock box and label, on an upscaled clip."""
+    from inference_fastpath.examples.benchmarks.benchmark import main
+
+    out = tmp_path / "bench.json"
+    assert main(["--video", tiny_clip, "--model", demo_model_dir, "--frames", "2", "--warmup", "0",
+                 "--presets", "", "--stock", "plain,annotated", "--resolution", "320x240",
+                 "--config", "annotated:preprocess=reference,postprocess=reference,workflow=annotated",
+                 "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [r["name"] for r in report["results"]] == ["stock-v3", "stock-v3-annotated", "annotated"]
+    assert report["resolution"] == "320x240"
+    assert all(r["frames"] == 2 and not r["errors"] for r in report["results"])
+    assert report["results"][2]["parity"]["frames_within_bars"] == 2

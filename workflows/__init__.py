@@ -12,10 +12,17 @@ WORKFLOWS_DIR = Path(__file__).resolve().parent
 FASTPATH = "rfdetr_seg_fastpath"
 FASTPATH_ANNOTATED = "rfdetr_seg_fastpath_annotated"
 STOCK_V3 = "rfdetr_seg_stock_v3"
+STOCK_V3_ANNOTATED = "rfdetr_seg_stock_v3_annotated"
 
 
 def load_workflow(name: str, step: str = "segmentation", **step_options: Any) -> Dict[str, Any]:
-    """The named workflow definition with `step_options` written into step `step`."""
+    """The named workflow definition with ``step_options`` written into step ``step``.
+
+    Example:
+        >>> workflow = load_workflow(FASTPATH, mask_output="rle", pipeline_depth=2)
+        >>> workflow["steps"][0]["mask_output"], workflow["steps"][0]["pipeline_depth"]
+        ('rle', 2)
+    """
     path = WORKFLOWS_DIR / f"{name}.json"
     if not path.is_file():
         available = sorted(p.stem for p in WORKFLOWS_DIR.glob("*.json"))

@@ -90,8 +90,16 @@ def run_pipeline(
     warmup_frames: int = 1,
     max_fps: Optional[float] = None,
     stop_after: Optional[int] = None,
+    keep_results: bool = True,
 ) -> PipelineRun:
-    """Runs ``InferencePipeline.init_with_workflow`` to the end of the video(s), dropping no frame."""
+    """Runs ``InferencePipeline.init_with_workflow`` to the end of the video(s), dropping no frame.
+
+    ``keep_results=False`` counts results without keeping them (long videos, annotated frames).
+
+    Example:
+        >>> run = run_pipeline("video.mp4", load_workflow(FASTPATH), {"model_id": "my-project/3"})  # doctest: +SKIP
+        >>> run.fps_after_warmup()  # doctest: +SKIP
+    """
     configure_environment()
     from inference import InferencePipeline
     from inference.core.interfaces.camera.video_source import (
@@ -110,7 +118,7 @@ def run_pipeline(
             for prediction, frame in zip(predictions, video_frames):
                 if prediction is None or frame is None:
                     continue
-                run.results.append(prediction)
+                run.results.append(prediction if keep_results else None)
                 run.frame_ids.append(frame.frame_id)
                 run.source_ids.append(frame.source_id)
                 if run.first_result_at is None:

@@ -1,15 +1,18 @@
-"""Small video helpers shared by the examples, the benchmark and the tests."""
+"""Video files for workflows: read frames, write clips, and write annotated video off the pipeline's thread."""
 
 from __future__ import annotations
 
+import queue
+import threading
+import time
 from pathlib import Path
-from typing import List, Union
+from typing import List, Optional, Tuple, Union
 
 import cv2
 import numpy as np
 
 
-def read_frames(path: Union[str, Path], count: int, step: int = 1) -> List[np.ndarray]:
+def read_frames(path: Union[str, Path], count: int = 1 << 30, step: int = 1) -> List[np.ndarray]:
     """Up to `count` frames of the video, taking every `step`-th one."""
     capture = cv2.VideoCapture(str(path))
     frames: List[np.ndarray] = []
@@ -42,3 +45,82 @@ def video_fps(path: Union[str, Path], default: float = 25.0) -> float:
     fps = capture.get(cv2.CAP_PROP_FPS) or default
     capture.release()
     return fps
+
+
+class BackgroundVideoWriter:
+    """Encodes frames on its own thread, so a pipeline's sink only hands a frame over.
+
+    The queue is bounded (``max_pending`` frames): when the encoder falls behind, ``write`` waits
+    rather than dropping a frame. ``encode_fps`` is the encoder's own rate (frames over the time it
+    spent encoding), whatever the producer's rate.
+
+    Example:
+        >>> import tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "out.mp4")
+        >>> with BackgroundVideoWriter(path, fps=25.0) as writer:
+        ...     for _ in range(3):
+        ...         writer.write(np.zeros((48, 64, 3), np.uint8))
+        >>> writer.frames_written
+        3
+    """
+
+    def __init__(self, path: Union[str, Path], fps: float, max_pending: int = 64, fourcc: str = "mp4v") -> None:
+        self.path = str(path)
+        self.fps = float(fps)
+        self.fourcc = fourcc
+        self.frames_written = 0
+        self.encode_seconds = 0.0
+        self.error: Optional[BaseException] = None
+        self._queue: "queue.Queue[Optional[np.ndarray]]" = queue.Queue(maxsize=max_pending)
+        self._writer: Optional[cv2.VideoWriter] = None
+        self._size: Optional[Tuple[int, int]] = None
+        self._thread = threading.Thread(target=self._encode, name="fastpath-video-writer", daemon=True)
+        self._thread.start()
+
+    def write(self, frame: np.ndarray) -> None:
+        """Queue one BGR frame (the writer keeps a reference: do not modify it afterwards)."""
+        if self.error is not None:
+            raise RuntimeError(f"video writer for {self.path} failed") from self.error
+        self._queue.put(frame)
+
+    def close(self) -> None:
+        """Encode what is queued, then close the file."""
+        self._queue.put(None)
+        self._thread.join()
+        if self._writer is not None:
+            self._writer.release()
+        if self.error is not None:
+            raise RuntimeError(f"video writer for {self.path} failed") from self.error
+
+    @property
+    def encode_fps(self) -> Optional[float]:
+        return self.frames_written / self.encode_seconds if self.encode_seconds > 0 else None
+
+    def __enter__(self) -> "BackgroundVideoWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _encode(self) -> None:
+        while True:
+            frame = self._queue.get()
+            if frame is None:
+                return
+            if self.error is not None:
+                continue  # keep draining so producers never block on a dead writer
+            try:
+                started = time.perf_counter()
+                if self._writer is None:
+                    height, width = frame.shape[:2]
+                    self._size = (width, height)
+                    self._writer = cv2.VideoWriter(self.path, cv2.VideoWriter_fourcc(*self.fourcc), self.fps, self._size)
+                    if not self._writer.isOpened():
+                        raise RuntimeError(f"OpenCV cannot open {self.path} for writing")
+                if (frame.shape[1], frame.shape[0]) != self._size:
+                    frame = cv2.resize(frame, self._size)
+                self._writer.write(frame)
+                self.encode_seconds += time.perf_counter() - started
+                self.frames_written += 1
+            except BaseException as error:  # noqa: BLE001 - reported to the producer on its next call
+                self.error = error

@@ -52,9 +52,16 @@ def parse_config(text: str) -> tuple:
     return name, options
 
 
-def truncated_clip(video: str, frames: int, directory: Path) -> str:
-    path = directory / f"first{frames}.mp4"
-    return str(write_clip(path, read_frames(video, count=frames), fps=video_fps(video)))
+def truncated_clip(video: str, frames: int, directory: Path, resolution: Optional[str] = None) -> str:
+    """The first ``frames`` frames, resized to ``resolution`` ("WxH") when given (an upscaled clip)."""
+    images = read_frames(video, count=frames)
+    if resolution:
+        import cv2
+
+        width, height = (int(v) for v in resolution.lower().split("x"))
+        images = [cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR) for image in images]
+    path = directory / f"first{frames}-{resolution or 'native'}.mp4"
+    return str(write_clip(path, images, fps=video_fps(video)))
 
 
 def stage_medians(runner) -> Dict[str, float]:
@@ -264,33 +271,45 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="extra 'name:key=value,...' configuration (block options, plus switch_interval_ms: "
                              "the Python GIL switch interval during that run, and source=path|pinned: the "
                              "video source, see adapters/cuda/pinned_video_source.py)")
+    parser.add_argument("--resolution", default=None, help="resize the clip to WxH first, e.g. 1920x1080")
+    parser.add_argument("--stock", default="plain",
+                        help="comma list of stock workflows to run first: plain (v3 -> sink) and/or annotated "
+                             "(v3 -> stock mask, box and label visualizations)")
     parser.add_argument("--out", default="benchmark.json")
     parser.add_argument("--png", default=None, help="chart path (default: --out with .png)")
     args = parser.parse_args(argv)
 
     from inference_fastpath.examples.demo_model import build_demo_model, default_clip_path
-    from inference_fastpath.workflows import FASTPATH, STOCK_V3, load_workflow
+    from inference_fastpath.workflows import FASTPATH, FASTPATH_ANNOTATED, STOCK_V3, STOCK_V3_ANNOTATED, load_workflow
 
     source = args.video or str(default_clip_path())
     model = args.model or str(build_demo_model())
     configurations = [(name, PRESETS[name]) for name in filter(None, args.presets.split(","))]
     configurations += [parse_config(text) for text in args.config]
     with tempfile.TemporaryDirectory() as directory:
-        video = truncated_clip(source, args.frames, Path(directory))
+        video = truncated_clip(source, args.frames, Path(directory), args.resolution)
         decode_rate = decode_fps(video)
         print(f"decode alone: {decode_rate:.1f} fps", flush=True)
         # Detections are compared frame by frame: our first configuration against the stock block
         # (through the stock polygon step, see workflows/comparison.py), every later one against our first.
         stock, ours_first = {}, {}
-        results = [run_configuration("stock-v3", load_workflow(STOCK_V3), video, model, args.warmup, keep=stock)]
+        stock_workflows = {"plain": ("stock-v3", STOCK_V3), "annotated": ("stock-v3-annotated", STOCK_V3_ANNOTATED)}
+        results = []
+        for kind in filter(None, args.stock.split(",")):
+            name, workflow_name = stock_workflows[kind]
+            results.append(run_configuration(name, load_workflow(workflow_name), video, model, args.warmup,
+                                             keep=stock if not stock else None))
         default_interval = sys.getswitchinterval()
         for index, (name, options) in enumerate(configurations):
             options = dict(options)
             # not a block option: the interpreter's GIL switch interval for this configuration's run
             interval_ms = options.pop("switch_interval_ms", None)
             source_kind = str(options.pop("source", "path"))
+            # not a block option either: plain (our block -> sink) or annotated (-> our GPU mask
+            # visualization -> stock box and label visualizations)
+            workflow_kind = str(options.pop("workflow", "plain"))
             sys.setswitchinterval(float(interval_ms) / 1e3 if interval_ms is not None else default_interval)
-            workflow = load_workflow(FASTPATH, **options)
+            workflow = load_workflow(FASTPATH_ANNOTATED if workflow_kind == "annotated" else FASTPATH, **options)
             results.append(run_configuration(
                 name, workflow, video, model, args.warmup, options=options,
                 keep=ours_first if index == 0 else None,
@@ -308,6 +327,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "torch": torch.__version__,
         "video": source,
         "frames": args.frames,
+        "resolution": args.resolution or "native",
         "warmup": args.warmup,
         "model": model,
         "decode_fps": decode_rate,
