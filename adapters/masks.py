@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import cv2
 import numpy as np
@@ -37,14 +37,32 @@ def survives_polygon_step(masks: Any, xyxy: np.ndarray) -> np.ndarray:
     keep = np.zeros(len(masks), dtype=bool)
     compact = not isinstance(masks, np.ndarray)
     for index in range(len(masks)):
-        if compact:  # the crop has the mask's contour, shifted; its middle rows are the hint
-            mask = masks.crop(index)
-            row = (mask.shape[0] - 1) // 2
+        if compact:  # two middle columns decoded from the runs; the crop's contour only if needed
+            columns = _middle_columns(masks, index)
+            keep[index] = (columns is not None and _has_l_shape_near(columns, 0)) or len(
+                largest_external_contour(masks.crop(index))) >= 3
         else:
             mask = masks[index]
             row = int((xyxy[index, 1] + xyxy[index, 3]) / 2)
-        keep[index] = _has_l_shape_near(mask, row) or len(largest_external_contour(mask)) >= 3
+            keep[index] = _has_l_shape_near(mask, row) or len(largest_external_contour(mask)) >= 3
     return keep
+
+
+def _middle_columns(masks: Any, index: int) -> Optional[np.ndarray]:
+    """(2, crop_h) bool: the two middle columns of a compact mask's crop, from its column-major runs."""
+    crop_h, crop_w = (int(v) for v in masks._crop_shapes[index])
+    if crop_w < 2:
+        return None
+    low = (crop_w - 1) // 2 * crop_h
+    high = low + 2 * crop_h
+    counts = np.asarray(masks._rles[index], dtype=np.int64)
+    ends = np.cumsum(counts)
+    begins = ends - counts
+    columns = np.zeros(high - low, dtype=bool)
+    for run in range(int(np.searchsorted(ends, low, side="right")), int(np.searchsorted(begins, high))):
+        if run % 2:  # odd runs are foreground (the runs start with background)
+            columns[max(begins[run], low) - low : min(ends[run], high) - low] = True
+    return columns.reshape(2, crop_h)
 
 
 def _has_l_shape_near(mask: np.ndarray, row: int) -> bool:

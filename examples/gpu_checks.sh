@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU-host checks, run from the repository root on a machine with CUDA but no package index:
-#   bash examples/gpu_checks.sh tests|micro|e2e[,...] [WHEEL_DIR]
+#   bash examples/gpu_checks.sh tests|micro|e2e|before|video[,...] [WHEEL_DIR]
 # The wheelhouse (inference + inference-models for Python 3.12, built by the team's make-wheelhouse
 # script, plus pytest) is installed once per machine into /tmp/site. Logs and JSON go to $OUT (or ./out).
 # Every step has its own timeout so one hang cannot eat the whole session.
@@ -48,6 +48,19 @@ case "$step" in
     timeout "${E2E_TIMEOUT:-420}" python3 -m inference_fastpath.examples.benchmarks.benchmark --frames "${FRAMES:-150}" --warmup 10 \
       --presets "${PRESETS:-reference,fast,fast-depth2}" ${EXTRA_CONFIGS:-} --out "$out/bench_e2e.json" 2>&1 \
       | grep -v -i "warn" | tee "$out/bench_e2e.log" | tail -30
+    ;;
+  before)  # the e2e phase on another checkout of the package (BEFORE=its root), same machine, same args
+    mkdir -p /tmp/beforeroot && ln -sfn "$(realpath "${BEFORE:?set BEFORE to a checkout of the package}")" /tmp/beforeroot/inference_fastpath
+    PYTHONPATH="/tmp/beforeroot:/tmp/site" timeout "${E2E_TIMEOUT:-420}" python3 -m "${BEFORE_MODULE:-inference_fastpath.examples.benchmark}" \
+      --frames "${FRAMES:-150}" --warmup 10 --presets "${PRESETS:-reference,fast,fast-depth2}" ${BEFORE_CONFIGS:-${EXTRA_CONFIGS:-}} \
+      --out "$out/bench_e2e_before.json" 2>&1 | grep -v -i "warn" | tee "$out/bench_e2e_before.log" | tail -30
+    ;;
+  video)  # run_video on an upscaled clip: the annotated fast path end to end, with the writer's FPS
+    python3 -c "import cv2,sys; from inference_fastpath.workflows.video_files import read_frames, write_clip; \
+f=read_frames('examples/data/clip.mp4'); write_clip('/tmp/clip-${VIDEO_SIZE:-1920x1080}.mp4', \
+[cv2.resize(x, tuple(int(v) for v in '${VIDEO_SIZE:-1920x1080}'.split('x'))) for x in f], fps=25)"
+    timeout "${VIDEO_TIMEOUT:-200}" python3 -m inference_fastpath.examples.run_video --video "/tmp/clip-${VIDEO_SIZE:-1920x1080}.mp4" \
+      --out "/tmp/annotated.mp4" ${VIDEO_ARGS:-} 2>&1 | grep -v -i "warn" | tee "$out/run_video.log" | tail -8
     ;;
   module)  # MODULE="package.module args[; package.module args ...]": extra scripts (diagnostics)
     IFS=';' read -ra modules <<< "${MODULE}"

@@ -53,7 +53,7 @@ def stage():
     return FusedPostprocess(NUM_CLASSES, None, DEVICE)
 
 
-@pytest.mark.parametrize("fmt", ["dense", "rle"])
+@pytest.mark.parametrize("fmt", ["compact", "dense", "rle"])
 def test_batch_of_two_frames_all_formats(stage, fmt):
     raw = _device(synthetic_outputs(batch=2, n_confident=4, seed=21))
     meta = [make_metadata((72, 96), mode="letterbox"), make_metadata((64, 48))]
@@ -62,8 +62,8 @@ def test_batch_of_two_frames_all_formats(stage, fmt):
         assert frame.image_size == (m.original_size.height, m.original_size.width)
         assert frame.xyxy.dtype == np.float32 and frame.xyxy.shape == (len(frame), 4)
         assert frame.confidence.dtype == np.float32 and frame.class_id.dtype == np.int64
-        filled = [x is not None for x in (frame.dense_masks, frame.rle_masks)]
-        assert filled == [fmt == "dense", fmt == "rle"]
+        filled = [x is not None for x in (frame.dense_masks, frame.rle_masks, frame.compact_masks)]
+        assert filled == [fmt == "dense", fmt == "rle", fmt in ("compact", "rle")]
     if fmt == "dense":
         assert ours[0].dense_masks.dtype == bool and ours[0].dense_masks.shape == (len(ours[0]), 72, 96)
 
@@ -179,7 +179,7 @@ def test_compact_recorded_outputs(tmp_path, stage):
 
 
 @pytest.mark.parametrize("path", RECORDED or [None], ids=[os.path.basename(p) for p in RECORDED] or ["none"])
-@pytest.mark.parametrize("fmt", ["dense", "rle"])
+@pytest.mark.parametrize("fmt", ["compact", "dense", "rle"])
 def test_recorded_engine_outputs(path, fmt):
     if path is None:
         pytest.skip("no recorded outputs in tests/data/postprocess/")
@@ -191,7 +191,7 @@ def test_recorded_engine_outputs(path, fmt):
 
 
 @pytest.mark.parametrize("path", TIES, ids=[os.path.basename(p) for p in TIES])
-@pytest.mark.parametrize("fmt", ["dense", "rle"])
+@pytest.mark.parametrize("fmt", ["compact", "dense", "rle"])
 def test_recorded_score_ties(path, fmt):
     from inference_fastpath.adapters.fallback import FallbackStage
     from inference_fastpath.adapters.postprocess.reference import ReferencePostprocess
@@ -209,12 +209,13 @@ def test_recorded_score_ties(path, fmt):
     _assert_equal(selected, raw, meta, request, num_classes=num_classes)
 
 
-@pytest.mark.parametrize("fmt", ["dense", "rle"])
+@pytest.mark.parametrize("fmt", ["compact", "dense", "rle"])
 def test_small_payload_buffers_grow_without_changing_results(monkeypatch, fmt):
     """A payload longer than the copied prefix, then longer than the device buffer, still
     gives the reference result; the stage remembers the larger sizes for the next frame."""
     from inference_fastpath.adapters.postprocess import fused
 
+    monkeypatch.setitem(fused._DEFAULT_SIZES, fused.RUNS, (64, 8))
     monkeypatch.setitem(fused._DEFAULT_SIZES, fused.STRINGS, (64, 8))
     monkeypatch.setitem(fused._DEFAULT_SIZES, fused.DENSE, (64, 8))
     stage = FusedPostprocess(NUM_CLASSES, None, DEVICE)

@@ -36,7 +36,7 @@ def stage():
     return FusedPostprocess(NUM_CLASSES, None, DEVICE)
 
 
-def _check(stage, raw, metadata, formats=("dense", "rle"), threshold=0.5, max_detections=None):
+def _check(stage, raw, metadata, formats=("compact", "dense", "rle"), threshold=0.5, max_detections=None):
     raw = RawOutputs(boxes=raw.boxes.to(DEVICE), logits=raw.logits.to(DEVICE), masks=raw.masks.to(DEVICE))
     n = None
     for fmt in formats:
