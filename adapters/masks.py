@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import cv2
 import numpy as np
@@ -37,9 +37,8 @@ def survives_polygon_step(masks: Any, xyxy: np.ndarray) -> np.ndarray:
     keep = np.zeros(len(masks), dtype=bool)
     compact = not isinstance(masks, np.ndarray)
     for index in range(len(masks)):
-        if compact:  # two middle columns decoded from the runs; the crop's contour only if needed
-            columns = _middle_columns(masks, index)
-            keep[index] = (columns is not None and _has_l_shape_near(columns, 0)) or len(
+        if compact:  # decided from the crop's runs; the crop is decoded for a contour only if needed
+            keep[index] = _runs_have_l_shape(masks._rles[index], int(masks._crop_shapes[index][0])) or len(
                 largest_external_contour(masks.crop(index))) >= 3
         else:
             mask = masks[index]
@@ -48,21 +47,30 @@ def survives_polygon_step(masks: Any, xyxy: np.ndarray) -> np.ndarray:
     return keep
 
 
-def _middle_columns(masks: Any, index: int) -> Optional[np.ndarray]:
-    """(2, crop_h) bool: the two middle columns of a compact mask's crop, from its column-major runs."""
-    crop_h, crop_w = (int(v) for v in masks._crop_shapes[index])
-    if crop_w < 2:
-        return None
-    low = (crop_w - 1) // 2 * crop_h
-    high = low + 2 * crop_h
-    counts = np.asarray(masks._rles[index], dtype=np.int64)
-    ends = np.cumsum(counts)
-    begins = ends - counts
-    columns = np.zeros(high - low, dtype=bool)
-    for run in range(int(np.searchsorted(ends, low, side="right")), int(np.searchsorted(begins, high))):
-        if run % 2:  # odd runs are foreground (the runs start with background)
-            columns[max(begins[run], low) - low : min(ends[run], high) - low] = True
-    return columns.reshape(2, crop_h)
+def _runs_have_l_shape(counts: np.ndarray, crop_h: int) -> bool:
+    """Whether 3 pixels of some 2x2 window are foreground, from column-major run lengths (background
+    first): a run of 2+ pixels within one column whose rows meet foreground in a neighbouring column."""
+    edges = np.cumsum(np.asarray(counts, dtype=np.int64))
+    foreground = len(edges) // 2
+    starts, ends = edges[0 : 2 * foreground : 2], edges[1 : 2 * foreground : 2] - 1  # first / last pixel
+    if crop_h < 2 or starts.size == 0:
+        return False
+    first_column, last_column = starts // crop_h, ends // crop_h
+    if np.any(last_column - first_column >= 2):  # a whole column, and the pixel above it on the left
+        return True
+    # per-column pieces of 2+ pixels: runs within one column, and both halves of runs over two columns
+    split = (last_column > first_column)
+    first = np.concatenate([starts, (first_column[split] + 1) * crop_h])
+    last = np.concatenate([np.where(split, (first_column + 1) * crop_h - 1, ends), ends[split]])
+    tall = last > first
+    if not tall.any():
+        return False
+    first, last = first[tall], last[tall]
+    for shift in (crop_h, -crop_h):  # the same rows, one column right / left
+        candidate = np.searchsorted(starts, last + shift, side="right") - 1
+        if np.any((candidate >= 0) & (ends[np.maximum(candidate, 0)] >= first + shift)):
+            return True
+    return False
 
 
 def _has_l_shape_near(mask: np.ndarray, row: int) -> bool:

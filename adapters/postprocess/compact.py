@@ -104,6 +104,36 @@ def crop_runs(transitions: np.ndarray, height: int, width: int) -> Tuple[np.ndar
     return runs.astype(np.int32), (crop_h, crop_w), (x1, y1)
 
 
+class LazyCompactMasks(CompactMasks):
+    """``CompactMasks`` whose runs are worked out from the transition positions on first use: the RLE
+    output carries its masks this way, so a workflow that only serialises the RLE never pays for them.
+
+    Example:
+        >>> lazy = LazyCompactMasks([np.array([5, 7, 9, 11])], 4, 4)
+        >>> len(lazy), lazy.shape, lazy.area.tolist()
+        (1, (1, 4, 4), [4])
+    """
+
+    __slots__ = ("_transitions", "_built")
+
+    def __init__(self, per_mask: Sequence[np.ndarray], height: int, width: int) -> None:
+        self._transitions = list(per_mask)
+        self._built = None
+        self._image_shape = (int(height), int(width))
+
+    def __len__(self) -> int:
+        return len(self._transitions)
+
+    def _build(self) -> CompactMasks:
+        if self._built is None:
+            self._built = compact_from_transitions(self._transitions, *self._image_shape)
+        return self._built
+
+    _rles = property(lambda self: self._build()._rles)
+    _crop_shapes = property(lambda self: self._build()._crop_shapes)
+    _offsets = property(lambda self: self._build()._offsets)
+
+
 def compact_from_transitions(per_mask: Sequence[np.ndarray], height: int, width: int) -> CompactMask:
     """One frame's masks as a ``CompactMask`` (``per_mask``: each mask's transition positions)."""
     rles: List[np.ndarray] = []

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from inference_fastpath.adapters.contracts import FrameDetections, RawOutputs
-from inference_fastpath.adapters.postprocess.compact import compact_from_transitions
+from inference_fastpath.adapters.postprocess.compact import LazyCompactMasks, compact_from_transitions
 from inference_fastpath.kernels.mask_resize import binarize_with_torch, make_mask_plan
 from inference_fastpath.kernels.postprocess_mask_dense import (
     device_crop_layout,
@@ -254,7 +254,9 @@ class PostprocessProgram:
         payload = self._host_payload(self.host_prefix, self.payload, total)
         positions = payload
         if spec.output == STRINGS:
-            positions = self._host_payload(self.host_positions, self.positions, int(sum(int(r.sum()) for r in runs)))
+            # a copy: the lazy compact masks outlive this pinned buffer, which the next batch refills
+            positions = self._host_payload(self.host_positions, self.positions,
+                                           int(sum(int(r.sum()) for r in runs))).copy()
         results = []
         cursor = position_cursor = 0
         for b, (frame, plan, n) in enumerate(zip(frames, self.plans, counts)):
@@ -266,16 +268,16 @@ class PostprocessProgram:
                 continue
             position_bounds = (position_cursor + np.concatenate([[0], np.cumsum(runs[b])])).tolist()
             position_cursor = position_bounds[-1]
-            compact = compact_from_transitions(
-                [positions[a:e] for a, e in zip(position_bounds[:-1], position_bounds[1:])], height, width
-            )
+            per_mask = [positions[a:e] for a, e in zip(position_bounds[:-1], position_bounds[1:])]
             if spec.output == RUNS:
+                compact = compact_from_transitions(per_mask, height, width)
                 results.append(_frame_detections(frame, plan.geometry, compact_masks=compact))
                 continue
             bounds = (cursor + np.concatenate([[0], np.cumsum(sizes[b])])).tolist()
             cursor = bounds[-1]
             rles = [{"size": [height, width], "counts": payload[a:e].tobytes()}
                     for a, e in zip(bounds[:-1], bounds[1:])]
+            compact = LazyCompactMasks(per_mask, height, width)  # worked out only if a later block reads masks
             results.append(_frame_detections(frame, plan.geometry, rle_masks=rles, compact_masks=compact))
         return results
 

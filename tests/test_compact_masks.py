@@ -1,0 +1,76 @@
+"""Compact masks on the host: runs from transition positions, the polygon-step rule, window slicing.
+
+Each is checked against an independent reference: supervision's own encoder (``CompactMask.from_dense``),
+OpenCV contours of the dense mask (what the stock polygon step computes), and numpy slicing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from inference_fastpath.adapters.masks import _runs_have_l_shape, largest_external_contour, survives_polygon_step
+from inference_fastpath.adapters.postprocess.compact import compact_from_dense, compact_from_transitions
+
+
+def _random_masks(rng, count=3):
+    height, width = (int(v) for v in rng.integers(1, 12, 2))
+    masks = np.zeros((count, height, width), bool)
+    for mask in masks:
+        kind = rng.integers(0, 6)
+        if kind == 0:
+            mask[:] = rng.random((height, width)) < 0.2
+        elif kind == 1:
+            mask[rng.integers(0, height), :] = True
+        elif kind == 2:
+            mask[rng.integers(0, height), rng.integers(0, width)] = True
+        elif kind == 3:
+            mask[:, rng.integers(0, width)] = True
+        elif kind == 4:
+            mask[:, : rng.integers(1, width + 1)] = True
+        else:
+            mask[:] = rng.random((height, width)) < 0.7
+    return masks
+
+
+def _transitions(mask):
+    flat = mask.ravel(order="F").astype(np.int8)
+    return np.flatnonzero(flat != np.concatenate([[0], flat[:-1]]))
+
+
+def test_runs_from_transitions_equal_supervisions_encoder():
+    rng = np.random.default_rng(0)
+    for _ in range(1500):
+        masks = _random_masks(rng)
+        ours = compact_from_transitions([_transitions(m) for m in masks], *masks.shape[1:])
+        theirs = compact_from_dense(masks)
+        np.testing.assert_array_equal(ours.to_dense(), masks)
+        assert all(np.array_equal(a, b) for a, b in zip(ours._rles, theirs._rles))
+        np.testing.assert_array_equal(ours._offsets, theirs._offsets)
+        np.testing.assert_array_equal(ours._crop_shapes, theirs._crop_shapes)
+
+
+def test_polygon_step_rule_on_compact_and_dense_masks_equals_the_contour_rule():
+    rng = np.random.default_rng(1)
+    for _ in range(1500):
+        masks = _random_masks(rng)
+        truth = [len(largest_external_contour(m)) >= 3 for m in masks]
+        boxes = np.array([[0, 0, masks.shape[2] - 1, masks.shape[1] - 1]] * len(masks), float)
+        assert survives_polygon_step(masks, boxes).tolist() == truth
+        compact = compact_from_dense(masks)
+        assert survives_polygon_step(compact, boxes).tolist() == truth
+        for index, crop in enumerate(compact.crop(i) for i in range(len(masks))):
+            u = crop.astype(np.uint8)
+            windows = u[:-1, :-1] + u[1:, :-1] + u[:-1, 1:] + u[1:, 1:] if min(crop.shape) > 1 else np.zeros(0)
+            assert _runs_have_l_shape(compact._rles[index], crop.shape[0]) == bool((windows >= 3).any())
+
+
+@pytest.mark.parametrize("window", [(slice(None), slice(3, 20), slice(5, 39)), (slice(1, 3), slice(0, 30), slice(10, 12)),
+                                    (slice(None), slice(25, 60), slice(-5, None)), (0, slice(2, 9), slice(3, 7))])
+def test_window_slices_are_the_dense_slices(window):
+    masks = np.random.default_rng(2).random((4, 30, 40)) < 0.3
+    compact = compact_from_dense(masks)
+    np.testing.assert_array_equal(compact[window], masks[window])
+    subset = compact[np.array([True, False, True, True])]
+    assert type(subset) is type(compact)
+    np.testing.assert_array_equal(subset[:, 2:9, 3:7], masks[[0, 2, 3]][:, 2:9, 3:7])
