@@ -34,7 +34,7 @@ for step in ${phase//,/ }; do
 case "$step" in
   tests)
     [ -n "${GPU_TESTS-tests/gpu}" ] && timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu ${GPU_TESTS-tests/gpu} -rs 2>&1 | tee "$out/gpu_tests.log" | tail -30
-    [ -n "${KERNEL_TESTS-tests/kernels}" ] && timeout 240 python3 -m pytest -q -p no:cacheprovider ${KERNEL_TESTS-tests/kernels} -rs 2>&1 | tee "$out/kernel_tests.log" | tail -15
+    [ -n "${KERNEL_TESTS-tests/kernels}" ] && timeout "${KERNEL_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider ${KERNEL_TESTS-tests/kernels} -rs 2>&1 | tee "$out/kernel_tests.log" | tail -15
     ;;
   micro)  # MICRO picks the microbenchmarks; *_ARGS pass options to each
     case ",${MICRO:-pre,post,engine}," in *,pre,*)
