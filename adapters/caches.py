@@ -33,6 +33,10 @@ class LRUCache(Generic[K, V]):
             self._data.move_to_end(key)
         return value
 
+    def peek(self, key: K) -> Optional[V]:
+        """The value of ``key`` without making it the most recently used."""
+        return self._data.get(key)
+
     def put(self, key: K, value: V) -> List[K]:
         """Inserts (or refreshes) ``key``; returns the keys evicted to stay within capacity."""
         self._data[key] = value

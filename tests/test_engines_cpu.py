@@ -27,7 +27,7 @@ from inference_fastpath.adapters.engine.base import (
     plan_batch_chunks,
 )
 from inference_fastpath.adapters.caches import LRUCache
-from inference_fastpath.adapters.engine.graphs import CapturedGraph, GraphRunner, make_graph_key
+from inference_fastpath.adapters.engine.graphs import CapturedGraph, GraphCache, make_graph_key
 from inference_fastpath.adapters.engine.onnx_engine import OnnxEngine, resolve_output_shape
 from inference_fastpath.adapters.engine.tensorrt_engine import (
     BatchProfile,
@@ -135,9 +135,10 @@ class FakeGraphs:
         self.waited: List[object] = []
         self.fail = fail
 
-    def capture(self, key, static_input) -> CapturedGraph:
+    def capture(self, fn, keepalive) -> CapturedGraph:
         if self.fail:
             raise RuntimeError("operation not permitted when stream is capturing")
+        key, static_input = keepalive
         self.captured.append(key)
         out = torch.zeros(key[0])
 
@@ -146,16 +147,34 @@ class FakeGraphs:
 
         return CapturedGraph(replay=replay, outputs=(out,), free=lambda: self.freed.append(key))
 
-    def runner(self, capacity=2, max_inflight=2, stats=None) -> GraphRunner:
-        return GraphRunner(
+    def runner(self, capacity=2, max_inflight=2, stats=None) -> "FakeEngineGraphs":
+        cache = GraphCache(
+            "fake engine",
             capture=self.capture,
             capacity=capacity,
             max_inflight=max_inflight,
+            consumers_hold=True,
             wait_event=self.waited.append,
             record_event=lambda: "recorded-on-current-stream",
             stats=stats,
-            name="fake",
         )
+        return FakeEngineGraphs(cache)
+
+
+class FakeEngineGraphs:
+    """Calls a GraphCache the way EngineBase does: keyed by shape, bound to the static input."""
+
+    def __init__(self, cache: GraphCache) -> None:
+        self.cache = cache
+
+    def run(self, key, static_input):
+        return self.cache.run(key, lambda: ((lambda: ()), (key, static_input)), binding=static_input)
+
+    def __getattr__(self, name):
+        return getattr(self.cache, name)
+
+    def __len__(self) -> int:
+        return len(self.cache)
 
 
 def _key(batch: int):
@@ -629,16 +648,7 @@ def fake_cuda(monkeypatch):
 def _as_cuda_engine(engine: ToyEngine, max_inflight: int = 2) -> ToyEngine:
     engine._is_cuda = True
     engine._stream = FakeStream()
-    engine._graphs = GraphRunner(
-        capture=engine._capture_graph,
-        capacity=4,
-        max_inflight=max_inflight,
-        wait_event=engine._stream.wait_event,
-        record_event=engine._record_on_current_stream,
-        before_evict=engine._before_graph_eviction,
-        stats=engine.stats,
-        name=engine.name,
-    )
+    engine._graphs = engine._graph_cache(4, max_inflight)
     return engine
 
 

@@ -86,3 +86,25 @@ def test_benchmark_annotated_workflows_and_resolution(demo_model_dir, tiny_clip,
     assert report["resolution"] == "320x240"
     assert all(r["frames"] == 2 and not r["errors"] for r in report["results"])
     assert report["results"][2]["parity"]["frames_within_bars"] == 2
+
+
+def test_profiler_targets_resolve_and_are_timed():
+    """The profiler names real objects (a rename breaks this test, not a GPU run)."""
+    from inference_fastpath.adapters.preprocess import upload
+    from inference_fastpath.examples.benchmarks import profile_pipeline
+
+    targets = profile_pipeline.default_timed()
+    assert all(callable(getattr(owner, name)) for owner, name in targets)
+    assert profile_pipeline.resolve_targets(["inference_fastpath.adapters.preprocess.upload:Staging.upload"]) == [
+        (upload.Staging, "upload")]
+    with pytest.raises(SystemExit, match="expected module:qualname"):
+        profile_pipeline.resolve_targets(["no_colon"])
+    with pytest.raises(SystemExit, match="has no attribute 'nope'"):
+        profile_pipeline.resolve_targets(["inference_fastpath.adapters.preprocess.upload:nope"])
+
+    class Owner:
+        def work(self, x):
+            return x + 1
+
+    samples = profile_pipeline.wrap_with_clock([(Owner, "work")])
+    assert Owner().work(1) == 2 and len(samples["Owner.work"]) == 1

@@ -45,7 +45,7 @@ from inference_fastpath.adapters.cuda.streams import stream_made_current
 from inference_fastpath.adapters.engine.graphs import (
     CapturedGraph,
     GraphKey,
-    GraphRunner,
+    GraphCache,
     capture_cuda_graph,
     make_graph_key,
 )
@@ -193,20 +193,11 @@ class EngineBase(abc.ABC):
         self._warmup_iters = max(1, int(warmup_iters))
         self.cuda_graphs_requested = bool(cuda_graphs)
         self.cuda_graphs_unavailable_reason: Optional[str] = None
-        self._graphs: Optional[GraphRunner] = None
+        self._graphs: Optional[GraphCache] = None
         if cuda_graphs:
             reason = self._cuda_graphs_unavailable()
             if reason is None:
-                self._graphs = GraphRunner(
-                    capture=self._capture_graph,
-                    capacity=graph_cache_size,
-                    max_inflight=max_inflight,
-                    wait_event=self._stream.wait_event,
-                    record_event=self._record_on_current_stream,
-                    before_evict=self._before_graph_eviction,
-                    stats=self.stats,
-                    name=self.name,
-                )
+                self._graphs = self._graph_cache(graph_cache_size, max_inflight)
             else:
                 self.cuda_graphs_unavailable_reason = reason
                 LOGGER.warning("%s engine: CUDA graphs off, running eager: %s", self.name, reason)
@@ -362,7 +353,7 @@ class EngineBase(abc.ABC):
                 if x.is_cuda:
                     _record_stream(x, stream)  # read here, possibly allocated on another stream
                 self.stats.input_copies += 1
-            run = self._graphs.run(key, full)
+            run = self._graphs.run(key, lambda: self._graph_forward_fn(key, full), binding=full)
             if run is not None:
                 self.stats.graph_replays += 1
                 outs = tuple(o[:n] if o.shape[0] != n else o for o in run.outputs)
@@ -413,8 +404,20 @@ class EngineBase(abc.ABC):
             self._input_buffers[key] = buf
         return buf
 
-    def _capture_graph(self, key: GraphKey, static_input: torch.Tensor) -> CapturedGraph:
-        fn, keepalive = self._graph_forward_fn(key, static_input)
+    def _graph_cache(self, capacity: int, max_inflight: int) -> GraphCache:
+        return GraphCache(
+            f"{self.name} engine",
+            capture=self._capture_graph,
+            capacity=capacity,
+            max_inflight=max_inflight,
+            consumers_hold=True,
+            wait_event=self._stream.wait_event,
+            record_event=self._record_on_current_stream,
+            before_evict=self._before_graph_eviction,
+            stats=self.stats,
+        )
+
+    def _capture_graph(self, fn: Callable[[], Sequence[torch.Tensor]], keepalive: Any) -> CapturedGraph:
         if self._capture_stream is None:
             self._capture_stream = torch.cuda.Stream(device=self.device)
         return capture_cuda_graph(

@@ -1,4 +1,4 @@
-"""CUDA-graph capture and replay, shared by the torch and TensorRT engines.
+"""CUDA-graph capture and replay, one bounded cache shared by the engines and the fast stages.
 
 Two layers:
 
@@ -8,12 +8,14 @@ Two layers:
   ``capture_error_mode="thread_local"`` so other threads' CUDA calls (another engine running eagerly,
   allocations) neither fail nor break this capture. A failed capture is always ended so the stream
   never stays in capture mode.
-* :class:`GraphRunner` - pure bookkeeping, testable without a GPU: a bounded LRU of captured graphs
-  keyed by (batch size, input shape, dtype); per key up to ``max_inflight`` graph *instances*, each
-  with its own output buffers and pool, so a consumer may still hold one instance's outputs while
-  the next call replays another (see ``base.py`` for the ``release`` policy). Eviction drops the
-  graphs, their outputs and their pool references. When capture is impossible the runner says why,
-  once per reason, and the caller runs eagerly; a capture error disables graphs for that runner.
+* :class:`GraphCache` - pure bookkeeping, testable without a GPU, used by the torch and TensorRT
+  engines, the Triton preprocess and the fused postprocess alike: a bounded LRU of captured graphs
+  per key, an optional bound on captures over the cache's life, optional capture on a key's second
+  sighting, and per key up to ``max_inflight`` graph *instances* when consumers hold outputs (the
+  engine), each with its own output buffers and pool, so a consumer may still hold one instance's
+  outputs while the next call replays another (see ``base.py`` for the ``release`` policy).
+  Eviction drops the graphs, their outputs and their pool references. Every reason to run
+  eagerly is logged once; a capture error, or the capture bound, turns graphs off for the stage.
 
 Instances of one key do not share a memory pool on purpose: a graph captured later into a shared
 pool may place its *live outputs* in blocks that an earlier graph uses as scratch, so replaying the
@@ -25,7 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -61,8 +63,8 @@ class _Instance:
 
 @dataclass
 class _Entry:
-    key: GraphKey
-    static_input: torch.Tensor
+    key: Hashable
+    binding: Any  # what the graph's addresses point into (a static input); another one -> recapture
     instances: List[_Instance] = field(default_factory=list)
 
 
@@ -73,105 +75,164 @@ class GraphRun:
     instance: int
 
 
-class GraphRunner:
-    """Decides graph replay vs. eager for one engine and owns its captured graphs.
+# (callable to capture, what the graph must keep alive) -> one captured instance
+CaptureFn = Callable[[Callable[[], Sequence[torch.Tensor]], Any], CapturedGraph]
 
-    ``capture(key, static_input)`` captures one instance. ``wait_event(event)`` makes the engine
-    stream wait on an event; ``record_event()`` records one on the caller's current stream (used
-    when a consumer releases without an event). Call :meth:`run` on the engine stream with the
-    engine lock held; ``release`` callables may be called from any thread.
+
+class GraphCache:
+    """The captured CUDA graphs of one stage, bounded; decides graph replay vs. eager per call.
+
+    Args:
+        name: Stage name used in log messages (e.g. ``"torch engine"``).
+        capture: Captures one instance from ``(fn, keepalive)``; see :func:`side_stream_capture`.
+        capacity: Keys kept; the least recently used is evicted and its graphs freed.
+        max_captures: Captures allowed over the cache's life (None: unbounded). Keys that keep
+            changing (thresholds per frame, one-off frame shapes) would otherwise capture forever;
+            past the bound graphs go off, with the reason logged.
+        what: What varies between keys, for the bound's message.
+        capture_after: A key is captured on its n-th sighting; earlier calls run eagerly.
+        max_inflight: Instances per key (only > 1 makes sense with ``consumers_hold``).
+        consumers_hold: Replayed outputs stay held until the caller's ``release`` (the engine's
+            outputs go downstream); otherwise a replay's outputs are consumed in stream order and
+            the instance is free again at once (the stages write into their own buffers).
+        replay_after_capture: False when the capture's warm-up call already computed this call's
+            result (the stages write fixed buffers), so the first call does not run twice.
+        wait_event / record_event: Make the replay stream wait on a consumer's release event /
+            record one on the caller's stream (only with ``consumers_hold``).
+        before_evict: Called with the key before its graphs are freed (e.g. to let a queued
+            replay finish).
+        stats: Optional object whose ``captures`` / ``evictions`` counters are kept too.
+
+    Call :meth:`run` with the stage's lock held; ``release`` callables may be called from any
+    thread.
+
+    Example:
+        >>> cache = GraphCache("toy", capture=lambda fn, keep: CapturedGraph(fn, tuple(fn())),
+        ...                    capacity=2)
+        >>> run = cache.run("key", lambda: ((lambda: (torch.ones(1),)), None))
+        >>> cache.captures, run.outputs[0].item()
+        (1, 1.0)
     """
 
     def __init__(
         self,
+        name: str,
         *,
-        capture: Callable[[GraphKey, torch.Tensor], CapturedGraph],
-        capacity: int = 4,
-        max_inflight: int = 2,
-        wait_event: Callable[[Any], None],
-        record_event: Callable[[], Any],
-        before_evict: Optional[Callable[[GraphKey], None]] = None,
+        capture: CaptureFn,
+        capacity: int,
+        max_captures: Optional[int] = None,
+        what: str = "keys",
+        capture_after: int = 1,
+        max_inflight: int = 1,
+        consumers_hold: bool = False,
+        replay_after_capture: bool = True,
+        wait_event: Optional[Callable[[Any], None]] = None,
+        record_event: Optional[Callable[[], Any]] = None,
+        before_evict: Optional[Callable[[Hashable], None]] = None,
         stats: Any = None,
-        name: str = "engine",
         logger: logging.Logger = LOGGER,
     ) -> None:
         if max_inflight < 1:
             raise ValueError(f"max_inflight must be >= 1, got {max_inflight}")
+        if capture_after < 1:
+            raise ValueError(f"capture_after must be >= 1, got {capture_after}")
+        if consumers_hold and (wait_event is None or record_event is None):
+            raise ValueError("consumers_hold needs wait_event and record_event")
+        self.name = name
         self._capture = capture
+        self.max_captures = None if max_captures is None else int(max_captures)
+        self._what = what
+        self._capture_after = int(capture_after)
+        self.max_inflight = int(max_inflight)
+        self._consumers_hold = bool(consumers_hold)
+        self._replay_after_capture = bool(replay_after_capture)
         self._wait_event = wait_event
         self._record_event = record_event
         self._before_evict = before_evict
         self._stats = stats
-        self._name = name
         self._logger = logger
-        self.max_inflight = int(max_inflight)
+        self.captures = 0
+        self.evictions = 0
         self.disabled_reason: Optional[str] = None
         self._logged: set = set()
         self._lock = threading.RLock()  # guards instance state against releases from other threads
-        self._cache: LRUCache[GraphKey, _Entry] = LRUCache(capacity, on_evict=self._evict)
+        self._cache: LRUCache[Hashable, _Entry] = LRUCache(capacity, on_evict=self._evict)
+        # keys seen fewer than capture_after times (bounded: one-off keys must not pile up)
+        self._sightings: LRUCache[Hashable, int] = LRUCache(max(8 * int(capacity), 64))
 
     # ------------------------------------------------------------------ public
 
-    def run(self, key: GraphKey, static_input: torch.Tensor) -> Optional[GraphRun]:
-        """Replays a graph for ``key`` (capturing it first if needed); None means "run eagerly"."""
+    def run(
+        self,
+        key: Hashable,
+        build: Callable[[], Tuple[Callable[[], Sequence[torch.Tensor]], Any]],
+        binding: Any = None,
+    ) -> Optional[GraphRun]:
+        """Replays the graph of ``key``, capturing it first if needed; None means "run eagerly".
+
+        ``build()`` returns ``(fn, keepalive)`` for a capture and is only called when one is made.
+        A cached graph bound to another ``binding`` object is dropped and recaptured.
+        """
         with self._lock:
             if self.disabled_reason is not None:
-                self.note_fallback(self.disabled_reason)
                 return None
             entry = self._cache.get(key)
-            if entry is not None and entry.static_input is not static_input:
-                self._cache.pop(key)  # the engine replaced its input buffer: recapture
+            if entry is not None and entry.binding is not binding:
+                self._cache.pop(key)  # the stage replaced the buffers the graph points into
                 entry = None
             if entry is None:
-                entry = _Entry(key=key, static_input=static_input)
+                if not self._sighted_enough(key):
+                    return None
+                entry = _Entry(key=key, binding=binding)
                 self._cache.put(key, entry)
             inst = next((i for i in entry.instances if not i.held), None)
-            if inst is None:
-                if len(entry.instances) >= self.max_inflight:
-                    self.note_fallback(
-                        f"all {self.max_inflight} graph instances for {key} are still held by "
-                        "consumers (release() not called yet): running eager for this call"
-                    )
+            fresh = inst is None
+            if fresh:
+                inst = self._new_instance(entry, build)
+                if inst is None:
                     return None
-                try:
-                    graph = self._capture(key, static_input)
-                except Exception as error:  # capture is an optimisation: never fail the call
-                    self.disable(f"CUDA graph capture failed for {key}: {error!r}")
-                    if not entry.instances:
-                        self._cache.pop(key, notify=False)
-                    return None
-                if self._stats is not None:
-                    self._stats.captures += 1
-                inst = _Instance(graph=graph)
-                entry.instances.append(inst)
             if inst.free_event is not None:
                 self._wait_event(inst.free_event)
                 inst.free_event = None
-            inst.graph.replay()
-            inst.held = True
-            inst.generation += 1
-            index = entry.instances.index(inst)
-            return GraphRun(
-                outputs=inst.graph.outputs,
-                release=self._make_release(inst, inst.generation),
-                instance=index,
-            )
+            if self._replay_after_capture or not fresh:
+                inst.graph.replay()
+            release = _no_release
+            if self._consumers_hold:
+                inst.held = True
+                inst.generation += 1
+                release = self._make_release(inst, inst.generation)
+            return GraphRun(outputs=inst.graph.outputs, release=release,
+                            instance=entry.instances.index(inst))
+
+    def peek(self, key: Hashable) -> Optional[CapturedGraph]:
+        """The first captured instance of ``key`` (benchmarks time its replay), without touching
+        the LRU order."""
+        with self._lock:
+            entry = self._cache.peek(key)
+            return entry.instances[0].graph if entry is not None and entry.instances else None
+
+    def discard(self, key: Hashable) -> None:
+        """Frees the graphs of ``key`` (its buffers are going away)."""
+        with self._lock:
+            self._cache.pop(key)
 
     def note_fallback(self, reason: str) -> None:
-        """Logs a fallback-to-eager reason, once per distinct reason."""
+        """Logs a run-eagerly reason, once per distinct reason."""
         if reason not in self._logged:
             self._logged.add(reason)
-            self._logger.warning("%s engine: %s", self._name, reason)
+            self._logger.warning("%s: %s", self.name, reason)
 
     def disable(self, reason: str) -> None:
-        self.disabled_reason = reason
-        self.note_fallback(reason)
+        """Turns graphs off for the stage (the reason is logged once and kept)."""
+        if self.disabled_reason is None:
+            self.disabled_reason = reason
+            self.note_fallback(f"CUDA graphs off: {reason}")
 
-    def keys(self) -> List[GraphKey]:
+    def keys(self) -> List[Hashable]:
         with self._lock:
             return self._cache.keys()
 
-    def instances(self, key: GraphKey) -> int:
+    def instances(self, key: Hashable) -> int:
         with self._lock:
             entry = self._cache.get(key)
             return 0 if entry is None else len(entry.instances)
@@ -185,6 +246,45 @@ class GraphRunner:
 
     # ------------------------------------------------------------------ internals
 
+    def _sighted_enough(self, key: Hashable) -> bool:
+        if self._capture_after == 1:
+            return True
+        seen = (self._sightings.get(key) or 0) + 1
+        if seen < self._capture_after:
+            self._sightings.put(key, seen)
+            return False
+        self._sightings.pop(key)
+        return True
+
+    def _new_instance(self, entry: _Entry, build: Callable[[], Tuple[Any, Any]]) -> Optional[_Instance]:
+        if len(entry.instances) >= self.max_inflight:
+            self.note_fallback(
+                f"all {self.max_inflight} graph instances for {entry.key} are still held by "
+                "consumers (release() not called yet): running eager for this call"
+            )
+            return None
+        if self.max_captures is not None and self.captures >= self.max_captures:
+            self.disable(f"more than {self.max_captures} {self._what} seen; running eagerly")
+            self._drop_if_empty(entry)
+            return None
+        try:
+            fn, keepalive = build()
+            graph = self._capture(fn, keepalive)
+        except Exception as error:  # noqa: BLE001 - capture is an optimisation: never fail the call
+            self.disable(f"CUDA graph capture failed for {entry.key}: {type(error).__name__}: {error}")
+            self._drop_if_empty(entry)
+            return None
+        self.captures += 1
+        if self._stats is not None:
+            self._stats.captures += 1
+        inst = _Instance(graph=graph)
+        entry.instances.append(inst)
+        return inst
+
+    def _drop_if_empty(self, entry: _Entry) -> None:
+        if not entry.instances:
+            self._cache.pop(entry.key, notify=False)
+
     def _make_release(self, inst: _Instance, generation: int) -> Callable[..., None]:
         def release(event: Optional[Any] = None) -> None:
             with self._lock:
@@ -196,7 +296,7 @@ class GraphRunner:
 
         return release
 
-    def _evict(self, key: GraphKey, entry: _Entry) -> None:
+    def _evict(self, key: Hashable, entry: _Entry) -> None:
         if self._before_evict is not None:
             self._before_evict(key)
         for inst in entry.instances:
@@ -206,8 +306,13 @@ class GraphRunner:
             inst.held = False
             inst.generation += 1
         entry.instances.clear()
+        self.evictions += 1
         if self._stats is not None:
             self._stats.evictions += 1
+
+
+def _no_release(event: Optional[Any] = None) -> None:
+    return None
 
 
 def capture_cuda_graph(
@@ -253,57 +358,32 @@ def capture_cuda_graph(
     return CapturedGraph(replay=graph.replay, outputs=outputs, keepalive=(keepalive, graph), free=free)
 
 
-class BoundedGraphCapture:
-    """Graph captures of one stage, with the bookkeeping both fast stages share: at most
-    ``max_captures`` captures (one-off shapes or thresholds changing per frame would otherwise
-    capture forever), and on the first capture failure or past that bound graphs stay off for
-    the stage, with the reason logged once. ``capture`` returning ``None`` means: run eagerly.
+def side_stream_capture(device: torch.device, warmup_iters: int = 1) -> CaptureFn:
+    """A ``capture`` for :class:`GraphCache`: :func:`capture_cuda_graph` on one side stream,
+    created on the first capture and reused by every later one."""
+    streams: List["torch.cuda.Stream"] = []
 
-    All captures go through one side ``stream`` (see :func:`capture_cuda_graph`)."""
+    def capture(fn: Callable[[], Sequence[torch.Tensor]], keepalive: Any) -> CapturedGraph:
+        if not streams:
+            streams.append(torch.cuda.Stream(device=device))
+        return capture_cuda_graph(fn, device=device, warmup_iters=warmup_iters,
+                                  keepalive=keepalive, stream=streams[0])
 
-    def __init__(self, stage: str, device: torch.device, max_captures: int, what: str) -> None:
-        self.stage = stage
-        self.device = device
-        self.max_captures = int(max_captures)
-        self.what = what  # what varies between captures, for the bound's message
-        self.stream = torch.cuda.Stream(device)
-        self.captures = 0
-        self.fallback_reason: Optional[str] = None
-
-    def capture(self, fn: Callable[[], Sequence[torch.Tensor]], keepalive: Any = None) -> Optional[CapturedGraph]:
-        """Capture ``fn`` (its warm-up call inside already computes this call's result)."""
-        if self.fallback_reason is not None:
-            return None
-        if self.captures >= self.max_captures:
-            self.disable(f"more than {self.max_captures} {self.what} seen; running eagerly")
-            return None
-        try:
-            graph = capture_cuda_graph(fn, device=self.device, warmup_iters=1, stream=self.stream,
-                                       keepalive=keepalive)
-        except Exception as error:  # noqa: BLE001 - any capture failure means: run eagerly
-            self.disable(f"capture failed: {type(error).__name__}: {error}")
-            return None
-        self.captures += 1
-        return graph
-
-    def disable(self, reason: str) -> None:
-        if self.fallback_reason is None:
-            self.fallback_reason = reason
-            LOGGER.warning("%s: CUDA graphs off: %s", self.stage, reason)
+    return capture
 
 
 class GraphCaptureStats:
-    """Mixin for a stage whose captures go through a :class:`BoundedGraphCapture` held in
-    ``_captures`` (None: graphs not requested or no CUDA)."""
+    """Mixin for a stage whose graphs live in a :class:`GraphCache` held in ``_graphs``
+    (None: graphs not requested or no CUDA)."""
 
-    _captures: Optional[BoundedGraphCapture] = None
+    _graphs: Optional[GraphCache] = None
 
     @property
     def graph_fallback_reason(self) -> Optional[str]:
         """Why CUDA graphs went off for this stage (None while they are on or not requested)."""
-        return self._captures.fallback_reason if self._captures is not None else None
+        return self._graphs.disabled_reason if self._graphs is not None else None
 
     @property
     def captures(self) -> int:
         """Graphs captured so far."""
-        return self._captures.captures if self._captures is not None else 0
+        return self._graphs.captures if self._graphs is not None else 0

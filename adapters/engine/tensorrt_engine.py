@@ -9,7 +9,7 @@ and binding torch buffers to a context (``set_input_shape`` + ``set_tensor_addre
 pure functions that only talk to duck-typed engine/context objects, so they are unit tested on the
 CPU with fakes (tests/test_engines_cpu.py). ``tensorrt`` is imported lazily.
 
-CUDA graphs reuse ``cuda_graphs.py``: one execution context per captured graph, because a context
+CUDA graphs go through ``graphs.py``'s shared cache: one execution context per captured graph, because a context
 reallocates its internal scratch when its input shape changes, which would invalidate the addresses
 baked into graphs captured earlier with that context. The eager path has its own context.
 """

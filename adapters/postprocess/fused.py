@@ -19,7 +19,7 @@ different.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -28,9 +28,10 @@ from inference_models.models.common.roboflow.model_packages import PreProcessing
 from inference_fastpath.adapters.caches import LRUCache
 from inference_fastpath.adapters.cuda.streams import stream_made_current
 from inference_fastpath.adapters.engine.graphs import (
-    BoundedGraphCapture,
     CapturedGraph,
+    GraphCache,
     GraphCaptureStats,
+    side_stream_capture,
 )
 from inference_fastpath.adapters.contracts import (
     FrameDetections,
@@ -95,8 +96,8 @@ class FusedPostprocess(GraphCaptureStats):
             self._n_output_classes = int(mapping.max().item()) + 1 if mapping.numel() else 0
         self._recipe = accumulation  # None: calibrated against torch on first use
         self.cuda_graphs = bool(cuda_graphs)
-        self._captures: Optional[BoundedGraphCapture] = None  # CUDA only
-        self._programs: LRUCache[ProgramSpec, _ProgramEntry] = LRUCache(_MAX_PROGRAMS, on_evict=_free_entry)
+        self._graphs: Optional[GraphCache] = None  # CUDA only
+        self._programs: LRUCache[ProgramSpec, PostprocessProgram] = LRUCache(_MAX_PROGRAMS, on_evict=self._drop_graph)
         self._sizes: Dict[tuple, Tuple[int, int]] = {}  # (output, geometries) -> (payload, prefix)
         self._last_spec: Optional[ProgramSpec] = None
         self._mask_pool = MaskBufferPool()  # dense masks: recycled host buffers (page faults)
@@ -105,9 +106,13 @@ class FusedPostprocess(GraphCaptureStats):
             # high priority: the small postprocess kernels of frame N go ahead of the engine
             # kernels of frame N+1 that a depth-2 pipeline has already queued
             self._stream = torch.cuda.Stream(self.device, priority=-1)
-            self._captures = BoundedGraphCapture(
-                "fused postprocess", self.device, _MAX_CAPTURES, "output shapes/thresholds"
-            )
+            if self.cuda_graphs:
+                self._graphs = GraphCache(
+                    "fused postprocess", capture=side_stream_capture(self.device), capacity=_MAX_PROGRAMS,
+                    max_captures=_MAX_CAPTURES, what="output shapes/thresholds",
+                    replay_after_capture=False,  # the capture's warm-up call computed the result
+                    before_evict=lambda _spec: self._stream.synchronize(),  # a replay may be queued
+                )
             self.accumulation_mode()  # one-off kernel compile + check at build time, not mid-stream
 
     # ------------------------------------------------------------------ capability checks
@@ -310,10 +315,9 @@ class FusedPostprocess(GraphCaptureStats):
 
     def _execute(self, program: PostprocessProgram, fmt: str) -> Optional[List[FrameDetections]]:
         """Run the device program (graph replay when captured) and decode its host copies."""
-        graph = self._graph(program)
-        if graph is not None:
-            graph.replay()
-        else:
+        graphed = self._graphs is not None and self._graphs.run(
+            program.spec, lambda: (program.enqueue, program), binding=program) is not None
+        if not graphed:
             program.enqueue()
         if self._stream is not None:
             self._record_event().synchronize()  # the one wait of the batch
@@ -322,25 +326,20 @@ class FusedPostprocess(GraphCaptureStats):
     # ------------------------------------------------------------------ programs and graphs
 
     def _program(self, spec: ProgramSpec) -> PostprocessProgram:
-        entry = self._programs.get(spec)
-        if entry is None:
-            entry = _ProgramEntry(PostprocessProgram(spec, self.device, self.num_classes, self._class_mapping))
-            self._programs.put(spec, entry)
-        return entry.program
+        program = self._programs.get(spec)
+        if program is None:
+            program = PostprocessProgram(spec, self.device, self.num_classes, self._class_mapping)
+            self._programs.put(spec, program)
+        return program
 
-    def _graph(self, program: PostprocessProgram):
-        """The captured graph of ``program``, capturing it on first use; None -> run eagerly."""
-        if self._captures is None or not self.cuda_graphs:
-            return None
-        entry = self._programs.get(program.spec)
-        if entry.graph is None:
-            entry.graph = self._captures.capture(program.enqueue)
-        return entry.graph
+    def _drop_graph(self, spec: ProgramSpec, _program: PostprocessProgram) -> None:
+        if self._graphs is not None:
+            self._graphs.discard(spec)  # its buffers go with the program
 
     def last_graph(self) -> Optional[Tuple[CapturedGraph, Any]]:
         """(graph, stream) of the most recent call when it was captured (benchmarks time it)."""
-        entry = self._programs.get(self._last_spec) if self._last_spec is not None else None
-        return (entry.graph, self._stream) if entry is not None and entry.graph is not None else None
+        graph = self._graphs.peek(self._last_spec) if self._graphs is not None and self._last_spec else None
+        return (graph, self._stream) if graph is not None else None
 
     def _record_event(self):
         if self._stream is None:
@@ -362,12 +361,3 @@ def _has_exact_score_ties(logits: torch.Tensor, threshold, columns: torch.Tensor
     return False
 
 
-@dataclass
-class _ProgramEntry:
-    program: PostprocessProgram
-    graph: Optional[CapturedGraph] = None
-
-
-def _free_entry(_spec, entry: _ProgramEntry) -> None:
-    if entry.graph is not None and entry.graph.free is not None:
-        entry.graph.free()

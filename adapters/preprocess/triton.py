@@ -41,9 +41,9 @@ from inference_models.models.common.roboflow.model_packages import (
 )
 
 from inference_fastpath.adapters.engine.graphs import (
-    BoundedGraphCapture,
-    CapturedGraph,
+    GraphCache,
     GraphCaptureStats,
+    side_stream_capture,
 )
 from inference_fastpath.adapters.caches import LRUCache
 from inference_fastpath.adapters.cuda.streams import stream_made_current
@@ -72,7 +72,6 @@ _PLAN_CACHE_SIZE = 64
 # eager, with the reason logged.
 _MAX_LAUNCH_GRAPHS = 8
 _MAX_LAUNCH_CAPTURES = 32
-_SIGHTED_KEYS = 64
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,12 +206,16 @@ class TritonPreprocess(GraphCaptureStats):
         # CUDA graphs of kernel launches (see _launch_group); CUDA frames are then copied into a
         # static device buffer so every launch reads a fixed address
         self.cuda_graphs = bool(cuda_graphs) and self._stream is not None
-        self._captures = (
-            BoundedGraphCapture("triton preprocess", self.device, _MAX_LAUNCH_CAPTURES, "frame shapes / buffers")
+        self._graphs: Optional[GraphCache] = (
+            GraphCache(
+                "triton preprocess", capture=side_stream_capture(self.device), capacity=_MAX_LAUNCH_GRAPHS,
+                max_captures=_MAX_LAUNCH_CAPTURES, what="frame shapes / buffers",
+                capture_after=2,  # one-off shapes stay eager; a shape that comes back is captured
+                replay_after_capture=False,  # the capture's warm-up launch computed this call's output
+                before_evict=lambda _key: self._stream.synchronize(),  # a replay may still be queued
+            )
             if self.cuda_graphs else None
         )
-        self._graphs: LRUCache[Tuple, CapturedGraph] = LRUCache(_MAX_LAUNCH_GRAPHS, on_evict=self._free_graph)
-        self._sighted: LRUCache[Tuple, bool] = LRUCache(_SIGHTED_KEYS)
         self._device_frames: Optional[torch.Tensor] = None
         if self._config_problem is None:
             self._lut(dtype)
@@ -392,7 +395,7 @@ class TritonPreprocess(GraphCaptureStats):
             views = self._staging.upload(host_frames, self._stream)
             for index, view in zip(host_index, views):
                 sources[index] = view
-        if device_index and self._captures is not None and self._captures.fallback_reason is None:
+        if device_index and self._graphs is not None and self._graphs.disabled_reason is None:
             for index, view in zip(device_index, self._static_device_copies([sources[i] for i in device_index])):
                 sources[index] = view
         return sources  # type: ignore[return-value]
@@ -413,35 +416,18 @@ class TritonPreprocess(GraphCaptureStats):
     # -- launches: eager, or captured once per (plan, buffers) and replayed --------------------
 
     def _launch_group(self, plan: FramePlan, group: torch.Tensor, target: torch.Tensor) -> None:
-        if self._captures is None or self._captures.fallback_reason is not None:
-            self._launch(plan, group, target)
-            return
-        key = (plan.launch_key, _buffer_key(group), _buffer_key(target))
-        graph = self._graphs.get(key)
-        if graph is not None:
-            graph.replay()
-            return
-        if self._sighted.get(key) is None:  # first sighting: eager; captured if the shape comes back
-            self._sighted.put(key, True)
-            self._launch(plan, group, target)
-            return
-        used: List[torch.Tensor] = []  # what the launches read besides group and target
+        if self._graphs is not None:
+            key = (plan.launch_key, _buffer_key(group), _buffer_key(target))
+            used: List[torch.Tensor] = []  # what the launches read besides group and target
 
-        def launch():
-            self._launch(plan, group, target, keep=used)
-            return ()
+            def launch() -> Tuple:
+                self._launch(plan, group, target, keep=used)
+                return ()
 
-        # the warm-up launch inside computes this call's output; the capture only records
-        graph = self._captures.capture(launch, keepalive=(group, target, used))
-        if graph is None:  # no capture (bound reached or capture failed): launch eagerly
-            self._launch(plan, group, target)
-            return
-        self._graphs.put(key, graph)
 
-    def _free_graph(self, _key: Tuple, graph: CapturedGraph) -> None:
-        self._stream.synchronize()  # a replay of it may still be queued (evictions are rare)
-        if graph.free is not None:
-            graph.free()
+            if self._graphs.run(key, lambda: (launch, (group, target, used))) is not None:
+                return
+        self._launch(plan, group, target)
 
     def _launch(self, plan: FramePlan, group: torch.Tensor, target: torch.Tensor,
                 keep: Optional[List[torch.Tensor]] = None) -> None:

@@ -8,7 +8,7 @@ CPU ms per frame (the GIL serialises Python, so their sum against the wall time 
 is the limit) and the functions with the most own CPU time, with their cumulative time.
 Needs ``yappi`` (in the GPU wheelhouse).
 
-``--timed`` instead wraps the named functions (``module:qualname``) with a clock and prints the
+``--timed`` instead wraps the named functions (``module:qualname``; none: :func:`default_timed`) with a clock and prints the
 p10/p50/p90 of their per-call wall time in the profiled run: ~1 us per call instead of yappi's
 several-fold slowdown, so the pipeline keeps its real timing.
 """
@@ -17,51 +17,74 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib
+import pkgutil
 import sys
 import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from inference_fastpath.workflows.running import configure_environment
 
 configure_environment()
 
 
-DEFAULT_TIMED = (
-    "roboflow_workflows.execution_engine.v1.core:ExecutionEngineV1.run",
-    "inference_fastpath.adapters.runner:SegmentationRunner.launch",
-    "inference_fastpath.adapters.runner:SegmentationRunner.complete",
-    "inference_fastpath.adapters.preprocess.triton:TritonPreprocess.run_supported",
-    "inference_fastpath.adapters.preprocess.triton:TritonPreprocess.unsupported_reason",
-    "inference_fastpath.adapters.preprocess.triton:_Staging.upload",
-    "inference_fastpath.adapters.preprocess.triton:fill_chunk",
-    "inference_fastpath.adapters.engine.base:EngineBase.input_buffer",
-    "inference_fastpath.adapters.engine.base:EngineBase.__call__",
-    "inference_fastpath.adapters.postprocess.fused:FusedPostprocess.run_supported",
-    "inference_fastpath.adapters.postprocess.fused:FusedPostprocess._execute",
-    "inference_fastpath.adapters.postprocess.program:PostprocessProgram.finish",
-    "inference_fastpath.adapters.postprocess.program:PostprocessProgram._host_payload",
-    "inference_fastpath.adapters.postprocess.program:paste_crops",
-    "inference_fastpath.blocks.rfdetr_instance_segmentation_v1:to_sv_detections",
-)
+def default_timed() -> List[Tuple[Any, str]]:
+    """The calls ``--timed`` measures by default, as (owner, attribute) pairs. A module-level
+    function is wrapped in the module that calls it (where its name is looked up per call)."""
+    import inference.core  # noqa: F401 - installs the server's workflows configuration first
+    from roboflow_workflows.execution_engine.v1.core import ExecutionEngineV1
+
+    from inference_fastpath.adapters import runner
+    from inference_fastpath.adapters.engine.base import EngineBase
+    from inference_fastpath.adapters.postprocess import program
+    from inference_fastpath.adapters.postprocess.fused import FusedPostprocess
+    from inference_fastpath.adapters.preprocess import upload
+    from inference_fastpath.adapters.preprocess.triton import TritonPreprocess
+
+    return [
+        (ExecutionEngineV1, "run"),
+        (runner.SegmentationRunner, "launch"),
+        (runner.SegmentationRunner, "complete"),
+        (TritonPreprocess, "run_supported"),
+        (TritonPreprocess, "unsupported_reason"),
+        (upload.Staging, "upload"),
+        (upload, "fill_chunk"),
+        (EngineBase, "input_buffer"),
+        (EngineBase, "__call__"),
+        (FusedPostprocess, "run_supported"),
+        (FusedPostprocess, "_execute"),
+        (program.PostprocessProgram, "finish"),
+        (program.PostprocessProgram, "_host_payload"),
+        (program, "paste_crops"),
+        (runner, "to_sv_detections"),
+    ]
 
 
-def wrap_with_clock(targets: Sequence[str]) -> Dict[str, List[float]]:
-    """Replace each ``module:qualname`` by a wrapper appending its wall ms per call."""
-    importlib.import_module("inference.core")  # installs the workflows configuration first
+def resolve_targets(names: Sequence[str]) -> List[Tuple[Any, str]]:
+    """``module:qualname`` names from the command line -> (owner, attribute) pairs."""
+    targets = []
+    for name in names:
+        module_name, colon, qualname = name.partition(":")
+        if not colon or not qualname:
+            raise SystemExit(f"--timed {name!r}: expected module:qualname")
+        owner_name, _, attribute = qualname.rpartition(".")
+        owner = pkgutil.resolve_name(f"{module_name}:{owner_name}" if owner_name else module_name)
+        if not hasattr(owner, attribute):
+            raise SystemExit(f"--timed {name!r}: {owner!r} has no attribute {attribute!r}")
+        targets.append((owner, attribute))
+    return targets
+
+
+def wrap_with_clock(targets: Sequence[Tuple[Any, str]]) -> Dict[str, List[float]]:
+    """Replace each (owner, attribute) by a wrapper appending its wall ms per call."""
     samples: Dict[str, List[float]] = defaultdict(list)
-    for target in targets:
-        module_name, _, qualname = target.partition(":")
-        owner = importlib.import_module(module_name)
-        *path, name = qualname.split(".")
-        for part in path:
-            owner = getattr(owner, part)
+    for owner, name in targets:
         original = getattr(owner, name)
+        label = f"{getattr(owner, '__name__', owner)}.{name}"
 
-        def timed(*args, __original=original, __key=qualname, **kwargs):
+        def timed(*args, __original=original, __key=label, **kwargs):
             start = time.perf_counter()
             try:
                 return __original(*args, **kwargs)
@@ -106,7 +129,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         workflow = load_workflow(FASTPATH, **options)
         plain = run_configuration("plain", workflow, video, model, 10, options=options)
         if args.timed is not None:
-            samples = wrap_with_clock(args.timed or DEFAULT_TIMED)
+            samples = wrap_with_clock(resolve_targets(args.timed) if args.timed else default_timed())
             timed = run_configuration("timed", workflow, video, model, 10, options=options, fresh_runner=False)
             print(f"\nfps plain {plain['fps']:.1f}, timed {timed['fps']:.1f}")
             print_call_times(samples, timed["frames"])
