@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import supervision as sv
@@ -57,19 +57,26 @@ def as_polygon_mask(mask: np.ndarray) -> np.ndarray:
 def compare_detections(
     a: sv.Detections, b: sv.Detections, polygonise_a: bool = False
 ) -> ParityReport:
-    """Detections must be in the same order (both paths sort by confidence)."""
+    """Detections must be in the same order (both paths sort by confidence).
+
+    When the counts differ (e.g. the stock block dropped a detection whose polygon has fewer than
+    three points), the two lists are aligned first, so the numbers describe the detections both
+    sides have instead of pairs shifted by the missing one; the count mismatch is still reported.
+    """
     count_a, count_b = len(a), len(b)
-    n = min(count_a, count_b)
-    classes_equal = count_a == count_b and np.array_equal(a.class_id[:n], b.class_id[:n])
-    conf = float(np.max(np.abs(a.confidence[:n] - b.confidence[:n]))) if n else 0.0
-    box = float(np.max(np.abs(a.xyxy[:n] - b.xyxy[:n]))) if n else 0.0
+    pairs = _aligned_pairs(a, b)
+    ia = np.array([i for i, _ in pairs], dtype=np.int64)
+    ib = np.array([j for _, j in pairs], dtype=np.int64)
+    classes_equal = count_a == count_b and np.array_equal(a.class_id[ia], b.class_id[ib])
+    conf = float(np.max(np.abs(a.confidence[ia] - b.confidence[ib]))) if pairs else 0.0
+    box = float(np.max(np.abs(a.xyxy[ia] - b.xyxy[ib]))) if pairs else 0.0
     ious = []
     if a.mask is not None and b.mask is not None:
-        for i in range(n):
+        for i, j in pairs:
             mask_a = as_polygon_mask(a.mask[i]) if polygonise_a else a.mask[i]
-            ious.append(mask_iou(mask_a, b.mask[i]))
+            ious.append(mask_iou(mask_a, b.mask[j]))
     elif "rle_mask" in a.data and "rle_mask" in b.data:
-        ious = [_rle_iou(a.data["rle_mask"][i], b.data["rle_mask"][i]) for i in range(n)]
+        ious = [_rle_iou(a.data["rle_mask"][i], b.data["rle_mask"][j]) for i, j in pairs]
     return ParityReport(
         count_a=count_a,
         count_b=count_b,
@@ -78,6 +85,27 @@ def compare_detections(
         max_box_diff_px=box,
         min_mask_iou=min(ious) if ious else 1.0,
     )
+
+
+def _aligned_pairs(a: sv.Detections, b: sv.Detections, box_px: float = 1.0) -> List[Tuple[int, int]]:
+    """Index pairs of the detections both lists share, in order. Equal counts pair by index; else
+    an in-order walk pairs same-class detections with boxes within ``box_px`` and skips an
+    unpaired one on the longer side."""
+    count_a, count_b = len(a), len(b)
+    if count_a == count_b:
+        return [(i, i) for i in range(count_a)]
+    pairs: List[Tuple[int, int]] = []
+    i = j = 0
+    while i < count_a and j < count_b:
+        same = a.class_id[i] == b.class_id[j] and np.max(np.abs(a.xyxy[i] - b.xyxy[j])) <= box_px
+        if same:
+            pairs.append((i, j))
+            i, j = i + 1, j + 1
+        elif count_a - i > count_b - j:
+            i += 1
+        else:
+            j += 1
+    return pairs
 
 
 def _rle_iou(a: dict, b: dict) -> float:
