@@ -46,10 +46,16 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from inference_fastpath.examples.demo_network import (
+    BOX_LOG_SCALE,
+    BOX_WEIGHT_STD,
+    MODEL_TYPE,
+    build_random_network,
+    write_package_metadata,
+)
+
 LOGGER = logging.getLogger(__name__)
 
-MODEL_TYPE = "rfdetr-seg-nano"
-RESOLUTION = 312  # RF-DETR-seg-nano native input size (divisible by patch 12 x windows 1)
 # Invented, deliberately non-semantic class names (NATO alphabet).
 CLASS_NAMES: Tuple[str, ...] = (
     "alpha",
@@ -79,28 +85,8 @@ LOGIT_SCALE = 4.0  # logit units per std of a class projection: sets how spread 
 FIT_STEPS = 400
 SOFT_COUNT_TEMPERATURE = 0.5
 MASK_TARGET_FOREGROUND = 0.30  # mean fraction of the frame covered by a detection's mask
-BOX_LOG_SCALE = math.log(3.5)  # boxes ~3.5x the 0.05 encoder anchors (~17% of the image side)
-BOX_WEIGHT_STD = 0.025  # with unit-variance features (norm 16) -> ~0.4 std in log-size
 NO_OBJECT_LOGIT = -10.0  # keeps the no-object column out of post-processing's top-k
 BATCH_SIZE = 4
-
-_INFERENCE_CONFIG: Dict[str, Any] = {
-    "network_input": {
-        "training_input_size": {"height": RESOLUTION, "width": RESOLUTION},
-        "dynamic_spatial_size_supported": False,
-        "color_mode": "rgb",  # trained-RF-DETR convention: BGR video frames are swapped to RGB
-        "resize_mode": "stretch",
-        "input_channels": 3,
-        "scaling_factor": 255,
-        "normalization": [[0.485, 0.456, 0.406], [0.229, 0.224, 0.225]],
-    }
-}
-_MODEL_CONFIG = {
-    "model_architecture": "rfdetr",
-    "task_type": "instance-segmentation",
-    "backend_type": "torch",
-}
-
 
 @dataclass
 class CalibrationStats:
@@ -190,17 +176,6 @@ def _write_package_metadata(package_dir: Path) -> None:
     write_package_metadata(package_dir, CLASS_NAMES)
 
 
-def write_package_metadata(package_dir: Path, class_names: Sequence[str]) -> None:
-    """The metadata files of an inference-models torch package (everything but weights.pth)."""
-    package_dir = Path(package_dir)
-    (package_dir / "model_config.json").write_text(json.dumps(_MODEL_CONFIG, indent=2) + "\n")
-    (package_dir / "model_type.json").write_text(json.dumps({"model_type": MODEL_TYPE}) + "\n")
-    (package_dir / "inference_config.json").write_text(
-        json.dumps(_INFERENCE_CONFIG, indent=2) + "\n"
-    )
-    (package_dir / "class_names.txt").write_text("\n".join(class_names) + "\n")
-
-
 def _expected_stamp_key(seed: int, clip_sha256: str) -> Dict[str, Any]:
     return {
         "builder_version": BUILDER_VERSION,
@@ -238,84 +213,7 @@ def _looks_like_our_package(path: Path) -> bool:
 
 
 def _build_random_network(seed: int) -> "torch.nn.Module":
-    return build_random_network(seed)
-
-
-def build_random_network(
-    seed: int, num_classes: int = len(CLASS_NAMES), portable_encoder: bool = False
-) -> "torch.nn.Module":
-    """RF-DETR-seg-nano from inference-models' code with seeded random weights (CPU, eval mode).
-
-    ``portable_encoder`` redraws the DINOv2 encoder's random tensors with :func:`portable_uniform`:
-    torch's own initialisers do not give the same encoder on every torch version, so a network
-    trained on one host with this encoder frozen would not rebuild on another.
-
-    Example:
-        >>> network = build_random_network(0, num_classes=6, portable_encoder=True)  # doctest: +SKIP
-    """
-    import torch
-    from inference_models.models.rfdetr.rfdetr_base_pytorch import (
-        RFDETRSegNanoConfig,
-        build_model,
-    )
-
-    config = RFDETRSegNanoConfig(device=torch.device("cpu"))
-    # inference-models' loader derives num_classes from class_embed rows - 1 (no-object slot).
-    config.num_classes = int(num_classes)
-    config.resolution = RESOLUTION
-    # fork_rng: seed the weights without disturbing the caller's global RNG stream.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        network = build_model(config=config)
-        generator = torch.Generator().manual_seed(seed + 1)
-        box_head = network.bbox_embed.layers[-1]
-        with torch.no_grad():
-            # Zero-initialised in RF-DETR (boxes == encoder anchors); give boxes varied sizes.
-            box_head.weight.copy_(
-                torch.randn(box_head.weight.shape, generator=generator) * BOX_WEIGHT_STD
-            )
-            box_head.bias.copy_(torch.tensor([0.0, 0.0, BOX_LOG_SCALE, BOX_LOG_SCALE]))
-    if portable_encoder:
-        redraw_encoder(network, seed)
-    return network.eval()
-
-
-ENCODER_STD = 0.02  # DINOv2's initializer range
-
-
-def redraw_encoder(network: "torch.nn.Module", seed: int) -> None:
-    """Replace every non-constant tensor of the encoder by :func:`portable_uniform` values with
-    DINOv2's initialiser spread (constants - norms, layer scales, zero biases - stay)."""
-    import zlib
-
-    import torch
-
-    encoder = network.backbone[0].encoder
-    with torch.no_grad():
-        for name, tensor in encoder.state_dict(keep_vars=True).items():
-            if not tensor.is_floating_point() or tensor.numel() < 2:
-                continue
-            flat = tensor.detach().flatten()
-            if bool((flat == flat[0]).all()):
-                continue
-            values = portable_uniform(tensor.numel(), ENCODER_STD, (seed, zlib.crc32(name.encode())))
-            tensor.copy_(torch.from_numpy(values).reshape(tensor.shape).to(tensor.dtype))
-
-
-def portable_uniform(count: int, std: float, key: Tuple[int, int]) -> np.ndarray:
-    """``count`` float32 values, uniform with standard deviation ``std``, identical on every
-    platform and numpy version: PCG64's raw 64-bit stream (fixed by numpy's stability policy,
-    unlike its distribution methods) turned into floats with exact arithmetic and one rounding.
-
-    Example:
-        >>> portable_uniform(3, 0.02, (0, 1)).dtype
-        dtype('float32')
-    """
-    generator = np.random.Generator(np.random.PCG64(np.random.SeedSequence(list(key))))
-    raw = generator.bit_generator.random_raw(count)
-    unit = (raw >> np.uint64(11)).astype(np.float64) * (2.0 ** -53)  # exact: 53-bit integers
-    half_width = std * math.sqrt(3.0)
-    return ((2.0 * unit - 1.0) * half_width).astype(np.float32)
+    return build_random_network(seed, num_classes=len(CLASS_NAMES))
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ import hashlib
 
 import numpy as np
 
-from inference_fastpath.examples.demo_model import build_random_network, portable_uniform
+from inference_fastpath.examples.demo_network import build_random_network, portable_uniform
 
 ENCODER_SHA256 = "3a8cce4cb183d0bd181af80c8fae7c4d7f4ed59e3aeb5e2a988c68d32902e7ec"
 

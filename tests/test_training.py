@@ -221,7 +221,7 @@ def test_apply_trained_params_names_bad_tensors(trained_run, fresh_network, tmp_
 
 
 def test_training_input_normalisation_matches_package_pre_process(tmp_path):
-    from inference_fastpath.examples.demo_model import _INFERENCE_CONFIG
+    from inference_fastpath.examples.demo_network import _INFERENCE_CONFIG
     from inference_models.models.common.roboflow.model_packages import ResizeMode, parse_inference_config
     from inference_models.models.rfdetr.pre_processing import pre_process_network_input
 

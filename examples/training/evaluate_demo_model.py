@@ -42,7 +42,7 @@ AP_CONFIDENCE = 0.01  # AP needs the low-score tail too
 
 def write_package(params_path: Path, package_dir: Path, seed: Optional[int] = None) -> Path:
     """Seeded network + trained tensors -> a torch package directory like the demo package's."""
-    from inference_fastpath.examples.demo_model import write_package_metadata
+    from inference_fastpath.examples.demo_network import write_package_metadata
 
     metadata = read_params_metadata(params_path)
     seed = int(metadata["seed"]) if seed is None else seed
@@ -262,7 +262,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=None, help="JSON report (default: next to --params/--package)")
     args = parser.parse_args(argv)
-    from inference_fastpath.examples.demo_model import RESOLUTION
+    from inference_fastpath.examples.demo_network import RESOLUTION
     from inference_fastpath.examples.training.synthetic_scenes import CLASS_NAMES
 
     device = torch.device(args.device)

@@ -67,8 +67,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def build_network(seed: int) -> torch.nn.Module:
     """The seeded random network the training starts from (CPU, eval mode): one class channel
     per scene class, and an encoder drawn portably, so the frozen part rebuilds identically on
-    any host (see ``demo_model.build_random_network``)."""
-    from inference_fastpath.examples.demo_model import build_random_network
+    any host (see ``demo_network.build_random_network``)."""
+    from inference_fastpath.examples.demo_network import build_random_network
     from inference_fastpath.examples.training.synthetic_scenes import CLASS_NAMES
 
     return build_random_network(seed, num_classes=len(CLASS_NAMES), portable_encoder=True)
@@ -222,7 +222,7 @@ def train(
 ) -> Dict[str, Any]:
     """Train until ``config.minutes`` (or ``max_steps``) and write the three artefacts to
     ``config.out``; they are also written every ``checkpoint_minutes`` and on errors/SIGTERM."""
-    from inference_fastpath.examples.demo_model import MODEL_TYPE, RESOLUTION
+    from inference_fastpath.examples.demo_network import MODEL_TYPE, RESOLUTION
 
     started = time.monotonic()
     deadline = started + config.minutes * 60.0 - config.save_reserve_s
