@@ -108,3 +108,38 @@ def test_profiler_targets_resolve_and_are_timed():
 
     samples = profile_pipeline.wrap_with_clock([(Owner, "work")])
     assert Owner().work(1) == 2 and len(samples["Owner.work"]) == 1
+
+
+def test_many_sources_benchmark_pairs_every_result_with_its_own_frame(demo_model_dir, tiny_clip, tmp_path):
+    from inference_fastpath.examples.benchmarks import many_sources
+
+    out = tmp_path / "many.json"
+    assert many_sources.main(["--video", tiny_clip, "--model", demo_model_dir, "--frames", "3", "--warmup", "1",
+                              "--sources", "1,2", "--stock-sources", "1",
+                              "--config", "ref:preprocess=reference,postprocess=reference,cuda_graphs=false",
+                              "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [(r["name"], r["sources"]) for r in report["results"]] == [("stock-v3", 1), ("ref", 1), ("ref", 2)]
+    two = report["results"][2]
+    assert two["frames"] == 6 and two["all_frames_delivered_in_order"]
+    assert [s["delivered"] for s in two["streams"]] == [3, 3] and two["streams"][1]["video"] == "mirrored.mp4"
+    assert two["results_compared"] == 6 and two["results_mispaired"] == 0
+    assert two["fps"] > 0 and two["latency_ms_p99"] >= two["latency_ms_p50"] > 0
+    assert out.with_suffix(".png").is_file() and (tmp_path / "many-timeline-N2.png").is_file()
+
+
+def test_many_sources_check_catches_a_result_paired_with_the_wrong_source(demo_model_dir, tiny_clip, tmp_path):
+    """The pairing check can fail: expected results swapped between the two variants."""
+    from inference_fastpath.examples.benchmarks import many_sources
+    from inference_fastpath.workflows import FASTPATH, load_workflow
+
+    options = dict(preprocess="reference", postprocess="reference", cuda_graphs=False)
+    workflow = load_workflow(FASTPATH, **options)
+    variants = many_sources.source_variants(tiny_clip, tmp_path)
+    expected = {}
+    for video in variants:
+        expected[video] = {}
+        many_sources.run_sources("keep", workflow, [video], demo_model_dir, 0, 3, options, keep=expected[video])
+    swapped = {variants[0]: expected[variants[1]], variants[1]: expected[variants[0]]}
+    result = many_sources.run_sources("swapped", workflow, variants, demo_model_dir, 0, 3, options, swapped)
+    assert result["results_mispaired"] > 0

@@ -1,0 +1,223 @@
+"""Many cameras on one GPU: one ``InferencePipeline`` over N video sources, for several N.
+
+    python -m inference_fastpath.examples.benchmarks.many_sources --sources 1,4,8,16 --frames 100 \\
+        --config "rle-d2:mask_output=rle,pipeline_depth=2" --out many_sources.json
+
+Each source is a copy of the clip; odd sources play it mirrored, so a result handed to the wrong
+source (or the wrong frame) shows up: every result is compared with the result of a one-source run
+of the same variant, at the same frame id. Per N it reports the aggregate FPS (all results after
+the warm-up over the time they took), each stream's FPS, frames delivered and dropped per stream,
+whether each stream's frames came in order, mis-paired results, the latency from the frame's grab
+to its result (p50 / p99) and the peak GPU memory. The stock v3 block runs the same setup once, at
+``--stock-sources``, in the same run. No frame is dropped on purpose (WAIT/LAZY buffering). Writes
+JSON, a plot of FPS against N and the timeline of the largest N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from inference_fastpath.workflows.running import configure_environment
+
+configure_environment()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from inference_fastpath.examples.benchmarks.benchmark import (  # noqa: E402
+    parse_config,
+    plot_timeline,
+    truncated_clip,
+)
+from inference_fastpath.workflows.comparison import compare_detections  # noqa: E402
+from inference_fastpath.workflows.video_files import read_frames, video_fps, write_clip  # noqa: E402
+
+DEFAULT_OPTIONS = dict(preprocess="auto", engine="auto", cuda_graphs=True, postprocess="auto",
+                       mask_output="rle", pipeline_depth=2)
+
+
+def source_variants(video: str, directory: Path) -> List[str]:
+    """The clip as is and mirrored: sources alternate between them."""
+    import cv2
+
+    mirrored = [cv2.flip(image, 1) for image in read_frames(video)]
+    return [video, str(write_clip(directory / "mirrored.mp4", mirrored, fps=video_fps(video)))]
+
+
+def percentile(values: Sequence[float], q: float) -> Optional[float]:
+    return float(np.percentile(values, q)) if values else None
+
+
+def run_sources(
+    name: str,
+    workflow: dict,
+    videos: Sequence[str],
+    model: str,
+    warmup: int,
+    frames_per_source: int,
+    options: Optional[dict] = None,
+    expected: Optional[Dict[str, Dict[int, Any]]] = None,
+    keep: Optional[Dict[int, Any]] = None,
+) -> Dict[str, Any]:
+    """One pipeline over ``videos``; ``expected[video][frame_id]`` are the one-source detections
+    each result must equal; ``keep`` collects a one-source run's detections by frame id."""
+    from inference_fastpath.adapters.options import FastpathOptions
+    from inference_fastpath.adapters.runner import RUNNERS
+    from inference_fastpath.adapters.timeline import Timeline
+    from inference_fastpath.workflows.running import run_pipeline
+
+    RUNNERS.clear()
+    runner = None
+    if options is not None:
+        runner = RUNNERS.get(model_id=model, options=FastpathOptions.from_values(options))
+        runner.timeline = Timeline(runner.loaded.device)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    by_source: Dict[int, List[Dict[str, Any]]] = defaultdict(list)
+
+    def on_result(prediction, frame) -> None:
+        # only record: comparing inside the sink would slow the run being timed
+        grabbed = frame.frame_timestamp
+        now = datetime.datetime.now(tz=grabbed.tzinfo)
+        by_source[frame.source_id].append(dict(frame_id=frame.frame_id, latency_ms=(now - grabbed).total_seconds() * 1e3,
+                                               detections=prediction.get("predictions")))
+
+    run = run_pipeline(list(videos), workflow, {"model_id": model}, warmup_frames=warmup * len(videos),
+                       on_result=on_result, keep_results=False)
+    streams, latencies, mispaired, compared = [], [], 0, 0
+    for source_id, video in enumerate(videos):
+        rows = by_source.get(source_id, [])
+        ids = [r["frame_id"] for r in rows]
+        latencies.extend(r["latency_ms"] for r in rows[warmup:])
+        if keep is not None and len(videos) == 1:
+            keep.update({r["frame_id"]: r["detections"] for r in rows})
+        if expected is not None:
+            reference = expected[video]
+            for row in rows:
+                compared += 1
+                truth = reference.get(row["frame_id"])
+                if truth is None or not compare_detections(row["detections"], truth).within(
+                        confidence=1e-4, box_px=1.0, mask_iou=0.999):
+                    mispaired += 1
+        streams.append(dict(source_id=source_id, video=Path(video).name, delivered=len(rows),
+                            dropped=frames_per_source - len(rows), in_order=ids == sorted(ids) and len(set(ids)) == len(ids)))
+    fps = run.fps_after_warmup()
+    result: Dict[str, Any] = {
+        "name": name,
+        "sources": len(videos),
+        "frames": sum(s["delivered"] for s in streams),
+        "fps": fps,
+        "fps_per_stream": fps / len(videos) if fps else None,
+        "streams": streams,
+        "all_frames_delivered_in_order": all(s["dropped"] == 0 and s["in_order"] for s in streams),
+        "results_compared": compared,
+        "results_mispaired": mispaired if expected is not None else None,
+        "latency_ms_p50": percentile(latencies, 50),
+        "latency_ms_p99": percentile(latencies, 99),
+        "peak_gpu_memory_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+        "errors": run.errors,
+        "wall_s": round(run.finished_at - run.started_at, 3),
+    }
+    if runner is not None and runner.timeline is not None:
+        result["timeline"] = runner.timeline.resolve()
+    shown = f"{fps:.1f}" if fps else "n/a"
+    p50, p99 = result["latency_ms_p50"], result["latency_ms_p99"]
+    print(f"{name:>14} N={len(videos):<3} {shown:>8} fps aggregate, {result['frames']} results, "
+          f"latency p50/p99 {p50 if p50 is None else round(p50, 1)}/{p99 if p99 is None else round(p99, 1)} ms, "
+          f"mispaired {result['results_mispaired']}, all delivered in order {result['all_frames_delivered_in_order']}",
+          flush=True)
+    return result
+
+
+def plot(results: List[Dict[str, Any]], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no PNG written")
+        return
+    figure, axis = plt.subplots(figsize=(6, 3.8))
+    for name in dict.fromkeys(r["name"] for r in results):
+        rows = sorted((r for r in results if r["name"] == name and r["fps"]), key=lambda r: r["sources"])
+        axis.plot([r["sources"] for r in rows], [r["fps"] for r in rows], "o-", label=f"{name} (aggregate)")
+    axis.set_xlabel("sources in one InferencePipeline")
+    axis.set_ylabel("frames per second")
+    axis.set_title("RF-DETR-seg, many sources on one GPU")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    print(f"chart: {path}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sources", default="1,4,8", help="comma list of source counts")
+    parser.add_argument("--frames", type=int, default=100, help="frames per source (<= 300)")
+    parser.add_argument("--warmup", type=int, default=5, help="results per source ignored before the clock starts")
+    parser.add_argument("--resolution", default=None, help="resize the clip to WxH first, e.g. 1920x1080")
+    parser.add_argument("--config", default=None, help="ours: 'name:key=value,...' (default: RLE, depth 2, all fast)")
+    parser.add_argument("--stock-sources", type=int, default=None,
+                        help="N for the stock v3 run (default: the smallest N; 0: no stock run)")
+    parser.add_argument("--video", help="video file (default: bundled clip)")
+    parser.add_argument("--model", help="model id or package dir (default: demo model)")
+    parser.add_argument("--out", default="many_sources.json")
+    args = parser.parse_args(argv)
+    counts = sorted({int(n) for n in args.sources.split(",") if n.strip()})
+    if not counts or counts[0] < 1:
+        parser.error(f"--sources must list counts >= 1, got {args.sources!r}")
+    if not 1 <= args.frames <= 300:
+        parser.error(f"--frames must be in [1, 300], got {args.frames}")
+
+    from inference_fastpath.examples.demo_model import build_demo_model, default_clip_path
+    from inference_fastpath.workflows import FASTPATH, STOCK_V3, load_workflow
+
+    name, options = ("ours", dict(DEFAULT_OPTIONS)) if args.config is None else parse_config(args.config)
+    if args.config is not None:
+        options = {**DEFAULT_OPTIONS, **options}
+    model = args.model or str(build_demo_model())
+    stock_sources = counts[0] if args.stock_sources is None else args.stock_sources
+    results: List[Dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as directory:
+        clip = truncated_clip(args.video or str(default_clip_path()), args.frames, Path(directory), args.resolution)
+        variants = source_variants(clip, Path(directory))
+        workflow = load_workflow(FASTPATH, **options)
+        expected: Dict[str, Dict[int, Any]] = {}
+        for video in variants:  # one-source reference runs: what every stream's results must equal
+            expected[video] = {}
+            run_sources(f"{name}-reference", workflow, [video], model, args.warmup, args.frames, options,
+                        keep=expected[video])
+        if stock_sources:
+            videos = [variants[i % 2] for i in range(stock_sources)]
+            results.append(run_sources("stock-v3", load_workflow(STOCK_V3), videos, model, args.warmup, args.frames))
+        for count in counts:
+            videos = [variants[i % 2] for i in range(count)]
+            results.append(run_sources(name, workflow, videos, model, args.warmup, args.frames, options, expected))
+    largest = max((r for r in results if "timeline" in r), key=lambda r: r["sources"], default=None)
+    report = {
+        "created": datetime.datetime.now().isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "frames_per_source": args.frames,
+        "resolution": args.resolution or "native",
+        "options": options,
+        "results": [{k: v for k, v in r.items() if k != "timeline"} for r in results],
+    }
+    Path(args.out).write_text(json.dumps(report, indent=1, default=str))
+    print(f"results: {args.out}")
+    plot(results, str(Path(args.out).with_suffix(".png")))
+    if largest is not None and largest["timeline"]:
+        plot_timeline(largest, str(Path(args.out).with_name(Path(args.out).stem + f"-timeline-N{largest['sources']}.png")))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
