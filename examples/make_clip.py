@@ -1,10 +1,18 @@
-"""Generate the demo clip ``examples/data/clip.mp4`` from scikit-image's bundled sample images.
+"""Generate the demo clips: ``examples/data/clip.mp4`` from scikit-image's bundled sample images, and
+``examples/data/shapes_clip.mp4`` (with its exact ground truth) from the synthetic scene generator.
 
 The clip is a slow Ken Burns pan/zoom over a few public-domain / CC0 photographs that ship inside
 the scikit-image wheel (no network access needed), with hard cuts between scenes, so consecutive
 frames differ the way real video does. Output is fully deterministic for a given OpenCV build.
 
     python -m inference_fastpath.examples.make_clip --out examples/data/clip.mp4 --frames 120
+    python -m inference_fastpath.examples.make_clip --source shapes --out examples/data/shapes_clip.mp4
+
+The shapes clip is a few shots of moving procedural objects (the classes the demo network is trained
+on, ``examples/training/synthetic_scenes.py``), with hard cuts between shots; its instance masks,
+classes and boxes per frame go to ``<out stem>_ground_truth.npz`` (``load_ground_truth`` reads it).
+The masks are exact for the rendered frames; the video's lossy codec changes pixel values, not
+which object a pixel shows.
 """
 
 from __future__ import annotations
@@ -163,6 +171,43 @@ def write_clip(
     return out
 
 
+def shapes_ground_truth_path(clip: Path) -> Path:
+    """Where ``write_shapes_clip`` puts the ground truth of ``clip``."""
+    return Path(clip).with_name(Path(clip).stem + "_ground_truth.npz")
+
+
+def write_shapes_clip(
+    out: Path,
+    num_frames: int = DEFAULT_FRAMES,
+    size: Tuple[int, int] = DEFAULT_SIZE,
+    fps: float = DEFAULT_FPS,
+    seed: int = 0,
+    shots: int = 4,
+) -> Path:
+    """Render ``shots`` synthetic shots (seeded) into ``out`` (``mp4v``) and their ground truth beside it."""
+    from inference_fastpath.examples.training.synthetic_scenes import SceneConfig, render_clip, save_ground_truth
+
+    if shots < 1 or num_frames < shots:
+        raise ValueError(f"need at least one frame per shot, got {num_frames} frames for {shots} shots")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    config = SceneConfig(height=size[1], width=size[0], min_objects=3, max_objects=8)
+    lengths = [num_frames // shots + (1 if k < num_frames % shots else 0) for k in range(shots)]
+    scenes = [scene for k, length in enumerate(lengths) for scene in render_clip(seed * 1000 + k, length, config)]
+    writer = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+    if not writer.isOpened():
+        raise RuntimeError(f"cv2.VideoWriter could not open {out} with codec mp4v")
+    try:
+        for scene in scenes:
+            writer.write(cv2.cvtColor(scene.image, cv2.COLOR_RGB2BGR))
+    finally:
+        writer.release()
+    save_ground_truth(shapes_ground_truth_path(out), scenes)
+    LOGGER.info("wrote %s and its ground truth: %d frames in %d shots, %d objects in all", out, len(scenes), shots,
+                sum(len(s.classes) for s in scenes))
+    return out
+
+
 def _parse_size(text: str) -> Tuple[int, int]:
     try:
         w, h = (int(v) for v in text.lower().split("x"))
@@ -181,9 +226,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--size", type=_parse_size, default=DEFAULT_SIZE, help="WIDTHxHEIGHT, default 768x576"
     )
     parser.add_argument("--fps", type=float, default=DEFAULT_FPS, help="frame rate")
+    parser.add_argument("--source", choices=("photos", "shapes"), default="photos",
+                        help="photos: pan/zoom over sample photos; shapes: synthetic objects with ground truth")
+    parser.add_argument("--seed", type=int, default=0, help="shapes: seed of the shots")
+    parser.add_argument("--shots", type=int, default=4, help="shapes: number of shots")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    path = write_clip(args.out, num_frames=args.frames, size=args.size, fps=args.fps)
+    if args.source == "shapes":
+        out = args.out if args.out != default_clip_path() else default_clip_path().with_name("shapes_clip.mp4")
+        path = write_shapes_clip(out, num_frames=args.frames, size=args.size, fps=args.fps, seed=args.seed,
+                                 shots=args.shots)
+    else:
+        path = write_clip(args.out, num_frames=args.frames, size=args.size, fps=args.fps)
     print(path)
 
 

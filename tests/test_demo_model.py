@@ -107,3 +107,21 @@ def test_cached_package_is_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     # A different seed does not match the stamp, so it would rebuild.
     with pytest.raises(AssertionError, match="reused"):
         build_demo_model(out_dir=out, clip_path=clip, seed=4)
+
+
+def test_shapes_clip_and_its_ground_truth_agree(tmp_path) -> None:
+    """The committed shapes clip decodes to as many frames as its ground truth holds, and the writer
+    round-trips: a small regenerated clip has one ground-truth entry per frame, masks inside the frame."""
+    from inference_fastpath.examples.make_clip import shapes_ground_truth_path, write_shapes_clip
+    from inference_fastpath.examples.training.synthetic_scenes import CLASS_NAMES, load_ground_truth
+
+    clip = default_clip_path().with_name("shapes_clip.mp4")
+    truth = load_ground_truth(shapes_ground_truth_path(clip))
+    assert count_clip_frames(clip) == len(truth) == 120
+    assert all(t.masks.shape[1:] == (576, 768) for t in truth) and sum(len(t.classes) for t in truth) > 3 * 120
+    out = write_shapes_clip(tmp_path / "small.mp4", num_frames=7, size=(96, 64), shots=2)
+    small = load_ground_truth(shapes_ground_truth_path(out))
+    assert count_clip_frames(out) == len(small) == 7
+    assert all(t.masks.shape[1:] == (64, 96) and set(t.classes.tolist()) <= set(range(len(CLASS_NAMES))) for t in small)
+    with pytest.raises(ValueError, match="one frame per shot"):
+        write_shapes_clip(tmp_path / "bad.mp4", num_frames=1, shots=2)

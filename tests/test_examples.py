@@ -143,3 +143,23 @@ def test_many_sources_check_catches_a_result_paired_with_the_wrong_source(demo_m
     swapped = {variants[0]: expected[variants[1]], variants[1]: expected[variants[0]]}
     result = many_sources.run_sources("swapped", workflow, variants, demo_model_dir, 0, 3, options, swapped)
     assert result["results_mispaired"] > 0
+
+
+def test_many_sources_of_different_resolutions_in_one_batch(demo_model_dir, tiny_clip, tmp_path):
+    """Sources of different sizes share batches: every result still equals its one-source run."""
+    import cv2
+
+    from inference_fastpath.examples.benchmarks import many_sources
+    from inference_fastpath.workflows import FASTPATH, load_workflow
+
+    options = dict(preprocess="reference", postprocess="reference", cuda_graphs=False)
+    workflow = load_workflow(FASTPATH, **options)
+    small = str(write_clip(tmp_path / "small.mp4", [cv2.resize(f, (160, 120)) for f in read_frames(tiny_clip)]))
+    videos = [tiny_clip, small]
+    expected = {}
+    for video in videos:
+        expected[video] = {}
+        many_sources.run_sources("keep", workflow, [video], demo_model_dir, 0, 3, options, keep=expected[video])
+    result = many_sources.run_sources("mixed", workflow, videos, demo_model_dir, 0, 3, options, expected)
+    assert result["all_frames_delivered_in_order"] and result["results_mispaired"] == 0
+    assert result["results_compared"] == 6
