@@ -163,3 +163,40 @@ def test_many_sources_of_different_resolutions_in_one_batch(demo_model_dir, tiny
     result = many_sources.run_sources("mixed", workflow, videos, demo_model_dir, 0, 3, options, expected)
     assert result["all_frames_delivered_in_order"] and result["results_mispaired"] == 0
     assert result["results_compared"] == 6
+
+
+def test_timed_source_paces_grabs_like_a_camera(tiny_clip):
+    import time
+
+    from inference_fastpath.examples.benchmarks.camera_sources import TimedSource
+
+    camera = TimedSource(tiny_clip, fps=20)
+    producer = camera()
+    properties = producer.discover_source_properties()
+    assert not properties.is_file and properties.is_reconnectable is False and properties.timestamp_created is None
+    started = time.perf_counter()
+    while producer.grab():
+        producer.retrieve()
+    producer.release()
+    assert len(producer.grabbed_at) == 3 and producer.grabbed_at[-1] - started >= 2 / 20 - 1e-3
+    assert camera.grabbed_at(1) == producer.grabbed_at[0] and camera.grabbed_at(4) is None
+    assert TimedSource(tiny_clip)().discover_source_properties().is_file  # no fps: still a file
+
+
+def test_many_sources_realtime_counts_drops_and_keeps_pairing(demo_model_dir, tiny_clip, tmp_path):
+    from inference_fastpath.examples.benchmarks import many_sources
+    from inference_fastpath.workflows import FASTPATH, load_workflow
+
+    options = dict(preprocess="reference", postprocess="reference", cuda_graphs=False)
+    workflow = load_workflow(FASTPATH, **options)
+    variants = many_sources.source_variants(tiny_clip, tmp_path)
+    expected = {}
+    for video in variants:
+        expected[video] = {}
+        many_sources.run_sources("keep", workflow, [video], demo_model_dir, 0, 3, options, keep=expected[video])
+    result = many_sources.run_sources("live", workflow, variants, demo_model_dir, 0, 3, options, expected,
+                                      realtime_fps=10)
+    assert result["realtime_fps"] == 10 and result["results_mispaired"] == 0
+    for stream in result["streams"]:
+        assert 1 <= stream["delivered"] <= 3 and stream["dropped"] == 3 - stream["delivered"] and stream["in_order"]
+    assert 0 <= result["streams_holding_rate"] <= 2 and result["latency_ms_p50"] > 0

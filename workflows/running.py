@@ -91,10 +91,13 @@ def run_pipeline(
     max_fps: Optional[float] = None,
     stop_after: Optional[int] = None,
     keep_results: bool = True,
+    buffering: str = "wait",
 ) -> PipelineRun:
     """Runs ``InferencePipeline.init_with_workflow`` to the end of the video(s), dropping no frame.
 
     ``keep_results=False`` counts results without keeping them (long videos, annotated frames).
+    ``buffering="live"`` uses the buffering users set for live streams instead (drop the oldest
+    buffered frame when full, always process the newest): frames may then be dropped.
 
     Example:
         >>> run = run_pipeline("video.mp4", load_workflow(FASTPATH), {"model_id": "my-project/3"})  # doctest: +SKIP
@@ -107,6 +110,13 @@ def run_pipeline(
         BufferFillingStrategy,
     )
 
+    strategies = {
+        "wait": (BufferFillingStrategy.WAIT, BufferConsumptionStrategy.LAZY),
+        "live": (BufferFillingStrategy.DROP_OLDEST, BufferConsumptionStrategy.EAGER),
+    }
+    if buffering not in strategies:
+        raise ValueError(f"buffering must be one of {sorted(strategies)}, got {buffering!r}")
+    filling, consumption = strategies[buffering]
     run = PipelineRun(warmup_frames=warmup_frames)
     lock = threading.Lock()
 
@@ -142,8 +152,8 @@ def run_pipeline(
         on_prediction=sink,
         status_update_handlers=[on_status],
         max_fps=max_fps,
-        source_buffer_filling_strategy=BufferFillingStrategy.WAIT,
-        source_buffer_consumption_strategy=BufferConsumptionStrategy.LAZY,
+        source_buffer_filling_strategy=filling,
+        source_buffer_consumption_strategy=consumption,
         api_key=None,
     )
     run.started_at = time.perf_counter()

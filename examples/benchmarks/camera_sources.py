@@ -1,0 +1,75 @@
+"""Video files as timed sources for ``InferencePipeline``: each grab's wall-clock time is recorded,
+and with ``fps`` the file plays like a camera.
+
+For a file, the pipeline's ``frame_timestamp`` is derived from the file's modification time and
+frame rate, not from when the frame was decoded, so it cannot time the latency from decode to
+result. These producers record ``time.perf_counter()`` after every successful grab (frame id k is
+the k-th grab). With ``fps`` set, grabs are paced to that rate from the first one and the source
+reports itself as a live, non-reconnectable stream, so the pipeline applies its stream buffering
+(frames it cannot take in time are dropped) and stops at the file's end.
+
+    >>> from inference_fastpath.examples.benchmarks.camera_sources import TimedSource
+    >>> camera = TimedSource("clip.mp4", fps=30)  # pass it where the path would go  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import List, Optional
+
+from inference.core.interfaces.camera.video_source import CV2VideoFrameProducer
+
+
+class TimedVideoProducer(CV2VideoFrameProducer):
+    """OpenCV's producer (opening, decoding, release unchanged) that records grab times and
+    optionally paces grabs to ``fps``."""
+
+    def __init__(self, video: str, fps: Optional[float] = None) -> None:
+        super().__init__(video)
+        if fps is not None and fps <= 0:
+            raise ValueError(f"fps must be positive, got {fps}")
+        self.fps = fps
+        self.grabbed_at: List[float] = []
+        self._started: Optional[float] = None
+
+    def grab(self) -> bool:
+        if self.fps is not None:
+            now = time.perf_counter()
+            if self._started is None:
+                self._started = now
+            due = self._started + len(self.grabbed_at) / self.fps
+            if due > now:
+                time.sleep(due - now)
+        ok = super().grab()
+        if ok:
+            self.grabbed_at.append(time.perf_counter())
+        return ok
+
+    def discover_source_properties(self):
+        properties = super().discover_source_properties()
+        if self.fps is None:
+            return properties
+        return dataclasses.replace(properties, is_file=False, is_reconnectable=False, timestamp_created=None)
+
+
+class TimedSource:
+    """A ``video_reference``: opens a :class:`TimedVideoProducer` for ``video`` (the latest one is
+    kept in ``producer`` to read its grab times)."""
+
+    def __init__(self, video: str, fps: Optional[float] = None) -> None:
+        self.video = video
+        self.fps = fps
+        self.producer: Optional[TimedVideoProducer] = None
+
+    def __call__(self) -> TimedVideoProducer:
+        self.producer = TimedVideoProducer(self.video, self.fps)
+        return self.producer
+
+    def grabbed_at(self, frame_id: int) -> Optional[float]:
+        """perf_counter time of the grab of frame ``frame_id`` (1-based), None if unknown."""
+        times = self.producer.grabbed_at if self.producer is not None else []
+        return times[frame_id - 1] if 0 < frame_id <= len(times) else None
+
+    def __repr__(self) -> str:  # the pipeline's logs name the source by str()
+        return f"timed:{self.video}" + (f"@{self.fps}fps" if self.fps else "")
