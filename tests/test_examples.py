@@ -200,3 +200,28 @@ def test_many_sources_realtime_counts_drops_and_keeps_pairing(demo_model_dir, ti
     for stream in result["streams"]:
         assert 1 <= stream["delivered"] <= 3 and stream["dropped"] == 3 - stream["delivered"] and stream["in_order"]
     assert 0 <= result["streams_holding_rate"] <= 2 and result["latency_ms_p50"] > 0
+
+
+def test_many_sources_dead_and_short_sources_leave_the_others_running(demo_model_dir, tiny_clip, tmp_path):
+    """A missing file among valid ones (InferencePipeline alone would deliver nothing for any
+    source) is left out and reported; a source that ends early stops alone."""
+    from inference_fastpath.examples.benchmarks import many_sources
+    from inference_fastpath.workflows import FASTPATH, load_workflow
+
+    options = dict(preprocess="reference", postprocess="reference", cuda_graphs=False)
+    workflow = load_workflow(FASTPATH, **options)
+    short = str(write_clip(tmp_path / "short.mp4", read_frames(tiny_clip, count=1)))
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(open(tiny_clip, "rb").read()[:200])  # cut before the index: cannot be opened
+    expected = {}
+    for video in (tiny_clip, short):
+        expected[video] = {}
+        many_sources.run_sources("keep", workflow, [video], demo_model_dir, 0, 3, options, keep=expected[video])
+    videos = [tiny_clip, str(tmp_path / "missing.mp4"), short, str(broken)]
+    result = many_sources.run_sources("dead", workflow, videos, demo_model_dir, 0, 3, options, expected)
+    assert result["unusable_sources"] == [1, 3]
+    assert "no such file" in result["streams"][1]["unusable"] and "broken.mp4" in result["streams"][3]["unusable"]
+    assert [s["delivered"] for s in result["streams"]] == [3, 0, 1, 0]
+    assert result["results_mispaired"] == 0 and result["results_compared"] == 4
+    with pytest.raises(ValueError, match="no source"):
+        many_sources.run_sources("none", workflow, [str(broken)], demo_model_dir, 0, 3, options)

@@ -55,6 +55,25 @@ def source_variants(video: str, directory: Path) -> List[str]:
     return [video, str(write_clip(directory / "mirrored.mp4", mirrored, fps=video_fps(video)))]
 
 
+def unusable_reason(video: str) -> Optional[str]:
+    """Why ``video`` cannot be played (None: it opens and yields a frame). ``InferencePipeline``
+    stops every stream when one source cannot be opened at the start, so such sources are left
+    out of the run and reported, and the others keep going."""
+    import cv2
+
+    if not Path(video).exists():
+        return f"{video}: no such file"
+    capture = cv2.VideoCapture(video)
+    try:
+        if not capture.isOpened():
+            return f"{video}: OpenCV cannot open it"
+        if not capture.read()[0]:
+            return f"{video}: no frame could be decoded"
+    finally:
+        capture.release()
+    return None
+
+
 def percentile(values: Sequence[float], q: float) -> Optional[float]:
     return float(np.percentile(values, q)) if values else None
 
@@ -88,27 +107,36 @@ def run_sources(
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     by_source: Dict[int, List[Dict[str, Any]]] = defaultdict(list)
-    sources = [TimedSource(video, realtime_fps) for video in videos]
+    reasons = {index: unusable_reason(str(video)) for index, video in enumerate(videos)}
+    playing = [index for index, reason in reasons.items() if reason is None]
+    for index, reason in reasons.items():
+        if reason is not None:
+            print(f"source {index} left out of the run: {reason}", flush=True)
+    sources = {index: TimedSource(videos[index], realtime_fps) for index in playing}
 
     def on_result(prediction, frame) -> None:
-        # only record: comparing inside the sink would slow the run being timed
-        by_source[frame.source_id].append(dict(frame_id=frame.frame_id, at=time.perf_counter(),
-                                               detections=prediction.get("predictions")))
+        # only record: comparing inside the sink would slow the run being timed; the pipeline
+        # numbers the sources it plays, which are `playing` in order
+        by_source[playing[frame.source_id]].append(dict(frame_id=frame.frame_id, at=time.perf_counter(),
+                                                        detections=prediction.get("predictions")))
 
-    run = run_pipeline(sources, workflow, {"model_id": model}, warmup_frames=warmup * len(videos),
-                       on_result=on_result, keep_results=False, buffering="live" if realtime_fps else "wait")
+    if not playing:
+        raise ValueError(f"no source of {list(videos)} can be played: {list(reasons.values())}")
+    run = run_pipeline([sources[i] for i in playing], workflow, {"model_id": model},
+                       warmup_frames=warmup * len(playing), on_result=on_result, keep_results=False,
+                       buffering="live" if realtime_fps else "wait")
     streams, latencies, mispaired, compared = [], [], 0, 0
     for source_id, video in enumerate(videos):
         rows = by_source.get(source_id, [])
         ids = [r["frame_id"] for r in rows]
         for row in rows:
-            grabbed = sources[source_id].grabbed_at(row["frame_id"])
+            grabbed = sources[source_id].grabbed_at(row["frame_id"])  # rows exist only for playing sources
             row["latency_ms"] = None if grabbed is None else (row["at"] - grabbed) * 1e3
         own = [r["latency_ms"] for r in rows[warmup:] if r["latency_ms"] is not None]
         latencies.extend(own)
         if keep is not None and len(videos) == 1:
             keep.update({r["frame_id"]: r["detections"] for r in rows})
-        if expected is not None:
+        if expected is not None and rows:
             reference = expected[video]
             for row in rows:
                 compared += 1
@@ -117,7 +145,7 @@ def run_sources(
                         confidence=1e-4, box_px=1.0, mask_iou=0.999):
                     mispaired += 1
         span = rows[-1]["at"] - rows[min(warmup, len(rows) - 1)]["at"] if len(rows) > warmup + 1 else 0.0
-        streams.append(dict(source_id=source_id, video=Path(video).name, delivered=len(rows),
+        streams.append(dict(source_id=source_id, video=Path(video).name, unusable=reasons[source_id], delivered=len(rows),
                             dropped=frames_per_source - len(rows), dropped_fraction=1 - len(rows) / frames_per_source,
                             in_order=ids == sorted(ids) and len(set(ids)) == len(ids),
                             fps=(len(rows) - 1 - warmup) / span if span > 0 else None,
@@ -128,9 +156,10 @@ def run_sources(
         "sources": len(videos),
         "frames": sum(s["delivered"] for s in streams),
         "fps": fps,
-        "fps_per_stream": fps / len(videos) if fps else None,
+        "fps_per_stream": fps / len(playing) if fps else None,
         "streams": streams,
         "all_frames_delivered_in_order": all(s["dropped"] == 0 and s["in_order"] for s in streams),
+        "unusable_sources": [s["source_id"] for s in streams if s["unusable"]],
         "results_compared": compared,
         "results_mispaired": mispaired if expected is not None else None,
         "realtime_fps": realtime_fps,
