@@ -225,3 +225,27 @@ def test_many_sources_dead_and_short_sources_leave_the_others_running(demo_model
     assert result["results_mispaired"] == 0 and result["results_compared"] == 4
     with pytest.raises(ValueError, match="no source"):
         many_sources.run_sources("none", workflow, [str(broken)], demo_model_dir, 0, 3, options)
+
+
+def test_stream_manager_runs_our_workflow_in_pipeline_processes(demo_model_dir, clip_path, tmp_path):
+    """Two pipelines through the real stream manager and HTTP API, each on its own copy of a clip:
+    results come back in order, equal to the same workflow run in this process."""
+    import shutil
+
+    from inference_fastpath.examples.benchmarks import stream_manager
+    from inference_fastpath.workflows import FASTPATH, load_workflow
+
+    clip = str(write_clip(tmp_path / "clip.mp4", read_frames(clip_path, count=6)))
+    copies = [shutil.copy(clip, tmp_path / f"copy{i}.mp4") for i in range(2)]
+    workflow = load_workflow(FASTPATH, preprocess="reference", postprocess="reference", cuda_graphs=False)
+    expected = stream_manager.in_process_signatures(workflow, clip, demo_model_dir)
+    assert len(expected) == 6 and any(expected.values())
+    with stream_manager.running_stream_api(tmp_path / "logs", max_pipelines=2) as base:
+        result = stream_manager.run_pipelines("ours", base, workflow, copies, demo_model_dir, 6, 0, expected,
+                                              timeout_s=240)
+    assert result["pipelines"] == 2
+    for pipeline in result["per_pipeline"]:
+        # the manager ends a pipeline once its file is read and drops what is still buffered there
+        assert pipeline["delivered"] >= 6 - stream_manager.DECODING_BUFFER - 1, pipeline
+        assert pipeline["in_order"] and pipeline["results_differing_from_in_process"] == 0
+        assert pipeline["stopped"] == "ended" and pipeline["lost"] == 6 - pipeline["delivered"]

@@ -1,0 +1,320 @@
+"""Many pipelines through the inference server's stream manager: one process per pipeline.
+
+    python -m inference_fastpath.examples.benchmarks.stream_manager --pipelines 1,2,4 --frames 100 \\
+        --config "rle-d2:mask_output=rle,pipeline_depth=2" --out stream_manager.json
+
+Starts the real stream manager (``python -m streamvision`` with inference's pipeline host) and the
+inference HTTP server with ``ENABLE_STREAM_API`` on 127.0.0.1, then, for each M, initialises M
+pipelines over ``POST /inference_pipelines/initialise`` with our workflow specification (each on
+its own copy of the clip, WAIT/LAZY buffering) and drains each one's results over
+``GET /inference_pipelines/{id}/consume`` on its own thread. Reports the aggregate and per-pipeline
+FPS (results over the time they arrived in), frames delivered and lost per pipeline, whether they
+came in order, results whose detections differ from an in-process run of the same frame, and the
+GPU memory of each pipeline process (``nvidia-smi``). The stock v3 block runs the same setup once.
+
+Two properties of the stream manager shape the measurement:
+
+* it ends a pipeline as soon as every source has been read to its end, and drops the results
+  still buffered in that pipeline's process; so the decoding buffer is kept at 2 frames and the
+  last frames of each file (at most that buffer plus the frames in flight) are reported as lost;
+* it handles one command at a time for all pipelines, so pipelines start one after another.
+
+The benchmark opts the server in to local model packages (the demo model is a directory), as an
+operator does on their own machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence
+
+from inference_fastpath.workflows.running import configure_environment
+
+configure_environment()
+
+DECODING_BUFFER = 2
+STARTUP_S = 300.0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as handle:
+        handle.bind(("127.0.0.1", 0))
+        return handle.getsockname()[1]
+
+
+def server_environment(manager_port: int, max_pipelines: int) -> Dict[str, str]:
+    """The environment of the stream manager and the HTTP server (both read it)."""
+    return {
+        **os.environ,
+        "ENABLE_STREAM_API": "True",
+        "STREAM_MANAGER_HOST": "127.0.0.1",
+        "STREAM_MANAGER_PORT": str(manager_port),
+        "STREAM_MANAGER_MAX_ACTIVE_PIPELINES": str(max(8, max_pipelines)),
+        "WORKFLOWS_PLUGINS": "inference_fastpath",
+        "ALLOW_INFERENCE_MODELS_DIRECTLY_ACCESS_LOCAL_PACKAGES": "True",
+        "DISABLE_VERSION_CHECK": "True",
+        "METRICS_ENABLED": "False",
+        "ACTIVE_LEARNING_ENABLED": "False",
+        "CORE_MODEL_GAZE_ENABLED": "False",
+    }
+
+
+@contextlib.contextmanager
+def running_stream_api(log_dir: Path, max_pipelines: int) -> Iterator[str]:
+    """The stream manager and the HTTP server, started and stopped together; yields the base URL."""
+    import httpx
+
+    manager_port, http_port = _free_port(), _free_port()
+    environment = server_environment(manager_port, max_pipelines)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    processes = []
+    try:
+        with open(log_dir / "stream_manager.log", "w") as manager_log, open(log_dir / "server.log", "w") as server_log:
+            processes.append(subprocess.Popen(
+                [sys.executable, "-m", "streamvision", "--host-factory",
+                 "inference.core.interfaces.legacy_stream.host:LegacyPipelineHost"],
+                env=environment, stdout=manager_log, stderr=subprocess.STDOUT))
+            processes.append(subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "inference_fastpath.examples.serve:build_app", "--factory",
+                 "--host", "127.0.0.1", "--port", str(http_port), "--log-level", "warning"],
+                env=environment, stdout=server_log, stderr=subprocess.STDOUT))
+        base = f"http://127.0.0.1:{http_port}"
+        deadline = time.monotonic() + STARTUP_S
+        while True:
+            for process, name in zip(processes, ("stream manager", "server")):
+                if process.poll() is not None:
+                    raise RuntimeError(f"the {name} exited early; see {log_dir}")
+            try:
+                if httpx.get(f"{base}/inference_pipelines/list", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the stream API did not come up in {STARTUP_S:.0f} s; see {log_dir}")
+            time.sleep(1)
+        yield base
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def initialise_payload(video: str, workflow: dict, model: str) -> Dict[str, Any]:
+    return {
+        "video_configuration": {
+            "type": "VideoConfiguration", "video_reference": str(video),
+            "source_buffer_filling_strategy": "WAIT", "source_buffer_consumption_strategy": "LAZY",
+        },
+        "processing_configuration": {
+            "type": "WorkflowConfiguration", "workflow_specification": workflow,
+            "workflows_parameters": {"model_id": model},
+        },
+        "sink_configuration": {"type": "MemorySinkConfiguration", "results_buffer_size": 4096},
+        "decoding_buffer_size": DECODING_BUFFER,
+    }
+
+
+def detections_signature(predictions: Any) -> List[tuple]:
+    """(class, confidence to 4 places) per detection, from an ``sv.Detections`` or the server's
+    JSON form of one: enough to tell one frame's result from another's."""
+    if predictions is None:
+        return []
+    if isinstance(predictions, dict):
+        return [(str(p.get("class")), round(float(p.get("confidence", 0.0)), 4))
+                for p in predictions.get("predictions", [])]
+    names = predictions.data.get("class_name", [None] * len(predictions))
+    return [(str(name), round(float(confidence), 4)) for name, confidence in zip(names, predictions.confidence)]
+
+
+def drain(base: str, pipeline_id: str, rows: List[Dict[str, Any]], timeout_s: float) -> Optional[str]:
+    """Consume ``pipeline_id``'s results into ``rows`` until the manager ends it; returns the
+    reason it stopped."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(timeout=30) as client:
+        while time.monotonic() < deadline:
+            response = client.get(f"{base}/inference_pipelines/{pipeline_id}/consume")
+            if response.status_code == 404:
+                return "ended"
+            if response.status_code != 200:
+                return f"consume answered {response.status_code}: {response.text[:200]}"
+            body = response.json()
+            outputs = body.get("outputs") or []
+            if not outputs:
+                time.sleep(0.002)
+                continue
+            now = time.perf_counter()
+            for output, meta in zip(outputs, body.get("frames_metadata") or []):
+                if output is not None:
+                    rows.append(dict(at=now, frame_id=meta.get("frame_id"),
+                                     signature=detections_signature(output.get("predictions"))))
+    return "timed out"
+
+
+def gpu_memory_by_process() -> Optional[Dict[int, float]]:
+    """MiB of GPU memory per process (None where ``nvidia-smi`` is absent)."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    text = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                          capture_output=True, text=True, timeout=30).stdout
+    usage = {}
+    for line in text.strip().splitlines():
+        pid, _, used = line.partition(",")
+        if pid.strip().isdigit():
+            usage[int(pid)] = float(used)
+    return usage
+
+
+def run_pipelines(name: str, base: str, workflow: dict, videos: Sequence[str], model: str, frames: int,
+                  warmup: int, expected: Optional[Dict[int, List[tuple]]] = None,
+                  timeout_s: float = 540.0) -> Dict[str, Any]:
+    """One pipeline per video through the stream API, drained concurrently."""
+    import httpx
+
+    ids = []
+    for video in videos:
+        response = httpx.post(f"{base}/inference_pipelines/initialise", json=initialise_payload(video, workflow, model),
+                              timeout=300)
+        if response.status_code != 200:
+            raise RuntimeError(f"initialise answered {response.status_code}: {response.text[:300]}")
+        ids.append(response.json()["context"]["pipeline_id"])
+    rows: List[List[Dict[str, Any]]] = [[] for _ in ids]
+    stops: List[Optional[str]] = [None] * len(ids)
+    memory: Dict[int, float] = {}
+
+    def consume(index: int) -> None:
+        stops[index] = drain(base, ids[index], rows[index], timeout_s)
+
+    threads = [threading.Thread(target=consume, args=(i,), daemon=True) for i in range(len(ids))]
+    for thread in threads:
+        thread.start()
+    while any(t.is_alive() for t in threads):
+        sample = gpu_memory_by_process()
+        if sample:
+            memory.update({pid: max(used, memory.get(pid, 0.0)) for pid, used in sample.items()})
+        time.sleep(1.0)
+    pipelines, first, last, counted = [], [], [], 0
+    for index, got in enumerate(rows):
+        frame_ids = [r["frame_id"] for r in got]
+        timed = got[warmup:]
+        span = timed[-1]["at"] - timed[0]["at"] if len(timed) > 1 else 0.0
+        if len(timed) > 1:
+            first.append(timed[0]["at"])
+            last.append(timed[-1]["at"])
+            counted += len(timed) - 1
+        differ = None if expected is None else sum(r["signature"] != expected.get(r["frame_id"]) for r in got)
+        pipelines.append(dict(pipeline_id=ids[index], delivered=len(got), lost=frames - len(got),
+                              in_order=frame_ids == sorted(frame_ids) and len(set(frame_ids)) == len(frame_ids),
+                              fps=(len(timed) - 1) / span if span > 0 else None,
+                              results_differing_from_in_process=differ, stopped=stops[index]))
+    fps = counted / (max(last) - min(first)) if first and max(last) > min(first) else None
+    result = dict(name=name, pipelines=len(ids), fps=fps, frames=sum(p["delivered"] for p in pipelines),
+                  per_pipeline=pipelines, gpu_memory_mib_per_process=sorted(memory.values()) or None)
+    shown = f"{fps:.1f}" if fps else "n/a"
+    print(f"{name:>14} M={len(ids):<3} {shown:>8} fps aggregate, delivered {[p['delivered'] for p in pipelines]} "
+          f"of {frames} each, differing {[p['results_differing_from_in_process'] for p in pipelines]}", flush=True)
+    return result
+
+
+def in_process_signatures(workflow: dict, video: str, model: str) -> Dict[int, List[tuple]]:
+    """frame id -> detections signature of the same workflow run in this process."""
+    from inference_fastpath.workflows.running import run_pipeline
+
+    found: Dict[int, List[tuple]] = {}
+    run_pipeline(video, workflow, {"model_id": model}, warmup_frames=0, keep_results=False,
+                 on_result=lambda prediction, frame: found.__setitem__(
+                     frame.frame_id, detections_signature(prediction.get("predictions"))))
+    return found
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from inference_fastpath.examples.benchmarks.benchmark import parse_config, truncated_clip
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pipelines", default="1,2,4", help="comma list of pipeline counts")
+    parser.add_argument("--frames", type=int, default=100, help="frames per pipeline (<= 300)")
+    parser.add_argument("--warmup", type=int, default=5, help="results per pipeline ignored before the clock starts")
+    parser.add_argument("--resolution", default=None, help="resize the clip to WxH first, e.g. 1920x1080")
+    parser.add_argument("--config", default=None, help="ours: 'name:key=value,...' (default: RLE, depth 2, all fast)")
+    parser.add_argument("--stock-pipelines", type=int, default=1, help="M for the stock v3 run (0: none)")
+    parser.add_argument("--video", help="video file (default: bundled clip)")
+    parser.add_argument("--model", help="model package dir (default: demo model)")
+    parser.add_argument("--out", default="stream_manager.json")
+    args = parser.parse_args(argv)
+    counts = sorted({int(n) for n in args.pipelines.split(",") if n.strip()})
+    if not counts or counts[0] < 1:
+        parser.error(f"--pipelines must list counts >= 1, got {args.pipelines!r}")
+    if not 1 <= args.frames <= 300:
+        parser.error(f"--frames must be in [1, 300], got {args.frames}")
+
+    from inference_fastpath.examples.benchmarks.many_sources import DEFAULT_OPTIONS
+    from inference_fastpath.examples.demo_model import build_demo_model, default_clip_path
+    from inference_fastpath.workflows import FASTPATH, STOCK_V3, load_workflow
+
+    name, options = ("ours", dict(DEFAULT_OPTIONS)) if args.config is None else parse_config(args.config)
+    options = {**DEFAULT_OPTIONS, **options}
+    model = args.model or str(build_demo_model())
+    results: List[Dict[str, Any]] = []
+    out = Path(args.out)
+    with tempfile.TemporaryDirectory() as directory:
+        clip = truncated_clip(args.video or str(default_clip_path()), args.frames, Path(directory), args.resolution)
+        copies = [shutil.copy(clip, Path(directory) / f"copy{i}.mp4") for i in range(max(counts + [args.stock_pipelines]))]
+        workflow = load_workflow(FASTPATH, **options)
+        expected = in_process_signatures(workflow, clip, model)
+        with running_stream_api(out.with_name(out.stem + "-logs"), max(counts)) as base:
+            if args.stock_pipelines:
+                results.append(run_pipelines("stock-v3", base, load_workflow(STOCK_V3), copies[:args.stock_pipelines],
+                                             model, args.frames, args.warmup))
+            for count in counts:
+                results.append(run_pipelines(name, base, workflow, copies[:count], model, args.frames, args.warmup,
+                                             expected))
+    report = {"created": datetime.datetime.now().isoformat(timespec="seconds"), "frames_per_pipeline": args.frames,
+              "resolution": args.resolution or "native", "options": options, "decoding_buffer": DECODING_BUFFER,
+              "results": results}
+    out.write_text(json.dumps(report, indent=1, default=str))
+    print(f"results: {out}")
+    _plot(results, str(out.with_suffix(".png")))
+    return 0
+
+
+def _plot(results: List[Dict[str, Any]], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no PNG written")
+        return
+    figure, axis = plt.subplots(figsize=(6, 3.8))
+    for name in dict.fromkeys(r["name"] for r in results):
+        rows = sorted((r for r in results if r["name"] == name and r["fps"]), key=lambda r: r["pipelines"])
+        axis.plot([r["pipelines"] for r in rows], [r["fps"] for r in rows], "o-", label=name)
+    axis.set_xlabel("pipelines (one process each) through the stream manager")
+    axis.set_ylabel("aggregate frames per second")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    print(f"chart: {path}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
