@@ -17,7 +17,6 @@ p99 latency < 100 ms). Writes JSON, a plot of FPS against N and the timeline of 
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import platform
@@ -35,16 +34,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from inference_fastpath.examples.benchmarks.camera_sources import TimedSource  # noqa: E402
-from inference_fastpath.examples.benchmarks.benchmark import (  # noqa: E402
-    parse_config,
-    plot_timeline,
-    truncated_clip,
-)
+from inference_fastpath.examples.benchmarks.benchmark import plot_timeline, truncated_clip  # noqa: E402
+from inference_fastpath.examples.benchmarks.scaling import parse_scaling_args, plot_scaling, scaling_parser  # noqa: E402
 from inference_fastpath.workflows.comparison import compare_detections  # noqa: E402
 from inference_fastpath.workflows.video_files import read_frames, video_fps, write_clip  # noqa: E402
 
-DEFAULT_OPTIONS = dict(preprocess="auto", engine="auto", cuda_graphs=True, postprocess="auto",
-                       mask_output="rle", pipeline_depth=2)
 
 
 def source_variants(video: str, directory: Path) -> List[str]:
@@ -184,55 +178,17 @@ def run_sources(
     return result
 
 
-def plot(results: List[Dict[str, Any]], path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no PNG written")
-        return
-    figure, axis = plt.subplots(figsize=(6, 3.8))
-    for name in dict.fromkeys(r["name"] for r in results):
-        rows = sorted((r for r in results if r["name"] == name and r["fps"]), key=lambda r: r["sources"])
-        axis.plot([r["sources"] for r in rows], [r["fps"] for r in rows], "o-", label=f"{name} (aggregate)")
-    axis.set_xlabel("sources in one InferencePipeline")
-    axis.set_ylabel("frames per second")
-    axis.set_title("RF-DETR-seg, many sources on one GPU")
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    print(f"chart: {path}")
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sources", default="1,4,8", help="comma list of source counts")
-    parser.add_argument("--frames", type=int, default=100, help="frames per source (<= 300)")
-    parser.add_argument("--warmup", type=int, default=5, help="results per source ignored before the clock starts")
-    parser.add_argument("--resolution", default=None, help="resize the clip to WxH first, e.g. 1920x1080")
-    parser.add_argument("--config", default=None, help="ours: 'name:key=value,...' (default: RLE, depth 2, all fast)")
+    parser = scaling_parser(__doc__.split("\n\n")[0], "--sources", "1,4,8", "source", "many_sources.json")
     parser.add_argument("--stock-sources", type=int, default=None,
                         help="N for the stock v3 run (default: the smallest N; 0: no stock run)")
     parser.add_argument("--realtime", type=float, default=None, metavar="FPS",
                         help="play every source like a camera at FPS with live-stream buffering (drops counted)")
-    parser.add_argument("--video", help="video file (default: bundled clip)")
-    parser.add_argument("--model", help="model id or package dir (default: demo model)")
-    parser.add_argument("--out", default="many_sources.json")
-    args = parser.parse_args(argv)
-    counts = sorted({int(n) for n in args.sources.split(",") if n.strip()})
-    if not counts or counts[0] < 1:
-        parser.error(f"--sources must list counts >= 1, got {args.sources!r}")
-    if not 1 <= args.frames <= 300:
-        parser.error(f"--frames must be in [1, 300], got {args.frames}")
+    args, counts, name, options = parse_scaling_args(parser, argv, "--sources")
 
     from inference_fastpath.examples.demo_model import build_demo_model, default_clip_path
     from inference_fastpath.workflows import FASTPATH, STOCK_V3, load_workflow
 
-    name, options = ("ours", dict(DEFAULT_OPTIONS)) if args.config is None else parse_config(args.config)
-    if args.config is not None:
-        options = {**DEFAULT_OPTIONS, **options}
     model = args.model or str(build_demo_model())
     stock_sources = counts[0] if args.stock_sources is None else args.stock_sources
     results: List[Dict[str, Any]] = []
@@ -266,7 +222,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     }
     Path(args.out).write_text(json.dumps(report, indent=1, default=str))
     print(f"results: {args.out}")
-    plot(results, str(Path(args.out).with_suffix(".png")))
+    plot_scaling(results, "sources", "sources in one InferencePipeline", "RF-DETR-seg, many sources on one GPU",
+                 str(Path(args.out).with_suffix(".png")))
     if largest is not None and largest["timeline"]:
         plot_timeline(largest, str(Path(args.out).with_name(Path(args.out).stem + f"-timeline-N{largest['sources']}.png")))
     return 0

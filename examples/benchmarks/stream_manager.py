@@ -25,7 +25,6 @@ operator does on their own machine.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import json
@@ -246,31 +245,16 @@ def in_process_signatures(workflow: dict, video: str, model: str) -> Dict[int, L
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from inference_fastpath.examples.benchmarks.benchmark import parse_config, truncated_clip
+    from inference_fastpath.examples.benchmarks.benchmark import truncated_clip
+    from inference_fastpath.examples.benchmarks.scaling import parse_scaling_args, plot_scaling, scaling_parser
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pipelines", default="1,2,4", help="comma list of pipeline counts")
-    parser.add_argument("--frames", type=int, default=100, help="frames per pipeline (<= 300)")
-    parser.add_argument("--warmup", type=int, default=5, help="results per pipeline ignored before the clock starts")
-    parser.add_argument("--resolution", default=None, help="resize the clip to WxH first, e.g. 1920x1080")
-    parser.add_argument("--config", default=None, help="ours: 'name:key=value,...' (default: RLE, depth 2, all fast)")
+    parser = scaling_parser(__doc__.split("\n\n")[0], "--pipelines", "1,2,4", "pipeline", "stream_manager.json")
     parser.add_argument("--stock-pipelines", type=int, default=1, help="M for the stock v3 run (0: none)")
-    parser.add_argument("--video", help="video file (default: bundled clip)")
-    parser.add_argument("--model", help="model package dir (default: demo model)")
-    parser.add_argument("--out", default="stream_manager.json")
-    args = parser.parse_args(argv)
-    counts = sorted({int(n) for n in args.pipelines.split(",") if n.strip()})
-    if not counts or counts[0] < 1:
-        parser.error(f"--pipelines must list counts >= 1, got {args.pipelines!r}")
-    if not 1 <= args.frames <= 300:
-        parser.error(f"--frames must be in [1, 300], got {args.frames}")
+    args, counts, name, options = parse_scaling_args(parser, argv, "--pipelines")
 
-    from inference_fastpath.examples.benchmarks.many_sources import DEFAULT_OPTIONS
     from inference_fastpath.examples.demo_model import build_demo_model, default_clip_path
     from inference_fastpath.workflows import FASTPATH, STOCK_V3, load_workflow
 
-    name, options = ("ours", dict(DEFAULT_OPTIONS)) if args.config is None else parse_config(args.config)
-    options = {**DEFAULT_OPTIONS, **options}
     model = args.model or str(build_demo_model())
     results: List[Dict[str, Any]] = []
     out = Path(args.out)
@@ -291,29 +275,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "results": results}
     out.write_text(json.dumps(report, indent=1, default=str))
     print(f"results: {out}")
-    _plot(results, str(out.with_suffix(".png")))
+    plot_scaling(results, "pipelines", "pipelines (one process each) through the stream manager",
+                 "RF-DETR-seg through the inference server's stream manager", str(out.with_suffix(".png")))
     return 0
-
-
-def _plot(results: List[Dict[str, Any]], path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no PNG written")
-        return
-    figure, axis = plt.subplots(figsize=(6, 3.8))
-    for name in dict.fromkeys(r["name"] for r in results):
-        rows = sorted((r for r in results if r["name"] == name and r["fps"]), key=lambda r: r["pipelines"])
-        axis.plot([r["pipelines"] for r in rows], [r["fps"] for r in rows], "o-", label=name)
-    axis.set_xlabel("pipelines (one process each) through the stream manager")
-    axis.set_ylabel("aggregate frames per second")
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    print(f"chart: {path}")
 
 
 if __name__ == "__main__":
