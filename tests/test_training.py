@@ -308,3 +308,16 @@ def test_training_continues_from_a_saved_set(trained_run, tmp_path):
     with pytest.raises(ValueError, match="trained with seed"):
         tr.train(tr.TrainConfig(out=str(tmp_path / "x"), seed=SEED + 1, device="cpu", workers=0, max_steps=1,
                                 init=str(trained_run[0] / tp.PARAMS_FILE)), scene_fn=scene_fn)
+
+
+def test_clip_frames_pair_the_shapes_clip_with_its_ground_truth():
+    from inference_fastpath.examples.demo_model import default_clip_path
+
+    frames = ev.clip_frames(default_clip_path().with_name("shapes_clip.mp4"))
+    assert len(frames) == 120 and frames[0].image.shape == (576, 768, 3)
+    assert all(f.masks.shape[1:] == (576, 768) and len(f.masks) == len(f.classes) for f in frames)
+    # the masks sit on the decoded objects: the pixels under the top mask differ from the background
+    first = frames[0]
+    inside = first.image[first.masks[-1]].mean(axis=0)
+    outside = first.image[~first.masks.any(axis=0)].mean(axis=0)
+    assert np.abs(inside - outside).max() > 1.0

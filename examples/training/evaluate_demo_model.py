@@ -209,13 +209,18 @@ def evaluate_package(
     confidence: float = DEFAULT_CONFIDENCE,
     resolution: int = 312,
     scene_fn: Optional[Callable[[int], Any]] = None,
+    frames: Optional[Sequence[Any]] = None,
 ) -> Dict[str, Any]:
-    """Run ``model``'s pre_process/forward/post_process on held-out scenes and score them."""
+    """Run ``model``'s pre_process/forward/post_process on held-out scenes (or on ``frames``:
+    objects with ``image`` RGB, ``masks`` and ``classes``, e.g. :func:`clip_frames`) and score them."""
+    if frames is not None:
+        scenes = len(frames)
     tally = Tally(scene_class_names)
     gts: List[Tuple[np.ndarray, np.ndarray]] = []
     dets: List[Tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     for start in range(0, scenes, batch):
-        chunk = _scenes(min(batch, scenes - start), first_scene + start, resolution, scene_fn)
+        chunk = (list(frames[start:start + batch]) if frames is not None
+                 else _scenes(min(batch, scenes - start), first_scene + start, resolution, scene_fn))
         images = [scene.image for scene in chunk]
         pre_processed, metadata = model.pre_process(images, input_color_format="rgb")
         raw = model.forward(pre_processed)
@@ -226,10 +231,29 @@ def evaluate_package(
             gts.append((scene.masks, scene.classes))
             dets.append((loose.mask.cpu().numpy(), loose.class_id.cpu().numpy(), loose.confidence.cpu().numpy()))
     result = tally.summary()
-    result.update({"confidence": confidence, "iou_threshold": IOU_THRESHOLD,
-                   "scene_seeds": [eval_scene_seed(first_scene), eval_scene_seed(first_scene + scenes - 1)]})
+    result.update({"confidence": confidence, "iou_threshold": IOU_THRESHOLD})
+    if frames is None:
+        result["scene_seeds"] = [eval_scene_seed(first_scene), eval_scene_seed(first_scene + scenes - 1)]
     result["coco_segm"] = coco_mask_ap(gts, dets, len(scene_class_names))
     return result
+
+
+def clip_frames(clip: Path) -> List[Any]:
+    """The frames of a shapes clip (decoded, RGB) with their ground truth (``make_clip --source shapes``)."""
+    from types import SimpleNamespace
+
+    import cv2
+
+    from inference_fastpath.examples.make_clip import shapes_ground_truth_path
+    from inference_fastpath.examples.training.synthetic_scenes import load_ground_truth
+    from inference_fastpath.workflows.video_files import read_frames
+
+    truth = load_ground_truth(shapes_ground_truth_path(clip))
+    images = read_frames(str(clip))
+    if len(images) != len(truth):
+        raise ValueError(f"{clip} decodes to {len(images)} frames but its ground truth has {len(truth)}")
+    return [SimpleNamespace(image=cv2.cvtColor(image, cv2.COLOR_BGR2RGB), masks=t.masks, classes=t.classes)
+            for image, t in zip(images, truth)]
 
 
 def format_table(result: Dict[str, Any]) -> str:
@@ -256,6 +280,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     source.add_argument("--params", type=Path, help="trained_params.safetensors (package built in a temp dir)")
     parser.add_argument("--seed", type=int, default=None, help="network seed (default: from the params metadata)")
     parser.add_argument("--scenes", type=int, default=200)
+    parser.add_argument("--clip", type=Path, default=None,
+                        help="evaluate on this shapes clip and its ground truth instead of held-out scenes")
     parser.add_argument("--first-scene", type=int, default=0)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--confidence", type=float, default=DEFAULT_CONFIDENCE)
@@ -270,7 +296,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         package = args.package or write_package(args.params, Path(tmp) / "package", seed=args.seed)
         model = load_package(package, device)
         result = evaluate_package(model, CLASS_NAMES, scenes=args.scenes, first_scene=args.first_scene,
-                                  batch=args.batch, confidence=args.confidence, resolution=RESOLUTION)
+                                  batch=args.batch, confidence=args.confidence, resolution=RESOLUTION,
+                                  frames=clip_frames(args.clip) if args.clip else None)
+    if args.clip:
+        result["clip"] = str(args.clip)
     result["source"] = str(args.package or args.params)
     out = args.out or ((args.params.parent if args.params else args.package) / "eval.json")
     out.write_text(json.dumps(result, indent=1) + "\n")
