@@ -248,3 +248,27 @@ def _one_source_results(workflow, videos, model, options):
         expected[video] = {}
         many_sources.run_sources("keep", workflow, [video], model, 0, 3, options, keep=expected[video])
     return expected
+
+
+def test_a_stalled_source_stalls_every_stream_unless_batches_time_out(demo_model_dir, tiny_clip, tmp_path):
+    """InferencePipeline's batches wait for every source by default: one frozen camera freezes all
+    of them. With a batch timeout the others keep going, and nothing is mis-paired either way."""
+    import shutil
+
+    from inference_fastpath.examples.benchmarks import many_sources
+
+    options, workflow = _reference_workflow()
+    other = str(shutil.copy(tiny_clip, tmp_path / "other.mp4"))
+    expected = _one_source_results(workflow, [tiny_clip, other], demo_model_dir, options)
+    stall = 8.0
+    kwargs = dict(stalls={1: (1, stall)})
+    waiting = many_sources.run_sources("wait", workflow, [tiny_clip, other], demo_model_dir, 0, 3, options,
+                                       expected, **kwargs)
+    timed = many_sources.run_sources("timeout", workflow, [tiny_clip, other], demo_model_dir, 0, 3, options,
+                                     expected, batch_timeout=0.2, **kwargs)
+    for result in (waiting, timed):
+        assert result["all_frames_delivered_in_order"] and result["results_mispaired"] == 0
+    steady, frozen = timed["streams"]
+    assert frozen["last_result_at"] - steady["last_result_at"] > stall / 4  # the steady stream did not wait
+    steady, frozen = waiting["streams"]
+    assert abs(frozen["last_result_at"] - steady["last_result_at"]) < stall / 4  # it waited for the frozen one

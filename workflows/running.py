@@ -92,12 +92,15 @@ def run_pipeline(
     stop_after: Optional[int] = None,
     keep_results: bool = True,
     buffering: str = "wait",
+    batch_collection_timeout: Optional[float] = None,
 ) -> PipelineRun:
     """Runs ``InferencePipeline.init_with_workflow`` to the end of the video(s), dropping no frame.
 
     ``keep_results=False`` counts results without keeping them (long videos, annotated frames).
     ``buffering="live"`` uses the buffering users set for live streams instead (drop the oldest
     buffered frame when full, always process the newest): frames may then be dropped.
+    ``batch_collection_timeout`` (several sources): how long a batch waits for a source's frame
+    before it goes without it; None waits, so one stalled source stalls every stream.
 
     Example:
         >>> run = run_pipeline("video.mp4", load_workflow(FASTPATH), {"model_id": "my-project/3"})  # doctest: +SKIP
@@ -154,6 +157,7 @@ def run_pipeline(
         max_fps=max_fps,
         source_buffer_filling_strategy=filling,
         source_buffer_consumption_strategy=consumption,
+        batch_collection_timeout=batch_collection_timeout,
         api_key=None,
     )
     run.started_at = time.perf_counter()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from inference.core.interfaces.camera.video_source import CV2VideoFrameProducer
 
@@ -25,15 +25,22 @@ class TimedVideoProducer(CV2VideoFrameProducer):
     """OpenCV's producer (opening, decoding, release unchanged) that records grab times and
     optionally paces grabs to ``fps``."""
 
-    def __init__(self, video: str, fps: Optional[float] = None) -> None:
+    def __init__(self, video: str, fps: Optional[float] = None, stall: Optional[Tuple[int, float]] = None) -> None:
         super().__init__(video)
         if fps is not None and fps <= 0:
             raise ValueError(f"fps must be positive, got {fps}")
+        if stall is not None and (stall[0] < 0 or stall[1] < 0):
+            raise ValueError(f"stall must be (frames >= 0, seconds >= 0), got {stall}")
         self.fps = fps
+        self.stall = stall
         self.grabbed_at: List[float] = []
         self._started: Optional[float] = None
 
     def grab(self) -> bool:
+        if self.stall is not None and len(self.grabbed_at) == self.stall[0]:
+            time.sleep(self.stall[1])  # a camera that freezes for a while after this many frames
+            if self._started is not None:
+                self._started += self.stall[1]
         if self.fps is not None:
             now = time.perf_counter()
             if self._started is None:
@@ -57,13 +64,14 @@ class TimedSource:
     """A ``video_reference``: opens a :class:`TimedVideoProducer` for ``video`` (the latest one is
     kept in ``producer`` to read its grab times)."""
 
-    def __init__(self, video: str, fps: Optional[float] = None) -> None:
+    def __init__(self, video: str, fps: Optional[float] = None, stall: Optional[Tuple[int, float]] = None) -> None:
         self.video = video
         self.fps = fps
+        self.stall = stall
         self.producer: Optional[TimedVideoProducer] = None
 
     def __call__(self) -> TimedVideoProducer:
-        self.producer = TimedVideoProducer(self.video, self.fps)
+        self.producer = TimedVideoProducer(self.video, self.fps, self.stall)
         return self.producer
 
     def grabbed_at(self, frame_id: int) -> Optional[float]:

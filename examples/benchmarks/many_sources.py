@@ -24,7 +24,7 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from inference_fastpath.workflows.running import configure_environment
 
@@ -83,11 +83,14 @@ def run_sources(
     expected: Optional[Dict[str, Dict[int, Any]]] = None,
     keep: Optional[Dict[int, Any]] = None,
     realtime_fps: Optional[float] = None,
+    stalls: Optional[Dict[int, Tuple[int, float]]] = None,
+    batch_timeout: Optional[float] = None,
 ) -> Dict[str, Any]:
     """One pipeline over ``videos``; ``expected[video][frame_id]`` are the one-source detections
     each result must equal; ``keep`` collects a one-source run's detections by frame id.
     ``realtime_fps``: every source plays like a camera at that rate, with live-stream buffering
-    (frames the pipeline cannot take in time are dropped and counted)."""
+    (frames the pipeline cannot take in time are dropped and counted). ``stalls[index] = (frames,
+    seconds)`` freezes that source once; ``batch_timeout`` is how long a batch waits for a source."""
     from inference_fastpath.adapters.options import FastpathOptions
     from inference_fastpath.adapters.runner import RUNNERS
     from inference_fastpath.adapters.timeline import Timeline
@@ -106,7 +109,7 @@ def run_sources(
     for index, reason in reasons.items():
         if reason is not None:
             print(f"source {index} left out of the run: {reason}", flush=True)
-    sources = {index: TimedSource(videos[index], realtime_fps) for index in playing}
+    sources = {index: TimedSource(videos[index], realtime_fps, (stalls or {}).get(index)) for index in playing}
 
     def on_result(prediction, frame) -> None:
         # only record: comparing inside the sink would slow the run being timed; the pipeline
@@ -118,7 +121,7 @@ def run_sources(
         raise ValueError(f"no source of {list(videos)} can be played: {list(reasons.values())}")
     run = run_pipeline([sources[i] for i in playing], workflow, {"model_id": model},
                        warmup_frames=warmup * len(playing), on_result=on_result, keep_results=False,
-                       buffering="live" if realtime_fps else "wait")
+                       buffering="live" if realtime_fps else "wait", batch_collection_timeout=batch_timeout)
     streams, latencies, mispaired, compared = [], [], 0, 0
     for source_id, video in enumerate(videos):
         rows = by_source.get(source_id, [])
@@ -140,6 +143,7 @@ def run_sources(
                     mispaired += 1
         span = rows[-1]["at"] - rows[min(warmup, len(rows) - 1)]["at"] if len(rows) > warmup + 1 else 0.0
         streams.append(dict(source_id=source_id, video=Path(video).name, unusable=reasons[source_id], delivered=len(rows),
+                            last_result_at=rows[-1]["at"] if rows else None,
                             dropped=frames_per_source - len(rows), dropped_fraction=1 - len(rows) / frames_per_source,
                             in_order=ids == sorted(ids) and len(set(ids)) == len(ids),
                             fps=(len(rows) - 1 - warmup) / span if span > 0 else None,
@@ -184,6 +188,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="N for the stock v3 run (default: the smallest N; 0: no stock run)")
     parser.add_argument("--realtime", type=float, default=None, metavar="FPS",
                         help="play every source like a camera at FPS with live-stream buffering (drops counted)")
+    parser.add_argument("--batch-timeout", type=float, default=None, metavar="S",
+                        help="how long a batch waits for each source's frame (default: wait)")
     args, counts, name, options = parse_scaling_args(parser, argv, "--sources")
 
     from inference_fastpath.examples.demo_model import build_demo_model, default_clip_path
@@ -204,11 +210,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if stock_sources:
             videos = [variants[i % 2] for i in range(stock_sources)]
             results.append(run_sources("stock-v3", load_workflow(STOCK_V3), videos, model, args.warmup, args.frames,
-                                       realtime_fps=args.realtime))
+                                       realtime_fps=args.realtime, batch_timeout=args.batch_timeout))
         for count in counts:
             videos = [variants[i % 2] for i in range(count)]
             results.append(run_sources(name, workflow, videos, model, args.warmup, args.frames, options, expected,
-                                       realtime_fps=args.realtime))
+                                       realtime_fps=args.realtime, batch_timeout=args.batch_timeout))
     largest = max((r for r in results if "timeline" in r), key=lambda r: r["sources"], default=None)
     report = {
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
