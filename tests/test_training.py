@@ -321,3 +321,18 @@ def test_clip_frames_pair_the_shapes_clip_with_its_ground_truth():
     inside = first.image[first.masks[-1]].mean(axis=0)
     outside = first.image[~first.masks.any(axis=0)].mean(axis=0)
     assert np.abs(inside - outside).max() > 1.0
+
+
+def test_matching_never_trades_a_valid_pair_for_two_below_the_threshold(monkeypatch):
+    iou = np.array([[0.55, 0.44], [0.49, 0.0]])
+    monkeypatch.setattr(ev, "mask_iou_matrix", lambda pred, gt: iou)
+    # raw-IoU assignment would pick (0,1),(1,0) (total 0.93), both under 0.5: no match at all
+    assert ev.match_by_mask_iou(np.zeros((2, 1, 1)), np.zeros((2, 1, 1))) == [(0, 0, 0.55)]
+
+
+def test_a_query_reported_for_two_classes_matches_with_the_right_one():
+    gt = np.zeros((1, 8, 8), bool)
+    gt[0, 2:6, 2:6] = True
+    tally = ev.Tally(CLASS_NAMES)
+    tally.add(np.stack([gt[0], gt[0]]), np.array([3, 1]), gt, np.array([1]))  # same mask: wrong class first
+    assert tally.class_correct == 1 and tally.matched == 1

@@ -77,15 +77,21 @@ def mask_iou_matrix(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.maximum(union, 1), 0.0)
 
 
-def match_by_mask_iou(pred: np.ndarray, gt: np.ndarray, threshold: float = IOU_THRESHOLD) -> List[Tuple[int, int, float]]:
-    """Hungarian matching maximising total IoU; pairs below ``threshold`` are dropped.
+def match_by_mask_iou(pred: np.ndarray, gt: np.ndarray, threshold: float = IOU_THRESHOLD,
+                      same_class: Optional[np.ndarray] = None) -> List[Tuple[int, int, float]]:
+    """Hungarian matching maximising the total IoU of pairs at or above ``threshold`` (a pair below
+    it counts as nothing, so it never displaces a valid match); among equal masks (one query
+    reported for two classes) ``same_class`` (pred x gt bools) prefers the right class.
 
     Returns ``(pred_index, gt_index, iou)`` tuples sorted by ground-truth index.
     """
     iou = mask_iou_matrix(pred, gt)
     if iou.size == 0:
         return []
-    rows, cols = linear_sum_assignment(-iou)
+    gain = np.where(iou >= threshold, iou, 0.0)
+    if same_class is not None:
+        gain = gain + 1e-6 * (same_class & (iou >= threshold))
+    rows, cols = linear_sum_assignment(-gain)
     pairs = [(int(r), int(c), float(iou[r, c])) for r, c in zip(rows, cols) if iou[r, c] >= threshold]
     return sorted(pairs, key=lambda pair: pair[1])
 
@@ -107,7 +113,8 @@ class Tally:
         self.frames += 1
         self.predictions += len(pred_masks)
         np.add.at(self.gt_per_class, np.asarray(gt_classes, np.int64), 1)
-        for p, g, iou in match_by_mask_iou(pred_masks, gt_masks):
+        same = np.asarray(pred_classes, np.int64)[:, None] == np.asarray(gt_classes, np.int64)[None, :]
+        for p, g, iou in match_by_mask_iou(pred_masks, gt_masks, same_class=same):
             self.matched += 1
             self.ious.append(iou)
             if int(pred_classes[p]) == int(gt_classes[g]):

@@ -309,6 +309,8 @@ def train(
             if now >= deadline or stop["sigterm"]:
                 state["stopped"] = "SIGTERM" if stop["sigterm"] else "time budget"
                 break
+            if state["step"] == 0:  # the schedule starts with the first batch, after worker start-up
+                loop_start, budget = now, max(1.0, deadline - now)
             fraction = (now - loop_start) / budget
             if config.max_steps:
                 fraction = max(fraction, state["step"] / config.max_steps)

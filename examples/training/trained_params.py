@@ -109,7 +109,8 @@ def save_trained_params(network: torch.nn.Module, path: Path, metadata: Dict[str
     """Write the kept tensors as fp16 safetensors, in shards of at most ``shard_bytes`` of tensor
     data: ``path`` holds the first shard and the metadata (naming every shard), the others sit
     beside it as ``<stem>.part<k>.safetensors``. Each file is replaced atomically and ``path``
-    last, so a kill never leaves a half-written set. Returns the files written."""
+    last; a kill between the two leaves the previous first file with newer parts, which
+    :func:`load_trained_tensors` refuses (their stamps differ). Returns the files written."""
     from safetensors.torch import save_file
 
     path = Path(path)
