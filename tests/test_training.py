@@ -111,7 +111,7 @@ def test_wrong_predictions_cost_more_and_empty_targets_work():
 def trained_run(tmp_path_factory):
     scenes = [render_scene(np.random.default_rng(s), SceneConfig()) for s in (3, 4)]
     out = tmp_path_factory.mktemp("train")
-    config = tr.TrainConfig(out=str(out), minutes=5, batch=2, lr=1e-3, warmup_steps=0, seed=SEED, device="cpu",
+    config = tr.TrainConfig(out=str(out), minutes=5, batch=2, lr=3e-4, warmup_steps=0, seed=SEED, device="cpu",
                             workers=0, log_every=1, max_steps=4, save_reserve_s=0)
     result = tr.train(config, scene_fn=lambda seed: scenes[seed % 2], scene_class_names=CLASS_NAMES)
     return out, result
@@ -127,7 +127,10 @@ def test_training_reduces_loss_and_writes_artefacts(trained_run):
     log = json.loads((out / tr.LOG_FILE).read_text())
     assert log["records"][0]["step"] == 1 and {"cls", "bbox", "mask_dice", "lr", "steps_per_s"} <= set(log["records"][0])
     report = result["parameters"]
-    assert report["kept"] < 10_000_000 and report["kept"] == report["trained"]  # groups=1: all trained are kept
+    # groups=13 also trains the extra query groups' proposal heads, which inference never runs
+    # and so are not kept.
+    assert result["state"]["step"] == 4 and log["metadata"]["groups"] == 13
+    assert report["kept"] < 10_000_000 and 0 < report["trained"] - report["kept"] < report["kept"]
     assert (out / tp.PARAMS_FILE).stat().st_size < 20e6
     meta = tp.read_params_metadata(out / tp.PARAMS_FILE)
     assert meta["seed"] == SEED and meta["steps"] == 4 and meta["class_names"][: len(CLASS_NAMES)] == list(CLASS_NAMES)
@@ -336,3 +339,50 @@ def test_a_query_reported_for_two_classes_matches_with_the_right_one():
     tally = ev.Tally(CLASS_NAMES)
     tally.add(np.stack([gt[0], gt[0]]), np.array([3, 1]), gt, np.array([1]))  # same mask: wrong class first
     assert tally.class_correct == 1 and tally.matched == 1
+
+
+def test_iou_aware_bce_is_bce_towards_the_quality_target_and_focal_weighted_negatives():
+    from inference_fastpath.examples.training.set_criterion import iou_aware_bce
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 4, dtype=torch.float64)
+    positives = (torch.tensor([0, 1]), torch.tensor([3, 0]), torch.tensor([2, 1]))
+    quality = torch.tensor([0.9, 0.2], dtype=torch.float64)
+    loss = iou_aware_bce(logits, positives, quality, alpha=0.25, gamma=2.0)
+    prob = logits.sigmoid()
+    # Reference: torch's BCE with the soft target p**0.25 * IoU**0.75 at positives, and
+    # p**2-weighted BCE towards 0 everywhere else.
+    expected = prob**2 * torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none")
+    for i, q in enumerate(quality):
+        b, n, c = (int(t[i]) for t in positives)
+        target = (prob[b, n, c] ** 0.25 * q**0.75).clamp(min=0.01)
+        expected[b, n, c] = torch.nn.functional.binary_cross_entropy_with_logits(logits[b, n, c], target)
+    torch.testing.assert_close(loss, expected)
+    # The gradient at a positive points up while its score is below its target, and the
+    # target rises with the match's IoU.
+    grad_logits = logits.clone().requires_grad_()
+    iou_aware_bce(grad_logits, positives, quality, 0.25, 2.0).sum().backward()
+    b, n, c = 0, 3, 2
+    below = bool(prob[b, n, c] < (prob[b, n, c] ** 0.25 * 0.9**0.75))
+    assert (grad_logits.grad[b, n, c] < 0) == below
+
+
+def test_focal_and_iou_aware_criteria_both_reach_near_zero_on_perfect_predictions():
+    from inference_fastpath.examples.training.set_criterion import CriterionWeights
+
+    targets = [_targets(3)]
+    for kind in ("ia_bce", "focal"):
+        losses = SetCriterion(num_classes=7, weights=CriterionWeights(classification=kind))(_perfect_outputs(targets), targets)
+        assert losses["cls"] < 1e-3, kind
+    with pytest.raises(ValueError, match="classification"):
+        CriterionWeights(classification="softmax")
+
+
+def test_confidence_sweep_matches_filtering_and_counts_more_detections_at_lower_confidence():
+    mask = np.zeros((1, 8, 8), bool)
+    mask[0, 2:6, 2:6] = True
+    gts = [(mask, np.array([1]))]
+    dets = [(np.concatenate([mask, mask]), np.array([1, 2]), np.array([0.35, 0.8]))]
+    rows = {row["confidence"]: row for row in ev.confidence_sweep(["a", "b", "c"], gts, dets, (0.3, 0.5))}
+    assert rows[0.3]["recall"] == 1.0 and rows[0.3]["detections_per_frame"] == 2
+    assert rows[0.5]["recall"] == 0.0 and rows[0.5]["recall_any_class"] == 1.0

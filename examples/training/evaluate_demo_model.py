@@ -5,7 +5,7 @@ The package runs as users run it: ``RFDetrForInstanceSegmentationTorch.from_pret
 0.4 by default). Predictions are matched to ground truth by mask IoU (Hungarian, class-agnostic,
 a pair counts when IoU >= 0.5). Reported: mean IoU of matched pairs, class-correct recall per class
 and overall (a ground-truth object matched by a prediction of its class), precision, detections
-per frame, and COCO mask AP / AP50 (pycocotools, from detections at a low confidence).
+per frame, and COCO mask AP / AP50 (pycocotools, from detections at a low confidence), and recall/precision over a confidence sweep.
 
 Scenes use seeds ``EVAL_SEED_BASE + j`` (disjoint from every training seed).
 
@@ -34,6 +34,7 @@ from inference_fastpath.examples.training.trained_params import apply_trained_pa
 IOU_THRESHOLD = 0.5
 DEFAULT_CONFIDENCE = 0.4  # inference-models' RF-DETR default
 AP_CONFIDENCE = 0.01  # AP needs the low-score tail too
+SWEEP_CONFIDENCES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,6 +200,27 @@ def coco_mask_ap(
 # evaluation loop
 
 
+def confidence_sweep(
+    scene_class_names: Sequence[str],
+    gts: Sequence[Tuple[np.ndarray, np.ndarray]],
+    dets: Sequence[Tuple[np.ndarray, np.ndarray, np.ndarray]],
+    confidences: Sequence[float] = SWEEP_CONFIDENCES,
+) -> List[Dict[str, Any]]:
+    """Recall, precision and mean IoU at each confidence, from the low-confidence detections
+    (post-processing keeps the same top-k at any confidence, so keeping ``score >= c`` of them
+    is what ``post_process(confidence=c)`` returns)."""
+    rows = []
+    for confidence in confidences:
+        tally = Tally(scene_class_names)
+        for (gt_masks, gt_classes), (masks, classes, scores) in zip(gts, dets):
+            keep = scores >= confidence
+            tally.add(masks[keep], classes[keep], gt_masks, gt_classes)
+        summary = tally.summary()
+        rows.append({"confidence": confidence, **{k: summary[k] for k in (
+            "recall", "precision", "recall_any_class", "mean_matched_iou", "detections_per_frame")}})
+    return rows
+
+
 def _scenes(count: int, first: int, resolution: int, scene_fn: Optional[Callable[[int], Any]]) -> List[Any]:
     if scene_fn is None:
         from inference_fastpath.examples.training.train_demo_model import RenderScene
@@ -242,6 +264,7 @@ def evaluate_package(
     if frames is None:
         result["scene_seeds"] = [eval_scene_seed(first_scene), eval_scene_seed(first_scene + scenes - 1)]
     result["coco_segm"] = coco_mask_ap(gts, dets, len(scene_class_names))
+    result["sweep"] = confidence_sweep(scene_class_names, gts, dets)
     return result
 
 
@@ -277,6 +300,11 @@ def format_table(result: Dict[str, Any]) -> str:
     if result.get("coco_segm"):
         coco = result["coco_segm"]
         lines.append(f"mask AP50 {coco['AP50']:.3f}  AP {coco['AP']:.3f}  AP75 {coco['AP75']:.3f}")
+    if result.get("sweep"):
+        lines.append("confidence  recall  precision  mean IoU  detections/frame")
+        for row in result["sweep"]:
+            lines.append(f"{row['confidence']:>10.2f}{row['recall']:>8.3f}{row['precision']:>11.3f}"
+                         f"{row['mean_matched_iou']:>10.3f}{row['detections_per_frame']:>18.2f}")
     return "\n".join(lines)
 
 

@@ -14,7 +14,7 @@ Scenes are rendered on the fly in DataLoader workers; training scene k of run se
 ``np.random.default_rng(S * 10**9 + k)``, evaluation uses seeds from ``EVAL_SEED_BASE`` up.
 
     python -m inference_fastpath.examples.training.train_demo_model --out /tmp/run --minutes 7 \\
-        --batch 32 --lr 3e-4 --seed 0 --device cuda
+        --batch 32 --lr 3e-4 --seed 0 --device cuda --groups 13 --classification ia_bce
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from inference_fastpath.examples.training.set_criterion import TERMS, SetCriterion, scene_targets
+from inference_fastpath.examples.training.set_criterion import TERMS, CriterionWeights, SetCriterion, scene_targets
 from inference_fastpath.examples.training.trained_params import (
     _GROUP_ONLY,
     apply_trained_params,
@@ -170,7 +170,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "cuda"
     workers: int = 8
-    groups: int = 1  # 1: inference-mode queries only; 13: the package's group-DETR train mode
+    groups: int = 13  # 13: the package's group-DETR train mode (13 positives per object); 1: inference queries only
+    classification: str = "ia_bce"  # the criterion's classification loss: "ia_bce" (RF-DETR's) or "focal"
     log_every: int = 25
     checkpoint_minutes: float = 2.0
     save_reserve_s: float = 15.0  # stop this long before the deadline so saving fits in --minutes
@@ -252,6 +253,7 @@ def train(
         "format": PARAMS_FORMAT, "model_type": MODEL_TYPE, "seed": config.seed, "steps": 0,
         "class_names": package_class_names(network, scene_class_names), "scene_class_names": list(scene_class_names),
         "modules": list(KEPT_PREFIXES), "resolution": RESOLUTION, "groups": config.groups,
+        "classification": config.classification,
         "frozen_sha256": frozen_digest(network), "frozen_fingerprint": frozen_fingerprint(network), **library_versions(),
         "continued_from": before if config.init else None,
     }
@@ -259,7 +261,8 @@ def train(
     LOGGER.info("parameters: %s", json.dumps(report))
     trainable = [p for p in network.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-    criterion = SetCriterion(num_classes=network.class_embed.out_features)
+    criterion = SetCriterion(num_classes=network.class_embed.out_features,
+                             weights=CriterionWeights(classification=config.classification))
     loader = torch.utils.data.DataLoader(
         SceneDataset(config.seed, scene_fn or RenderScene(RESOLUTION), RESOLUTION, first=before["images"]),
         batch_size=config.batch, shuffle=False, num_workers=config.workers, collate_fn=collate,
@@ -372,7 +375,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="network seed, also selects the training scenes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--workers", type=int, default=max(0, min(12, (os.cpu_count() or 2) - 2)))
-    parser.add_argument("--groups", type=int, choices=(1, 13), default=1, help="13 = group-DETR train mode")
+    parser.add_argument("--groups", type=int, choices=(1, 13), default=13,
+                        help="13 = group-DETR train mode (as RF-DETR trains), 1 = inference queries only")
+    parser.add_argument("--classification", choices=("ia_bce", "focal"), default="ia_bce",
+                        help="classification loss: RF-DETR's IoU-aware BCE or the sigmoid focal loss")
     parser.add_argument("--log-every", type=int, default=25)
     parser.add_argument("--checkpoint-minutes", type=float, default=2.0)
     parser.add_argument("--max-steps", type=int, default=None)
