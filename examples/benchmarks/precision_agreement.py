@@ -56,6 +56,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames", type=int, default=30)
     parser.add_argument("--out", default="precision_agreement.json")
+    parser.add_argument("--params", default=None,
+                        help="trained_params.safetensors: the trained demo network instead of the random demo model")
+    parser.add_argument("--video", default=None, help="clip to take the frames from (default: the bundled clip)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")
@@ -68,7 +71,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from inference_fastpath.examples.demo_model import build_demo_model, default_clip_path
     from inference_fastpath.workflows.video_files import read_frames
 
-    model = AutoModel.from_pretrained(str(build_demo_model()), device=torch.device("cuda"))
+    if args.params:
+        import tempfile
+        from pathlib import Path
+
+        from inference_fastpath.examples.training.evaluate_demo_model import write_package
+
+        package = write_package(Path(args.params), Path(tempfile.mkdtemp(prefix="precision-")) / "package")
+    else:
+        package = build_demo_model()
+    model = AutoModel.from_pretrained(str(package), device=torch.device("cuda"))
     engines = {p: TorchEngine(model, precision=p, cuda_graphs=True) for p in ("fp32", "fp16", "bf16")}
 
     def outputs(variant: str, x: torch.Tensor):
@@ -78,7 +90,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return materialize_outputs(engines[variant](PreprocessedBatch(tensor=x, metadata=[])))
 
     report: Dict[str, Dict[str, object]] = {}
-    frames = read_frames(default_clip_path(), count=args.frames, step=max(1, 120 // args.frames))
+    frames = read_frames(args.video or default_clip_path(), count=args.frames, step=max(1, 120 // args.frames))
     for variant in VARIANTS:
         stats: Dict[str, List[float]] = {k: [] for k in (
             "fp32_detections", "variant_detections", "matched_iou_0.99", "matched_iou_0.95", "matched_iou_0.9",
@@ -102,7 +114,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         report[variant] = summary
         print(variant, json.dumps(summary), flush=True)
     with open(args.out, "w") as handle:
-        json.dump({"device": torch.cuda.get_device_name(), "frames": len(frames), "variants": report}, handle, indent=2)
+        json.dump({"device": torch.cuda.get_device_name(), "frames": len(frames), "model": args.params or "random demo",
+                   "video": str(args.video or default_clip_path()), "variants": report}, handle, indent=2)
     print(f"results: {args.out}")
     return 0
 
