@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import supervision as sv
 
 from inference_fastpath.workflows.comparison import compare_detections
@@ -49,3 +50,42 @@ def test_equal_counts_pair_by_index_and_report_differences():
     assert np.isclose(report.min_mask_iou, 36 / 48)
     assert not report.within()
     assert compare_detections(a, a).within()
+
+
+def _boxes(*rows, classes=None):
+    xyxy = np.array(rows, dtype=np.float32).reshape(-1, 4)
+    return sv.Detections(xyxy=xyxy, class_id=np.array(classes if classes is not None else [0] * len(xyxy)),
+                         confidence=np.full(len(xyxy), 0.9, np.float32))
+
+
+def test_detections_distance_tells_noise_from_another_frame():
+    from inference_fastpath.workflows.comparison import detections_distance
+
+    frame = _boxes([10, 10, 50, 50], [100, 20, 140, 90])
+    noisy = _boxes([10.2, 10, 50, 49.9], [100, 20.3, 140, 90])
+    moved = _boxes([16, 10, 56, 50], [106, 20, 146, 90])
+    assert detections_distance(frame, frame) == 0.0
+    assert detections_distance(frame, noisy) == pytest.approx(0.25, abs=1e-4)
+    assert detections_distance(frame, moved) == pytest.approx(6.0, abs=1e-4)
+    # A missing detection counts its distance to the nearest one left (90 px here); a class
+    # change counts the cap.
+    assert detections_distance(frame, _boxes([10, 10, 50, 50])) == pytest.approx((0 + 90 + 0) / 3)
+    assert detections_distance(frame, _boxes([10, 10, 50, 50], [100, 20, 140, 90], classes=[0, 3])) == pytest.approx(50.0)
+    assert detections_distance(_boxes(), _boxes()) == 0.0 and detections_distance(frame, _boxes()) == 100.0
+
+
+def test_pairing_verdict_flags_a_neighbour_or_another_camera_but_not_batch_noise():
+    from inference_fastpath.examples.benchmarks.many_sources import pairing_verdict
+
+    expected = {
+        "clip": {0: _boxes([10, 10, 50, 50]), 1: _boxes([14, 10, 54, 50])},
+        "mirror": {0: _boxes([590, 10, 630, 50]), 1: _boxes([586, 10, 626, 50])},
+    }
+    # 2 px off its own frame (beyond the strict parity tolerance), 4 px off the next frame's.
+    noise = pairing_verdict(_boxes([12, 10, 50, 50]), "clip", 0, expected)
+    assert not noise["mispaired"] and not noise["equal"] and noise["own_distance_px"] == pytest.approx(2.0)
+    assert pairing_verdict(_boxes([10, 10, 50, 50]), "clip", 0, expected) == {
+        "mispaired": False, "equal": True, "own_distance_px": 0.0}
+    assert pairing_verdict(_boxes([14, 10, 54, 50]), "clip", 0, expected)["mispaired"]  # frame 1's result
+    assert pairing_verdict(_boxes([590, 10, 630, 50]), "clip", 0, expected)["mispaired"]  # the other camera's
+    assert pairing_verdict(_boxes([10, 10, 50, 50]), "clip", 7, expected)["mispaired"]  # no such frame
