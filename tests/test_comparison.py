@@ -70,7 +70,7 @@ def test_detections_distance_tells_noise_from_another_frame():
     # A missing detection counts its distance to the nearest one left (90 px here); a class
     # change counts the cap.
     assert detections_distance(frame, _boxes([10, 10, 50, 50])) == pytest.approx((0 + 90 + 0) / 3)
-    assert detections_distance(frame, _boxes([10, 10, 50, 50], [100, 20, 140, 90], classes=[0, 3])) == pytest.approx(50.0)
+    assert detections_distance(frame, _boxes([10, 10, 50, 50], [100, 20, 140, 90], classes=[0, 3])) == pytest.approx((0 + 90 + 0 + 100) / 4)
     assert detections_distance(_boxes(), _boxes()) == 0.0 and detections_distance(frame, _boxes()) == 100.0
 
 
