@@ -1,5 +1,8 @@
 """Build an offline RF-DETR-seg-nano *demo* model package (random weights, calibrated head).
 
+This is the load model of the benchmarks and the parity tests on the pedestrian clip. The demo
+that segments real objects is the trained one, ``examples/trained_demo.py`` (synthetic shapes).
+
 The package is a regular inference-models torch package directory, loadable with
 ``AutoModel.from_pretrained(dir)`` (with ``ALLOW_INFERENCE_MODELS_DIRECTLY_ACCESS_LOCAL_PACKAGES=True``)
 or ``RFDetrForInstanceSegmentationTorch.from_pretrained(dir)``. Nothing is downloaded: the network

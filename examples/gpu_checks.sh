@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU-host checks, run from the repository root on a machine with CUDA but no package index:
-#   bash examples/gpu_checks.sh tests|micro|e2e|before|video[,...] [WHEEL_DIR]
+#   bash examples/gpu_checks.sh tests|micro|e2e|before|video[,...] [WHEEL_DIR | SITE_PACK.tar.xz]
 # The wheelhouse (inference + inference-models for Python 3.12, built by the team's make-wheelhouse
-# script, plus pytest) is installed once per machine into /tmp/site. Logs and JSON go to $OUT (or ./out).
+# script, plus pytest; or its site pack from pack_gpu_site.sh, which fits the carry limit beside
+# the repository) is installed once per machine into /tmp/site. Logs and JSON go to $OUT (or ./out).
 # Every step has its own timeout so one hang cannot eat the whole session.
 set -u
 phase="${1:-tests}"
@@ -11,8 +12,12 @@ out="${OUT:-./out}"
 mkdir -p "$out"
 
 if [ ! -f /tmp/site/.installed ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$wheels"/*.whl \
-    >/tmp/site-install.log 2>&1 && touch /tmp/site/.installed || { tail -5 /tmp/site-install.log; exit 1; }
+  if [ -f "$wheels" ]; then  # a site pack from examples/pack_gpu_site.sh
+    mkdir -p /tmp/site && tar -xJf "$wheels" -C /tmp/site && touch /tmp/site/.installed || exit 1
+  else
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$wheels"/*.whl \
+      >/tmp/site-install.log 2>&1 && touch /tmp/site/.installed || { tail -5 /tmp/site-install.log; exit 1; }
+  fi
 fi
 # The repository root is the package `inference_fastpath`: expose it under that name.
 mkdir -p /tmp/pkgroot && ln -sfn "$(pwd)" /tmp/pkgroot/inference_fastpath

@@ -29,8 +29,12 @@ STEP_OPTIONS = ("preprocess", "engine", "postprocess", "precision", "mask_output
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--video", help="video file (default: the bundled clip)")
+    parser.add_argument("--video", help="video file (default: the demo's clip, see --demo)")
     parser.add_argument("--model", help="Roboflow model id or local package dir (default: build the demo model)")
+    parser.add_argument("--demo", default="trained", choices=["trained", "random"],
+                        help="demo model without --model: 'trained' segments the synthetic shapes of "
+                             "examples/data/shapes_clip.mp4; 'random' has random weights calibrated to give "
+                             "a realistic detection load on the pedestrian clip examples/data/clip.mp4")
     parser.add_argument("--out", default="annotated.mp4", help="annotated video to write ('' to skip)")
     parser.add_argument("--preprocess", default="auto", choices=["auto", "triton", "reference"])
     parser.add_argument("--engine", default="auto", choices=["auto", "tensorrt", "torch", "onnx"])
@@ -54,8 +58,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from inference_fastpath.workflows import FASTPATH_ANNOTATED, load_workflow
     from inference_fastpath.workflows.video_files import BackgroundVideoWriter
 
-    video = args.video or str(default_clip_path())
-    model = args.model or str(build_demo_model(clip_path=Path(video) if args.video is None else None))
+    if args.demo == "trained":
+        from inference_fastpath.examples.trained_demo import build_trained_demo_model, default_video_path
+
+        video = args.video or str(default_video_path())
+        model = args.model or str(build_trained_demo_model())
+    else:
+        video = args.video or str(default_clip_path())
+        model = args.model or str(build_demo_model(clip_path=Path(video) if args.video is None else None))
     if not Path(video).is_file():
         print(f"error: --video {video!r} does not exist", file=sys.stderr)
         return 2

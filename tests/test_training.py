@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from inference_fastpath.examples.training import evaluate_demo_model as ev
+from inference_fastpath.examples.trained_demo import write_trained_package
 from inference_fastpath.examples.training import train_demo_model as tr
 from inference_fastpath.examples.training import trained_params as tp
 from inference_fastpath.examples.training.set_criterion import SetCriterion, downsample_masks, match_outputs
@@ -281,7 +282,7 @@ def test_coco_ap_is_one_for_exact_predictions():
 
 
 def test_evaluate_package_built_from_params(trained_run, tmp_path):
-    package = ev.write_package(trained_run[0] / tp.PARAMS_FILE, tmp_path / "package")
+    package = write_trained_package(trained_run[0] / tp.PARAMS_FILE, tmp_path / "package")
     model = ev.load_package(package, torch.device("cpu"))
     saved = tr.build_network(SEED)
     tp.apply_trained_params(saved, trained_run[0] / tp.PARAMS_FILE)

@@ -75,9 +75,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         import tempfile
         from pathlib import Path
 
-        from inference_fastpath.examples.training.evaluate_demo_model import write_package
+        from inference_fastpath.examples.trained_demo import write_trained_package
 
-        package = write_package(Path(args.params), Path(tempfile.mkdtemp(prefix="precision-")) / "package")
+        package = write_trained_package(Path(args.params), Path(tempfile.mkdtemp(prefix="precision-")) / "package")
     else:
         package = build_demo_model()
     model = AutoModel.from_pretrained(str(package), device=torch.device("cuda"))

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from inference_fastpath.examples.training.train_demo_model import build_network, eval_scene_seed
-from inference_fastpath.examples.training.trained_params import apply_trained_params, read_params_metadata
+from inference_fastpath.examples.trained_demo import write_trained_package
+from inference_fastpath.examples.training.train_demo_model import eval_scene_seed
 
 IOU_THRESHOLD = 0.5
 DEFAULT_CONFIDENCE = 0.4  # inference-models' RF-DETR default
@@ -39,20 +39,6 @@ SWEEP_CONFIDENCES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 
 # ---------------------------------------------------------------------------------------------
 # package
-
-
-def write_package(params_path: Path, package_dir: Path, seed: Optional[int] = None) -> Path:
-    """Seeded network + trained tensors -> a torch package directory like the demo package's."""
-    from inference_fastpath.examples.demo_network import write_package_metadata
-
-    metadata = read_params_metadata(params_path)
-    seed = int(metadata["seed"]) if seed is None else seed
-    network = build_network(seed)
-    apply_trained_params(network, params_path)
-    package_dir.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": network.state_dict()}, package_dir / "weights.pth")
-    write_package_metadata(package_dir, metadata["class_names"])
-    return package_dir
 
 
 def load_package(package_dir: Path, device: torch.device) -> Any:
@@ -328,7 +314,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory(prefix="demo-eval-") as tmp:
-        package = args.package or write_package(args.params, Path(tmp) / "package", seed=args.seed)
+        package = args.package or write_trained_package(args.params, Path(tmp) / "package", seed=args.seed)
         model = load_package(package, device)
         result = evaluate_package(model, CLASS_NAMES, scenes=args.scenes, first_scene=args.first_scene,
                                   batch=args.batch, confidence=args.confidence, resolution=RESOLUTION,

@@ -100,7 +100,7 @@ def test_half_precision_graph_replay_equals_half_precision_eager(model, precisio
     strict=False,
     reason="random weights: the demo network's encoder proposals are near ties, so fp16 rounding selects other "
     "queries (H100: 9 of 13 detections at IoU >= 0.99; over 30 clip frames 62% at IoU >= 0.99, 88% at >= 0.9, "
-    "examples/precision_agreement.py). Showing the issue's bar needs trained weights, which cannot be downloaded here.",
+    "examples/precision_agreement.py). The trained demo model's bar is test_trained_precision_gpu.py.",
 )
 def test_fp16_graph_detections_match_fp32():
     """fp16 graph vs fp32 graph, compared after inference-models' own post_process.
