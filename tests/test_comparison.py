@@ -67,10 +67,12 @@ def test_detections_distance_tells_noise_from_another_frame():
     assert detections_distance(frame, frame) == 0.0
     assert detections_distance(frame, noisy) == pytest.approx(0.25, abs=1e-4)
     assert detections_distance(frame, moved) == pytest.approx(6.0, abs=1e-4)
-    # A missing detection counts its distance to the nearest one left (90 px here); a class
-    # change counts the cap.
-    assert detections_distance(frame, _boxes([10, 10, 50, 50])) == pytest.approx((0 + 90 + 0) / 3)
-    assert detections_distance(frame, _boxes([10, 10, 50, 50], [100, 20, 140, 90], classes=[0, 3])) == pytest.approx((0 + 90 + 0 + 100) / 4)
+    # One detection lost to the threshold (rounding at another batch size) leaves the others'
+    # distances, 0 here; when most detections have no partner the distance is large.
+    assert detections_distance(frame, _boxes([10, 10, 50, 50])) == 0.0
+    three = _boxes([10, 10, 50, 50], [100, 20, 140, 90], [300, 300, 340, 340])
+    assert detections_distance(three, _boxes([10, 10, 50, 50], [100, 20, 140, 90])) == 0.0
+    assert detections_distance(three, _boxes([10, 10, 50, 50], classes=[4])) == 100.0
     assert detections_distance(_boxes(), _boxes()) == 0.0 and detections_distance(frame, _boxes()) == 100.0
 
 
@@ -89,3 +91,16 @@ def test_pairing_verdict_flags_a_neighbour_or_another_camera_but_not_batch_noise
     assert pairing_verdict(_boxes([14, 10, 54, 50]), "clip", 0, expected)["mispaired"]  # frame 1's result
     assert pairing_verdict(_boxes([590, 10, 630, 50]), "clip", 0, expected)["mispaired"]  # the other camera's
     assert pairing_verdict(_boxes([10, 10, 50, 50]), "clip", 7, expected)["mispaired"]  # no such frame
+
+
+def test_pairing_verdict_keeps_a_result_whose_detection_crossed_the_threshold():
+    """At another batch size rounding can drop a detection; the rest still identify the frame."""
+    from inference_fastpath.examples.benchmarks.many_sources import pairing_verdict
+
+    frame0 = [[10, 10, 50, 50], [100, 20, 140, 90], [200, 200, 230, 240]]
+    frame1 = [[x0 + 4, y0, x1 + 4, y1] for x0, y0, x1, y1 in frame0]
+    expected = {"clip": {0: _boxes(*frame0), 1: _boxes(*frame1)}}
+    noisy = _boxes([10.2, 10, 50, 50], [100, 20.1, 140, 90])  # frame 0 without its third detection
+    verdict = pairing_verdict(noisy, "clip", 0, expected)
+    assert not verdict["mispaired"] and not verdict["equal"]
+    assert pairing_verdict(_boxes(*frame1[:2]), "clip", 0, expected)["mispaired"]
