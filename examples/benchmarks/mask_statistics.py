@@ -1,0 +1,110 @@
+"""What the masks of a model look like to the mask-dependent stages: area and COCO RLE runs.
+
+Every cost the benchmarks measure after the engine (dense paste, RLE encoding, compact crops,
+visualization, polygons) grows with the masks' area or their number of runs, so a benchmark
+figure only means something next to these. Runs inference-models' own pre_process -> forward
+-> post_process on frames of a clip (CPU or GPU) and reports, per model: detections per frame,
+mask area as a fraction of the frame, and COCO RLE runs per mask (column-major, as pycocotools
+counts them), mean and median.
+
+    python -m inference_fastpath.examples.benchmarks.mask_statistics --frames 24 --out masks.json
+        # the random demo on the pedestrian clip vs the trained demo on the shapes clip
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from inference_fastpath.workflows.running import configure_environment
+
+configure_environment()
+
+import torch  # noqa: E402
+
+CONFIDENCE = 0.4
+
+
+def rle_runs(mask: np.ndarray) -> int:
+    """Number of counts in the mask's uncompressed COCO RLE: runs of equal pixels in column-major
+    order, the first one background (of length 0 when the first pixel is foreground)."""
+    flat = np.asarray(mask, bool).ravel(order="F")
+    if flat.size == 0:
+        return 0
+    changes = int(np.count_nonzero(flat[1:] != flat[:-1]))
+    return changes + 1 + int(flat[0])
+
+
+def mask_statistics(masks_per_frame: Sequence[np.ndarray]) -> Dict[str, Any]:
+    """Summary over frames of (N, H, W) boolean masks."""
+    areas: List[float] = []
+    runs: List[int] = []
+    for masks in masks_per_frame:
+        for mask in masks:
+            areas.append(float(mask.mean()))
+            runs.append(rle_runs(mask))
+    frames = len(masks_per_frame)
+    return {
+        "frames": frames,
+        "detections_per_frame": len(areas) / max(1, frames),
+        "mask_area_fraction_mean": float(np.mean(areas)) if areas else None,
+        "mask_area_fraction_median": float(np.median(areas)) if areas else None,
+        "rle_runs_per_mask_mean": float(np.mean(runs)) if runs else None,
+        "rle_runs_per_mask_median": float(np.median(runs)) if runs else None,
+    }
+
+
+def model_masks(package: Path, video: Path, frames: int, device: torch.device) -> List[np.ndarray]:
+    from inference_models import AutoModel
+
+    from inference_fastpath.workflows.video_files import read_frames
+
+    model = AutoModel.from_pretrained(str(package), device=device)
+    total = max(1, frames)
+    images = read_frames(str(video))
+    picked = images[:: max(1, len(images) // total)][:total]
+    out = []
+    for image in picked:  # BGR, as InferencePipeline passes frames
+        x, meta = model.pre_process(image)
+        with torch.no_grad():
+            detections = model.post_process(model.forward(x), meta, confidence=CONFIDENCE)[0]
+        out.append(detections.mask.cpu().numpy().astype(bool))
+    return out
+
+
+def default_cases() -> List[Tuple[str, Path, Path]]:
+    from inference_fastpath.examples.demo_model import build_demo_model, default_clip_path
+    from inference_fastpath.examples.trained_demo import build_trained_demo_model, default_video_path
+
+    return [
+        ("random demo, pedestrian clip", build_demo_model(), default_clip_path()),
+        ("trained demo, shapes clip", build_trained_demo_model(), default_video_path()),
+    ]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--frames", type=int, default=24, help="frames per clip, evenly spaced")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default="mask_statistics.json")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    report = []
+    for name, package, video in default_cases():
+        stats = mask_statistics(model_masks(package, video, args.frames, device))
+        report.append({"name": name, "package": str(package), "video": str(video), **stats})
+        print(f"{name:<32} {stats['detections_per_frame']:6.2f} detections/frame, mask area "
+              f"{stats['mask_area_fraction_mean']:.4f} of the frame (median {stats['mask_area_fraction_median']:.4f}), "
+              f"RLE runs per mask {stats['rle_runs_per_mask_mean']:.1f} (median {stats['rle_runs_per_mask_median']:.0f})",
+              flush=True)
+    Path(args.out).write_text(json.dumps({"device": str(device), "confidence": CONFIDENCE, "cases": report}, indent=1))
+    print(f"results: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
