@@ -40,8 +40,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -54,6 +52,7 @@ from inference_fastpath.examples.demo_network import (
     BOX_WEIGHT_STD,
     MODEL_TYPE,
     build_random_network,
+    staged_package_dir,
     write_package_metadata,
 )
 
@@ -448,10 +447,7 @@ def build_demo_model(
     frame_indices = evenly_spaced(len(all_frames), CALIBRATION_FRAMES)
     frames = [all_frames[i] for i in frame_indices]
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    staging.chmod(0o755)  # mkdtemp creates 0700; the package should be readable like a normal dir
-    try:
+    with staged_package_dir(out_dir) as staging:
         _write_package_metadata(staging)
         torch.save({"model": network.state_dict()}, staging / "weights.pth")
         # Load through the package loader so calibration sees exactly its pre/post-processing.
@@ -528,13 +524,6 @@ def build_demo_model(
             "build_seconds": round(build_seconds, 1),
         }
         (staging / STAMP_FILE).write_text(json.dumps(stamp, indent=2) + "\n")
-
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     LOGGER.info(
         "demo model ready at %s in %.1fs: %.1f detections/frame (min %d, max %d), %d classes",
         out_dir,

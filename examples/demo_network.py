@@ -10,10 +10,14 @@ trained on synthetic scenes, whose frozen encoder must rebuild identically on an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import shutil
+import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, Sequence, Tuple
 
 import numpy as np
 
@@ -41,6 +45,29 @@ _MODEL_CONFIG = {
     "task_type": "instance-segmentation",
     "backend_type": "torch",
 }
+
+
+@contextlib.contextmanager
+def staged_package_dir(out_dir: Path) -> Iterator[Path]:
+    """A hidden sibling directory to write a package into: it replaces ``out_dir`` when the block
+    ends and is removed when the block raises, so no reader sees a half-written package.
+
+    Example:
+        >>> with staged_package_dir(Path("/tmp/demo")) as staging:  # doctest: +SKIP
+        ...     write_package_metadata(staging, ["a", "b"])
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    staging.chmod(0o755)  # mkdtemp creates 0700; the package should be readable like a normal dir
+    try:
+        yield staging
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def write_package_metadata(package_dir: Path, class_names: Sequence[str]) -> None:

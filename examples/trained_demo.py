@@ -34,8 +34,6 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
@@ -97,18 +95,12 @@ def build_trained_demo_model(out_dir: Optional[Path] = None, params: Path = TRAI
                 return out_dir
         except ValueError:
             pass  # a torn stamp: rebuild
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
-    try:
+    from inference_fastpath.examples.demo_network import staged_package_dir
+
+    with staged_package_dir(out_dir) as staging:
         write_trained_package(params, staging)
         (staging / STAMP_FILE).write_text(json.dumps({"key": key, "params": str(params), "confidence": CONFIDENCE},
                                                      indent=1) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir
 
 
