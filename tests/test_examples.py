@@ -208,8 +208,9 @@ def test_many_sources_dead_and_short_sources_leave_the_others_running(demo_model
 
 
 def test_stream_manager_runs_our_workflow_in_pipeline_processes(demo_model_dir, clip_path, tmp_path):
-    """Two pipelines through the real stream manager and HTTP API, each on its own copy of a clip:
-    results come back in order, equal to the same workflow run in this process."""
+    """Two pipelines through the real stream manager and HTTP API, each on its own copy of a clip,
+    and a third on a camera that does not exist: the two bring their results back in order, equal
+    to the same workflow run in this process; the manager reports the third's source error."""
     import shutil
 
     from inference_fastpath.examples.benchmarks import stream_manager
@@ -220,11 +221,19 @@ def test_stream_manager_runs_our_workflow_in_pipeline_processes(demo_model_dir, 
     workflow = load_workflow(FASTPATH, preprocess="reference", postprocess="reference", cuda_graphs=False)
     expected = stream_manager.in_process_signatures(workflow, clip, demo_model_dir)
     assert len(expected) == 8 and any(expected.values())
-    with stream_manager.running_stream_api(tmp_path / "logs", max_pipelines=2) as base:
-        result = stream_manager.run_pipelines("ours", base, workflow, copies, demo_model_dir, 8, 0, expected,
-                                              timeout_s=240)
-    assert result["pipelines"] == 2
+    dead = str(tmp_path / "no-such-camera.mp4")
+    with stream_manager.running_stream_api(tmp_path / "logs", max_pipelines=3) as base:
+        result = stream_manager.run_pipelines("ours", base, workflow, [copies[0], dead, copies[1]], demo_model_dir, 8,
+                                              0, expected, timeout_s=240)
+    assert result["pipelines"] == 3
+    # The dead source's pipeline ends without a frame and is reported so; what the manager's
+    # status said about it is kept when the benchmark saw it before the manager forgot the
+    # pipeline (it can be gone before the initialise call even answers). The others are unaffected.
+    lost = result["per_pipeline"].pop(1)
+    assert lost["delivered"] == 0 and lost["stopped"] == "ended" and lost["ended_without_a_frame"], lost
+    assert all("no-such-camera.mp4" in p or "ERROR state" in p for p in lost["source_problems"]), lost
     for pipeline in result["per_pipeline"]:
+        assert pipeline["source_problems"] == [] and not pipeline["ended_without_a_frame"], pipeline
         # the manager ends a pipeline once its file is read and drops what is still buffered or in
         # flight there, so how many of the last frames are lost depends on the host's speed
         assert pipeline["delivered"] >= 1, pipeline

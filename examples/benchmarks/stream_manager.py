@@ -17,7 +17,11 @@ Two properties of the stream manager shape the measurement:
 * it ends a pipeline as soon as every source has been read to its end, and drops the results
   still buffered in that pipeline's process; so the decoding buffer is kept at 2 frames and the
   last frames of each file (at most that buffer plus the frames in flight) are reported as lost;
-* it handles one command at a time for all pipelines, so pipelines start one after another.
+* it handles one command at a time for all pipelines, so pipelines start one after another;
+* a pipeline whose source cannot be opened fails within milliseconds of its start, and the manager
+  forgets it, status report included, about a second later, at times before the initialise call has
+  even answered: the benchmark polls the status right after each initialise and while draining,
+  keeps what it saw (``source_problems``), and flags a pipeline that ended without a frame.
 
 The benchmark opts the server in to local model packages (the demo model is a directory), as an
 operator does on their own machine.
@@ -44,6 +48,9 @@ configure_environment()
 
 DECODING_BUFFER = 2
 STARTUP_S = 300.0
+
+
+STATUS_POLL_S = 0.5
 
 
 def _free_port() -> int:
@@ -142,14 +149,55 @@ def detections_signature(predictions: Any) -> List[tuple]:
     return [(str(name), round(float(confidence), 4)) for name, confidence in zip(names, predictions.confidence)]
 
 
-def drain(base: str, pipeline_id: str, rows: List[Dict[str, Any]], timeout_s: float) -> Optional[str]:
-    """Consume ``pipeline_id``'s results into ``rows`` until the manager ends it; returns the
-    reason it stopped."""
+def source_problems(client: Any, base: str, pipeline_id: str, seen: List[str]) -> Optional[List[str]]:
+    """Adds to ``seen`` what the manager's status report says went wrong with the pipeline's
+    sources: a source entering the ERROR state and error events (connection lost, cannot open).
+    The manager removes a pipeline soon after its only source fails, and its report with it, so
+    this is polled while the pipeline runs. Returns the sources' states (None once the manager
+    no longer knows the pipeline)."""
+    response = client.get(f"{base}/inference_pipelines/{pipeline_id}/status")
+    if response.status_code != 200:
+        return None
+    report = response.json().get("report") or {}
+    for update in report.get("video_source_status_updates") or []:
+        payload = update.get("payload") or {}
+        if update.get("severity", 0) >= 40:
+            text = f"{update.get('event_type')}: {payload.get('error_type')}: {payload.get('error_message')}"
+        elif payload.get("new_state") == "ERROR":
+            text = f"source {payload.get('source_id')} entered the ERROR state"
+        else:
+            continue
+        if text not in seen:
+            seen.append(text)
+    return [str(source.get("state")) for source in report.get("sources_metadata") or []]
+
+
+def await_sources(client: Any, base: str, pipeline_id: str, seen: List[str], timeout_s: float = 5.0) -> None:
+    """Polls a newly initialised pipeline's status until its sources have started or failed: a
+    source that cannot be opened fails within milliseconds of the start, and the manager forgets
+    the pipeline, report included, a second or two later."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        states = source_problems(client, base, pipeline_id, seen)
+        if states is None or (states and not set(states) & {"NOT_STARTED", "INITIALISING"}):
+            return
+        time.sleep(0.05)
+
+
+def drain(base: str, pipeline_id: str, rows: List[Dict[str, Any]], timeout_s: float,
+          problems: Optional[List[str]] = None) -> Optional[str]:
+    """Consume ``pipeline_id``'s results into ``rows`` until the manager ends it, polling its
+    status for source problems into ``problems``; returns the reason it stopped."""
     import httpx
 
     deadline = time.monotonic() + timeout_s
+    problems = [] if problems is None else problems
+    polled = 0.0
     with httpx.Client(timeout=30) as client:
         while time.monotonic() < deadline:
+            if time.monotonic() - polled > STATUS_POLL_S:
+                source_problems(client, base, pipeline_id, problems)
+                polled = time.monotonic()
             response = client.get(f"{base}/inference_pipelines/{pipeline_id}/consume")
             if response.status_code == 404:
                 return "ended"
@@ -188,19 +236,22 @@ def run_pipelines(name: str, base: str, workflow: dict, videos: Sequence[str], m
     """One pipeline per video through the stream API, drained concurrently."""
     import httpx
 
-    ids = []
-    for video in videos:
-        response = httpx.post(f"{base}/inference_pipelines/initialise", json=initialise_payload(video, workflow, model),
-                              timeout=300)
-        if response.status_code != 200:
-            raise RuntimeError(f"initialise answered {response.status_code}: {response.text[:300]}")
-        ids.append(response.json()["context"]["pipeline_id"])
+    ids: List[str] = []
+    problems: List[List[str]] = []
+    with httpx.Client(timeout=300) as client:
+        for video in videos:
+            response = client.post(f"{base}/inference_pipelines/initialise", json=initialise_payload(video, workflow, model))
+            if response.status_code != 200:
+                raise RuntimeError(f"initialise answered {response.status_code}: {response.text[:300]}")
+            ids.append(response.json()["context"]["pipeline_id"])
+            problems.append([])
+            await_sources(client, base, ids[-1], problems[-1])
     rows: List[List[Dict[str, Any]]] = [[] for _ in ids]
     stops: List[Optional[str]] = [None] * len(ids)
     memory: Dict[int, float] = {}
 
     def consume(index: int) -> None:
-        stops[index] = drain(base, ids[index], rows[index], timeout_s)
+        stops[index] = drain(base, ids[index], rows[index], timeout_s, problems[index])
 
     threads = [threading.Thread(target=consume, args=(i,), daemon=True) for i in range(len(ids))]
     for thread in threads:
@@ -223,13 +274,21 @@ def run_pipelines(name: str, base: str, workflow: dict, videos: Sequence[str], m
         pipelines.append(dict(pipeline_id=ids[index], delivered=len(got), lost=frames - len(got),
                               in_order=frame_ids == sorted(frame_ids) and len(set(frame_ids)) == len(frame_ids),
                               fps=(len(timed) - 1) / span if span > 0 else None,
-                              results_differing_from_in_process=differ, stopped=stops[index]))
+                              results_differing_from_in_process=differ, stopped=stops[index],
+                              source_problems=problems[index],
+                              ended_without_a_frame=not got and stops[index] == "ended"))
     fps = counted / (max(last) - min(first)) if first and max(last) > min(first) else None
     result = dict(name=name, pipelines=len(ids), fps=fps, frames=sum(p["delivered"] for p in pipelines),
                   per_pipeline=pipelines, gpu_memory_mib_per_process=sorted(memory.values()) or None)
     shown = f"{fps:.1f}" if fps else "n/a"
     print(f"{name:>14} M={len(ids):<3} {shown:>8} fps aggregate, delivered {[p['delivered'] for p in pipelines]} "
           f"of {frames} each, differing {[p['results_differing_from_in_process'] for p in pipelines]}", flush=True)
+    for index, pipeline in enumerate(pipelines):
+        for problem in pipeline["source_problems"]:
+            print(f"  pipeline {index} ({videos[index]}): {problem}", flush=True)
+        if pipeline["ended_without_a_frame"] and not pipeline["source_problems"]:
+            print(f"  pipeline {index} ({videos[index]}): ended without a frame; the manager kept no report of why",
+                  flush=True)
     return result
 
 

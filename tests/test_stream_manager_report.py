@@ -1,0 +1,58 @@
+"""What the stream-manager benchmark reads from the manager's status report (the form recorded from
+inference 1.8.3's `/inference_pipelines/{id}/status` for a source that cannot be opened)."""
+
+from __future__ import annotations
+
+from inference_fastpath.examples.benchmarks.stream_manager import source_problems
+
+DEAD_SOURCE_REPORT = {
+    "status": "success",
+    "report": {
+        "video_source_status_updates": [
+            {"severity": 20, "event_type": "INFERENCE_THREAD_STARTED", "payload": {}},
+            {"severity": 20, "event_type": "SOURCE_STATE_UPDATE",
+             "payload": {"previous_state": "NOT_STARTED", "new_state": "INITIALISING", "source_id": 0}},
+            {"severity": 20, "event_type": "SOURCE_STATE_UPDATE",
+             "payload": {"previous_state": "INITIALISING", "new_state": "ERROR", "source_id": 0}},
+            {"severity": 40, "event_type": "INFERENCE_ERROR",
+             "payload": {"error_type": "SourceConnectionError",
+                         "error_message": "Cannot connect to video source under reference: /tmp/gone.mp4"}},
+        ],
+        "sources_metadata": [{"source_reference": "/tmp/gone.mp4", "state": "ERROR", "source_id": 0}],
+    },
+}
+
+
+class _Response:
+    def __init__(self, status_code, body):
+        self.status_code, self._body = status_code, body
+
+    def json(self):
+        return self._body
+
+
+class _Client:
+    def __init__(self, *answers):
+        self.answers, self.asked = list(answers), []
+
+    def get(self, url):
+        self.asked.append(url)
+        return self.answers.pop(0)
+
+
+def test_source_errors_are_collected_once_and_states_returned():
+    seen = []
+    client = _Client(_Response(200, DEAD_SOURCE_REPORT), _Response(200, DEAD_SOURCE_REPORT))
+    assert source_problems(client, "http://h", "p1", seen) == ["ERROR"]
+    assert source_problems(client, "http://h", "p1", seen) == ["ERROR"]
+    assert seen == ["source 0 entered the ERROR state",
+                    "INFERENCE_ERROR: SourceConnectionError: Cannot connect to video source under reference: /tmp/gone.mp4"]
+    assert client.asked == ["http://h/inference_pipelines/p1/status"] * 2
+
+
+def test_a_forgotten_pipeline_gives_no_states_and_adds_nothing():
+    seen = ["earlier"]
+    assert source_problems(_Client(_Response(404, {"error_type": "ProcessesManagerNotFoundError"})), "h", "p", seen) is None
+    assert seen == ["earlier"]
+    healthy = {"report": {"video_source_status_updates": [], "sources_metadata": [{"state": "RUNNING"}]}}
+    assert source_problems(_Client(_Response(200, healthy)), "h", "p", seen) == ["RUNNING"] and seen == ["earlier"]
