@@ -184,7 +184,18 @@ def test_many_sources_realtime_counts_drops_and_keeps_pairing(demo_model_dir, ti
     assert result["realtime_fps"] == 10 and result["results_mispaired"] == 0
     for stream in result["streams"]:
         assert 1 <= stream["delivered"] <= 3 and stream["dropped"] == 3 - stream["delivered"] and stream["in_order"]
+        assert 0 <= stream["dropped_after_warmup"] <= stream["dropped"]
+    assert 0 <= result["dropped_after_warmup_fraction"] <= 1
     assert 0 <= result["streams_holding_rate"] <= 2 and result["latency_ms_p50"] > 0
+
+
+def test_drops_after_warmup_count_grabbed_frames_missing_after_the_first_counted_result():
+    from inference_fastpath.examples.benchmarks.many_sources import dropped_after_warmup
+
+    # 10 frames grabbed; results for 1, 2, 3 (warm-up drops before 3 do not count), then 5, 6, 9
+    assert dropped_after_warmup([1, 2, 3, 5, 6, 9], grabbed=10, warmup=2) == 8 - 4
+    assert dropped_after_warmup([4, 5, 6], grabbed=6, warmup=0) == 0  # 1-3 lost while warming up
+    assert dropped_after_warmup([1, 2], grabbed=9, warmup=2) is None
 
 
 def test_many_sources_dead_and_short_sources_leave_the_others_running(demo_model_dir, tiny_clip, tmp_path):

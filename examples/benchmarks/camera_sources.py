@@ -79,5 +79,10 @@ class TimedSource:
         times = self.producer.grabbed_at if self.producer is not None else []
         return times[frame_id - 1] if 0 < frame_id <= len(times) else None
 
+    @property
+    def grabbed(self) -> int:
+        """How many frames the latest producer has grabbed."""
+        return len(self.producer.grabbed_at) if self.producer is not None else 0
+
     def __repr__(self) -> str:  # the pipeline's logs name the source by str()
         return f"timed:{self.video}" + (f"@{self.fps}fps" if self.fps else "")

@@ -85,6 +85,17 @@ def pairing_verdict(detections: Any, video: str, frame_id: int, expected: Dict[s
     return {"mispaired": closest_other < own_distance, "equal": bool(equal), "own_distance_px": own_distance}
 
 
+def dropped_after_warmup(delivered_ids: Sequence[int], grabbed: int, warmup: int) -> Optional[int]:
+    """Frames a stream grabbed after its first counted result (the ``warmup``-th one, 0-based) that
+    never came back: the steady-state drops of a live stream, apart from those while the engine
+    warms up (first graph captures, first batches). ``None`` when no result is counted."""
+    if len(delivered_ids) <= warmup:
+        return None
+    first = delivered_ids[warmup]
+    expected = max(0, grabbed - first + 1)  # frame ids are 1-based grab numbers
+    return max(0, expected - (len(delivered_ids) - warmup))
+
+
 def percentile(values: Sequence[float], q: float) -> Optional[float]:
     return float(np.percentile(values, q)) if values else None
 
@@ -161,6 +172,8 @@ def run_sources(
         streams.append(dict(source_id=source_id, video=Path(video).name, unusable=reasons[source_id], delivered=len(rows),
                             last_result_at=rows[-1]["at"] if rows else None,
                             dropped=frames_per_source - len(rows), dropped_fraction=1 - len(rows) / frames_per_source,
+                            dropped_after_warmup=None if source_id not in sources else dropped_after_warmup(
+                                ids, sources[source_id].grabbed, warmup),
                             in_order=ids == sorted(ids) and len(set(ids)) == len(ids),
                             fps=(len(rows) - 1 - warmup) / span if span > 0 else None,
                             latency_ms_p50=percentile(own, 50), latency_ms_p99=percentile(own, 99)))
@@ -186,6 +199,10 @@ def run_sources(
         "wall_s": round(run.finished_at - run.started_at, 3),
     }
     if realtime_fps:
+        steady = [s for s in streams if s["dropped_after_warmup"] is not None]
+        result["dropped_after_warmup_fraction"] = (
+            sum(s["dropped_after_warmup"] for s in steady) / max(1, sum(s["dropped_after_warmup"] + s["delivered"] - warmup
+                                                                       for s in steady)) if steady else None)
         result["streams_holding_rate"] = sum(
             s["dropped_fraction"] < 0.01 and s["latency_ms_p99"] is not None and s["latency_ms_p99"] < 100
             and s["fps"] is not None and s["fps"] >= 0.95 * realtime_fps for s in streams)
@@ -198,6 +215,10 @@ def run_sources(
           f"mispaired {result['results_mispaired']}, equal to one-source {result['results_equal_to_one_source']} "
           f"(largest distance {result['largest_distance_to_own_one_source_px']} px), all delivered in order {result['all_frames_delivered_in_order']}",
           flush=True)
+    if realtime_fps:
+        print(f"{'':>14} live at {realtime_fps} FPS: {sum(st['dropped'] for st in streams)} frames dropped in all, "
+              f"fraction after warm-up {result['dropped_after_warmup_fraction']}, streams holding the rate "
+              f"{result['streams_holding_rate']} of {len(streams)}", flush=True)
     return result
 
 
