@@ -42,7 +42,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -55,6 +54,7 @@ from inference_fastpath.examples.demo_network import (
     BOX_WEIGHT_STD,
     MODEL_TYPE,
     build_random_network,
+    package_cache_dir,
     staged_package_dir,
     write_package_metadata,
 )
@@ -120,8 +120,7 @@ def default_clip_path() -> Path:
 
 def default_out_dir(seed: int = 0) -> Path:
     """Per-seed cache directory (honours ``XDG_CACHE_HOME``)."""
-    cache_root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return cache_root / "inference_fastpath" / f"demo-rfdetr-seg-nano-seed{seed}"
+    return package_cache_dir(f"demo-rfdetr-seg-nano-seed{seed}")
 
 
 def file_sha256(path: Path) -> str:

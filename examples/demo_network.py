@@ -47,6 +47,12 @@ _MODEL_CONFIG = {
 }
 
 
+def package_cache_dir(name: str) -> Path:
+    """``<cache>/inference_fastpath/<name>``, the cache honouring ``XDG_CACHE_HOME``."""
+    cache_root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return cache_root / "inference_fastpath" / name
+
+
 @contextlib.contextmanager
 def staged_package_dir(out_dir: Path) -> Iterator[Path]:
     """A hidden sibling directory to write a package into: it replaces ``out_dir`` when the block

@@ -39,6 +39,11 @@ def default_clip_path() -> Path:
     return Path(__file__).resolve().parent / "data" / "clip.mp4"
 
 
+def default_shapes_clip_path() -> Path:
+    """Location of the committed shapes clip (``--source shapes``)."""
+    return default_clip_path().with_name("shapes_clip.mp4")
+
+
 @dataclass(frozen=True)
 class Scene:
     """One shot of the clip: a pan/zoom from ``start`` to ``end`` over one sample image.
@@ -233,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.source == "shapes":
-        out = args.out if args.out != default_clip_path() else default_clip_path().with_name("shapes_clip.mp4")
+        out = args.out if args.out != default_clip_path() else default_shapes_clip_path()
         path = write_shapes_clip(out, num_frames=args.frames, size=args.size, fps=args.fps, seed=args.seed,
                                  shots=args.shots)
     else:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
@@ -45,13 +44,16 @@ CONFIDENCE = 0.4  # the operating point the evaluation above reports
 
 
 def default_out_dir(seed: int = 0) -> Path:
-    cache_root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return cache_root / "inference_fastpath" / f"demo-rfdetr-seg-nano-shapes-seed{seed}"
+    from inference_fastpath.examples.demo_network import package_cache_dir
+
+    return package_cache_dir(f"demo-rfdetr-seg-nano-shapes-seed{seed}")
 
 
 def default_video_path() -> Path:
     """The shapes clip the trained model is meant for (``examples/data/shapes_clip.mp4``)."""
-    return Path(__file__).resolve().parent / "data" / "shapes_clip.mp4"
+    from inference_fastpath.examples.make_clip import default_shapes_clip_path
+
+    return default_shapes_clip_path()
 
 
 def params_sha256(params: Path) -> str:

@@ -40,6 +40,14 @@ def write_clip(path: Union[str, Path], frames: List[np.ndarray], fps: float = 25
     return Path(path)
 
 
+def frame_count(path: Union[str, Path]) -> int:
+    """Frames the container declares (0 when it declares none)."""
+    capture = cv2.VideoCapture(str(path))
+    count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+    capture.release()
+    return count
+
+
 def video_fps(path: Union[str, Path], default: float = 25.0) -> float:
     capture = cv2.VideoCapture(str(path))
     fps = capture.get(cv2.CAP_PROP_FPS) or default

@@ -200,9 +200,9 @@ def run_sources(
     }
     if realtime_fps:
         steady = [s for s in streams if s["dropped_after_warmup"] is not None]
-        result["dropped_after_warmup_fraction"] = (
-            sum(s["dropped_after_warmup"] for s in steady) / max(1, sum(s["dropped_after_warmup"] + s["delivered"] - warmup
-                                                                       for s in steady)) if steady else None)
+        dropped = sum(s["dropped_after_warmup"] for s in steady)
+        counted = sum(s["delivered"] - warmup for s in steady)
+        result["dropped_after_warmup_fraction"] = dropped / max(1, dropped + counted) if steady else None
         result["streams_holding_rate"] = sum(
             s["dropped_fraction"] < 0.01 and s["latency_ms_p99"] is not None and s["latency_ms_p99"] < 100
             and s["fps"] is not None and s["fps"] >= 0.95 * realtime_fps for s in streams)

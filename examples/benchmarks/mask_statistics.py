@@ -61,12 +61,11 @@ def mask_statistics(masks_per_frame: Sequence[np.ndarray]) -> Dict[str, Any]:
 def model_masks(package: Path, video: Path, frames: int, device: torch.device) -> List[np.ndarray]:
     from inference_models import AutoModel
 
-    from inference_fastpath.workflows.video_files import read_frames
+    from inference_fastpath.workflows.video_files import frame_count, read_frames
 
     model = AutoModel.from_pretrained(str(package), device=device)
     total = max(1, frames)
-    images = read_frames(str(video))
-    picked = images[:: max(1, len(images) // total)][:total]
+    picked = read_frames(str(video), count=total, step=max(1, frame_count(video) // total))
     out = []
     for image in picked:  # BGR, as InferencePipeline passes frames
         x, meta = model.pre_process(image)

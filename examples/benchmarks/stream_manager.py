@@ -48,9 +48,7 @@ configure_environment()
 
 DECODING_BUFFER = 2
 STARTUP_S = 300.0
-
-
-STATUS_POLL_S = 0.5
+STATUS_POLL_S = 0.5  # the manager forgets a failed pipeline about a second after it fails
 
 
 def _free_port() -> int:
