@@ -5,6 +5,10 @@
 # demo parameters included, so the wheels no longer fit beside it.
 #   usage: bash examples/pack_gpu_site.sh [WHEEL_DIR=.whl] [OUT=.gpu-site/site.tar.xz]
 # gpu_checks.sh takes the tarball in place of the wheel directory. Keep OUT in an ignored folder.
+# The wheelhouse this packs, with what the HTTP server (stream-manager benchmark) and the profiler
+# import beyond the team's list:
+#   bash ../shared/gpu-env/make-wheelhouse.sh .whl uvicorn httpx httpcore h11 anyio click \
+#     asgi-correlation-id fastapi-cprofile python-multipart yappi
 set -euo pipefail
 wheels="${1:-.whl}"
 out="$(realpath -m "${2:-.gpu-site/site.tar.xz}")"

@@ -106,8 +106,20 @@ def test_profiler_targets_resolve_and_are_timed():
         def work(self, x):
             return x + 1
 
-    samples = profile_pipeline.wrap_with_clock([(Owner, "work")])
-    assert Owner().work(1) == 2 and len(samples["Owner.work"]) == 1
+        @staticmethod
+        def helper(x):
+            return x * 2
+
+        @classmethod
+        def build(cls, x):
+            return (cls, x)
+
+    samples = profile_pipeline.wrap_with_clock([(Owner, "work"), (Owner, "helper"), (Owner, "build")])
+    owner = Owner()
+    assert owner.work(1) == 2 and len(samples["Owner.work"]) == 1
+    # static and class methods keep their calling convention, from the class and from an instance
+    assert owner.helper(3) == 6 and Owner.helper(4) == 8 and len(samples["Owner.helper"]) == 2
+    assert owner.build(5) == (Owner, 5) and Owner.build(6) == (Owner, 6) and len(samples["Owner.build"]) == 2
 
 
 def test_many_sources_benchmark_pairs_every_result_with_its_own_frame(demo_model_dir, tiny_clip, tmp_path):

@@ -1,6 +1,9 @@
 """Diagnostic: where the host time of a whole ``InferencePipeline`` run goes, per thread (GPU host).
 
     python -m inference_fastpath.examples.benchmarks.profile_pipeline --preset fast-rle-depth2 --frames 120
+    python -m inference_fastpath.examples.benchmarks.profile_pipeline --preset fast-depth2 --workflow annotated \
+        --model "$(python -m inference_fastpath.examples.trained_demo)" --video examples/data/shapes_clip.mp4 \
+        --resolution 1920x1080 --timed
 
 Runs the configuration once unprofiled (warm-up: graph capture, kernel compilation, FPS), then again
 with the same runner under yappi, CPU clock, every thread. Prints the FPS of both runs, each thread's
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import pkgutil
 import sys
 import tempfile
@@ -42,6 +46,10 @@ def default_timed() -> List[Tuple[Any, str]]:
     from inference_fastpath.adapters.postprocess.fused import FusedPostprocess
     from inference_fastpath.adapters.preprocess import upload
     from inference_fastpath.adapters.preprocess.triton import TritonPreprocess
+    from inference_fastpath.adapters.visualization.mask_painting import GpuMaskPainter
+    from inference_fastpath.blocks.mask_visualization_v1 import FastpathMaskVisualizationBlockV1
+    from roboflow_workflows.core_steps.visualizations.bounding_box.v1 import BoundingBoxVisualizationBlockV1
+    from roboflow_workflows.core_steps.visualizations.label.v1 import LabelVisualizationBlockV1
 
     return [
         (ExecutionEngineV1, "run"),
@@ -59,6 +67,11 @@ def default_timed() -> List[Tuple[Any, str]]:
         (program.PostprocessProgram, "_host_payload"),
         (program, "paste_crops"),
         (runner, "to_sv_detections"),
+        # the annotated workflow's steps after ours (--workflow annotated)
+        (FastpathMaskVisualizationBlockV1, "run"),
+        (GpuMaskPainter, "run_checked"),
+        (BoundingBoxVisualizationBlockV1, "run"),
+        (LabelVisualizationBlockV1, "run"),
     ]
 
 
@@ -81,7 +94,11 @@ def wrap_with_clock(targets: Sequence[Tuple[Any, str]]) -> Dict[str, List[float]
     """Replace each (owner, attribute) by a wrapper appending its wall ms per call."""
     samples: Dict[str, List[float]] = defaultdict(list)
     for owner, name in targets:
-        original = getattr(owner, name)
+        # a static or class method is wrapped inside its descriptor: set back as a bare function
+        # it would be handed the instance as an extra first argument
+        raw = inspect.getattr_static(owner, name)
+        descriptor = type(raw) if isinstance(raw, (staticmethod, classmethod)) else None
+        original = raw.__func__ if descriptor else getattr(owner, name)
         label = f"{getattr(owner, '__name__', owner)}.{name}"
 
         def timed(*args, __original=original, __key=label, **kwargs):
@@ -91,7 +108,8 @@ def wrap_with_clock(targets: Sequence[Tuple[Any, str]]) -> Dict[str, List[float]
             finally:
                 samples[__key].append((time.perf_counter() - start) * 1e3)
 
-        setattr(owner, name, functools.wraps(original)(timed))
+        wrapped = functools.wraps(original)(timed)
+        setattr(owner, name, descriptor(wrapped) if descriptor else wrapped)
     return samples
 
 
@@ -111,6 +129,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--preset", default="fast-rle-depth2")
     parser.add_argument("--options", default="", help="extra block options, key=value,...")
     parser.add_argument("--frames", type=int, default=120)
+    parser.add_argument("--workflow", default="plain", choices=("plain", "annotated"),
+                        help="our block -> sink, or -> our mask visualization -> stock box and label visualizations")
+    parser.add_argument("--model", help="package dir or model id (default: the random demo model)")
+    parser.add_argument("--video", help="video file (default: the random demo's clip)")
+    parser.add_argument("--resolution", default=None, help="resize the clip to WxH first, e.g. 1920x1080")
     parser.add_argument("--top", type=int, default=45)
     parser.add_argument("--clock", default="cpu", choices=("cpu", "wall"))
     parser.add_argument("--timed", nargs="*", default=None,
@@ -119,14 +142,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from inference_fastpath.examples.benchmarks.benchmark import PRESETS, parse_config, run_configuration, truncated_clip
     from inference_fastpath.examples.demo_model import build_demo_model, default_clip_path
-    from inference_fastpath.workflows import FASTPATH, load_workflow
+    from inference_fastpath.workflows import FASTPATH, FASTPATH_ANNOTATED, load_workflow
 
     options = dict(PRESETS[args.preset])
     options.update(parse_config(f"x:{args.options}")[1])
-    model = str(build_demo_model())
+    model = args.model or str(build_demo_model())
     with tempfile.TemporaryDirectory() as directory:
-        video = truncated_clip(str(default_clip_path()), args.frames, Path(directory))
-        workflow = load_workflow(FASTPATH, **options)
+        video = truncated_clip(args.video or str(default_clip_path()), args.frames, Path(directory), args.resolution)
+        workflow = load_workflow(FASTPATH_ANNOTATED if args.workflow == "annotated" else FASTPATH, **options)
         plain = run_configuration("plain", workflow, video, model, 10, options=options)
         if args.timed is not None:
             samples = wrap_with_clock(resolve_targets(args.timed) if args.timed else default_timed())
