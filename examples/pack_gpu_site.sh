@@ -9,6 +9,9 @@
 # import beyond the team's list:
 #   bash ../shared/gpu-env/make-wheelhouse.sh .whl uvicorn httpx httpcore h11 anyio click \
 #     asgi-correlation-id fastapi-cprofile python-multipart yappi
+# The HTTP server also imports aiortc, which needs PyAV (`av`, a 35 MB wheel): with the repository
+# and this pack it exceeds one call's carry, so it has to travel in a call of its own while the
+# machine stays warm, and be unpacked into /tmp/site there.
 set -euo pipefail
 wheels="${1:-.whl}"
 out="$(realpath -m "${2:-.gpu-site/site.tar.xz}")"
