@@ -1,9 +1,10 @@
 """What the stream-manager benchmark reads from the manager's status report (the form recorded from
-inference 1.8.3's `/inference_pipelines/{id}/status` for a source that cannot be opened)."""
+inference 1.8.3's `/inference_pipelines/{id}/status` for a source that cannot be opened), and what it
+says of a server process that exited before answering."""
 
 from __future__ import annotations
 
-from inference_fastpath.examples.benchmarks.stream_manager import source_problems
+from inference_fastpath.examples.benchmarks.stream_manager import last_error_line, source_problems
 
 DEAD_SOURCE_REPORT = {
     "status": "success",
@@ -56,3 +57,19 @@ def test_a_forgotten_pipeline_gives_no_states_and_adds_nothing():
     assert seen == ["earlier"]
     healthy = {"report": {"video_source_status_updates": [], "sources_metadata": [{"state": "RUNNING"}]}}
     assert source_problems(_Client(_Response(200, healthy)), "h", "p", seen) == ["RUNNING"] and seen == ["earlier"]
+
+
+def test_an_early_exit_is_reported_by_the_exception_that_caused_it(tmp_path):
+    # the GPU host's server log when a dependency of inference's HTTP API was missing
+    log = tmp_path / "server.log"
+    log.write_text(
+        "INFO: loading\nTraceback (most recent call last):\n"
+        '  File "/tmp/site/aiortc/mediastreams.py", line 8, in <module>\n'
+        "    from av import AudioFrame, VideoFrame\n"
+        "ModuleNotFoundError: No module named 'av'\n\n")
+    assert last_error_line(log) == "ModuleNotFoundError: No module named 'av'"
+    log.write_text("started\nshutting down\n")
+    assert last_error_line(log) == "shutting down"
+    log.write_text("")
+    assert last_error_line(log) == "its log is empty"
+    assert last_error_line(tmp_path / "missing.log").startswith("its log could not be read")

@@ -33,6 +33,7 @@ import contextlib
 import datetime
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -76,6 +77,27 @@ def server_environment(manager_port: int, max_pipelines: int) -> Dict[str, str]:
     }
 
 
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)\b.*")
+
+
+def last_error_line(log: Path) -> str:
+    """The last exception line of a process's log (what made it exit), else its last line.
+
+    Example:
+        >>> import tempfile; path = Path(tempfile.mkdtemp()) / "server.log"
+        >>> _ = path.write_text("Traceback (most recent call last):\\n  ...\\nModuleNotFoundError: No module named 'av'\\n")
+        >>> last_error_line(path)
+        "ModuleNotFoundError: No module named 'av'"
+    """
+    try:
+        lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError as error:
+        return f"its log could not be read: {error}"
+    if not lines:
+        return "its log is empty"
+    return next((line for line in reversed(lines) if _EXCEPTION_LINE.match(line)), lines[-1])
+
+
 @contextlib.contextmanager
 def running_stream_api(log_dir: Path, max_pipelines: int) -> Iterator[str]:
     """The stream manager and the HTTP server, started and stopped together; yields the base URL."""
@@ -100,7 +122,8 @@ def running_stream_api(log_dir: Path, max_pipelines: int) -> Iterator[str]:
         while True:
             for process, name in zip(processes, ("stream manager", "server")):
                 if process.poll() is not None:
-                    raise RuntimeError(f"the {name} exited early; see {log_dir}")
+                    log = log_dir / ("stream_manager.log" if name == "stream manager" else "server.log")
+                    raise RuntimeError(f"the {name} exited early ({last_error_line(log)}); see {log_dir}")
             try:
                 if httpx.get(f"{base}/inference_pipelines/list", timeout=5).status_code == 200:
                     break
