@@ -1,4 +1,4 @@
-"""`fastpath/mask_visualization@v1`: the stock mask visualization, painted on the GPU from compact masks.
+"""`fastpath/mask_visualization@v1`: the stock mask visualization, painted fast from compact masks.
 
 Inputs are those of `roboflow_core/mask_visualization@v1` (palette, colour axis, opacity, copy_image) plus
 the `painter` option; the output image equals the stock block's within one intensity level.
@@ -9,17 +9,13 @@ from __future__ import annotations
 import logging
 from typing import List, Literal, Optional, Type
 
-import torch
 from pydantic import ConfigDict, Field
 
 from inference.core.workflows.core_steps.visualizations.mask.v1 import MaskManifest, MaskVisualizationBlockV1
 from inference.core.workflows.execution_engine.entities.base import WorkflowImageData
 from inference.core.workflows.prototypes.block import BlockResult, WorkflowBlockManifest
 
-from inference_fastpath.adapters.fallback import FallbackStage
-from inference_fastpath.adapters.visualization.mask_painting import GpuMaskPainter
-from inference_fastpath.adapters.visualization.reference import AnnotatorPainter
-from inference_fastpath.kernels.triton_runtime import unavailable_reason
+from inference_fastpath.adapters.visualization.painter_choice import resolve_painter
 
 LOGGER = logging.getLogger("inference_fastpath")
 BLOCK_TYPE = "fastpath/mask_visualization@v1"
@@ -31,10 +27,10 @@ class BlockManifest(MaskManifest):
         json_schema_extra={
             "name": "Mask Visualization (Fastpath)",
             "version": "v1",
-            "short_description": "Mask visualization painted on the GPU from compact masks.",
-            "long_description": "The stock Mask Visualization block's picture, painted on the GPU with a Triton "
-            "kernel from the compact masks of the Fastpath segmentation block (no full-frame mask per object). "
-            "Other predictions (dense masks, RLE) and machines without a GPU are painted by the stock annotator.",
+            "short_description": "Mask visualization painted from compact masks, crop by crop or on the GPU.",
+            "long_description": "The stock Mask Visualization block's picture, painted from the compact masks of the "
+            "Fastpath segmentation block without a full-frame mask per object: small masks crop by crop on the "
+            "host, frame-filling ones on the GPU with a Triton kernel. Dense masks are painted by the stock annotator.",
             "license": "Apache-2.0",
             "block_type": "visualization",
             "search_keywords": ["annotator", "mask", "fastpath", "gpu"],
@@ -43,13 +39,16 @@ class BlockManifest(MaskManifest):
         }
     )
     type: Literal["fastpath/mask_visualization@v1"]
-    painter: Literal["auto", "triton", "reference"] = Field(
+    painter: Literal["auto", "crops", "triton", "reference"] = Field(
         default="auto",
         description="Who paints the masks.",
         json_schema_extra={
             "values_metadata": {
-                "auto": {"name": "Auto", "description": "The GPU kernel on a CUDA device, the stock annotator otherwise."},
-                "triton": {"name": "Triton (GPU)", "description": "The GPU kernel (also under TRITON_INTERPRET=1 on the CPU)."},
+                "auto": {"name": "Auto", "description": "Per frame: small masks crop by crop on the host, "
+                         "frame-filling ones on the GPU (crop by crop without a CUDA device)."},
+                "crops": {"name": "Crops (host)", "description": "Each mask's own crop rectangle, on the host."},
+                "triton": {"name": "Triton (GPU)", "description": "The GPU kernel over the region the masks "
+                           "span (also under TRITON_INTERPRET=1 on the CPU)."},
                 "reference": {"name": "Reference", "description": "supervision's MaskAnnotator, as the stock block."},
             },
             "additional_section": True,
@@ -58,7 +57,7 @@ class BlockManifest(MaskManifest):
 
 
 class FastpathMaskVisualizationBlockV1(MaskVisualizationBlockV1):
-    """The stock block's palette and annotator settings, with the painting handed to the GPU.
+    """The stock block's palette and annotator settings, with the painting handed to a fast twin.
 
     Example:
         >>> block = FastpathMaskVisualizationBlockV1()  # doctest: +SKIP
@@ -68,7 +67,6 @@ class FastpathMaskVisualizationBlockV1(MaskVisualizationBlockV1):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._painters = {}
-        self._logged = set()
 
     @classmethod
     def get_manifest(cls) -> Type[WorkflowBlockManifest]:
@@ -88,17 +86,7 @@ class FastpathMaskVisualizationBlockV1(MaskVisualizationBlockV1):
 
     def _painter(self, requested: str):
         if requested not in self._painters:
-            reference = AnnotatorPainter()
-            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-            reason = None
-            if requested == "reference":
-                painter = reference
-            elif requested == "auto" and device.type != "cuda":
-                reason, painter = "`auto` paints on the GPU only", reference
-            elif unavailable_reason(device) is not None:
-                reason, painter = unavailable_reason(device), reference
-            else:
-                painter = FallbackStage("mask painting", GpuMaskPainter(device), reference)
+            painter, reason = resolve_painter(requested)
             if reason:
                 LOGGER.warning("step %s: painter=%s resolved to the stock annotator: %s",
                                getattr(self, "_workflow_step_name", BLOCK_TYPE), requested, reason)

@@ -14,45 +14,12 @@ if not torch.cuda.is_available():
 import numpy as np
 import pytest
 import supervision as sv
-from supervision.detection.compact_mask import CompactMask
 
 from inference_fastpath.adapters.visualization.mask_painting import GpuMaskPainter
 from inference_fastpath.kernels.mask_overlay import MaskRuns
+from support.mask_scenes import MASK_KINDS, compact_detections as _detections, mask_stack as _masks
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _detections(masks: np.ndarray, class_id=None) -> sv.Detections:
-    n, height, width = masks.shape
-    boxes = np.zeros((n, 4))
-    for i, mask in enumerate(masks):
-        ys, xs = np.nonzero(mask)
-        boxes[i] = (xs.min(), ys.min(), xs.max(), ys.max()) if ys.size else (0, 0, 0, 0)
-    class_id = np.arange(n) if class_id is None else np.asarray(class_id)
-    return sv.Detections(xyxy=boxes, class_id=class_id, mask=CompactMask.from_dense(masks, boxes, (height, width)))
-
-
-def _masks(kind: str, height: int, width: int, rng) -> np.ndarray:
-    if kind == "empty":
-        return np.zeros((2, height, width), bool)
-    if kind == "full":
-        return np.ones((1, height, width), bool)
-    if kind == "one_pixel":
-        masks = np.zeros((3, height, width), bool)
-        for m in masks:
-            m[rng.integers(0, height), rng.integers(0, width)] = True
-        return masks
-    if kind == "overlapping":
-        masks = np.zeros((4, height, width), bool)
-        for m in masks:
-            y, x = rng.integers(0, height), rng.integers(0, width)
-            m[y : y + rng.integers(1, height + 1), x : x + rng.integers(1, width + 1)] = True
-        return masks
-    if kind == "noise":  # many short runs: a few hundred kernel programs, even under the interpreter
-        masks = np.zeros((3, height, width), bool)
-        masks[:, : min(height, 24), : min(width, 24)] = rng.random((3, min(height, 24), min(width, 24))) < 0.3
-        return masks
-    raise ValueError(kind)
 
 
 def _compare(scene, detections, annotator):
@@ -66,7 +33,7 @@ def _compare(scene, detections, annotator):
 
 
 @pytest.mark.parametrize("hw", [(1, 1), (2, 3), (37, 53), (120, 160)])
-@pytest.mark.parametrize("kind", ["empty", "full", "one_pixel", "overlapping", "noise"])
+@pytest.mark.parametrize("kind", MASK_KINDS)
 @pytest.mark.parametrize("opacity", [0.0, 0.5, 1.0])
 def test_overlay_equals_mask_annotator(hw, kind, opacity):
     rng = np.random.default_rng(hash((hw, kind)) % 2**32)
