@@ -42,7 +42,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--mask-output", default="compact", choices=["compact", "dense", "rle"])
     parser.add_argument("--no-cuda-graphs", action="store_true")
-    parser.add_argument("--pipeline-depth", type=int, default=1, choices=[1, 2])
+    parser.add_argument("--pipeline-depth", type=int, default=2, choices=[1, 2],
+                        help="2 (default): the engine runs frame t+1 while the host finishes frame t")
     parser.add_argument("--confidence", type=float, help="custom confidence threshold")
     parser.add_argument("--pinned-decode", action="store_true",
                         help="decode into recycled pinned buffers (adapters/cuda/pinned_video_source.py): the Triton "
@@ -114,7 +115,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     if writer is not None:
         encode = f"{writer.encode_fps:.1f}" if writer.encode_fps else "n/a"
-        print(f"video writer: {writer.frames_written} frames, {encode} fps on its own thread")
+        print(f"video writer: {writer.frames_written} frames, {encode} fps on its own thread, {writer.encoder}")
     if args.out:
         print(f"annotated video: {args.out}")
     return 0

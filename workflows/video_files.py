@@ -60,7 +60,9 @@ class BackgroundVideoWriter:
 
     The queue is bounded (``max_pending`` frames): when the encoder falls behind, ``write`` waits
     rather than dropping a frame. ``encode_fps`` is the encoder's own rate (frames over the time it
-    spent encoding), whatever the producer's rate.
+    spent encoding), whatever the producer's rate. The file is MPEG-4 part 2 (OpenCV's ``mp4v``),
+    encoded by FFmpeg through PyAV on all cores when PyAV is installed (``inference`` installs it),
+    else by OpenCV on one thread; ``encoder`` says which, and why when it is OpenCV.
 
     Example:
         >>> import tempfile, os
@@ -76,6 +78,7 @@ class BackgroundVideoWriter:
         self.path = str(path)
         self.fps = float(fps)
         self.fourcc = fourcc
+        self.encoder: Optional[str] = None
         self.frames_written = 0
         self.encode_seconds = 0.0
         self.error: Optional[BaseException] = None
@@ -122,13 +125,56 @@ class BackgroundVideoWriter:
                 if self._writer is None:
                     height, width = frame.shape[:2]
                     self._size = (width, height)
-                    self._writer = cv2.VideoWriter(self.path, cv2.VideoWriter_fourcc(*self.fourcc), self.fps, self._size)
-                    if not self._writer.isOpened():
-                        raise RuntimeError(f"OpenCV cannot open {self.path} for writing")
-                if (frame.shape[1], frame.shape[0]) != self._size:
-                    frame = cv2.resize(frame, self._size)
+                    self._writer, self.encoder = _open_encoder(self.path, self.fps, self._size, self.fourcc)
                 self._writer.write(frame)
                 self.encode_seconds += time.perf_counter() - started
                 self.frames_written += 1
             except BaseException as error:  # noqa: BLE001 - reported to the producer on its next call
                 self.error = error
+
+
+class _PyAvEncoder:
+    """MPEG-4 part 2 through FFmpeg's own encoder, slice-threaded over the machine's cores."""
+
+    def __init__(self, av, path: str, fps: float, size: Tuple[int, int]) -> None:
+        from fractions import Fraction
+
+        self._av = av
+        self._container = av.open(path, "w")
+        self._stream = self._container.add_stream("mpeg4", rate=Fraction(fps).limit_denominator(1001))
+        self._stream.width, self._stream.height = size
+        self._stream.pix_fmt = "yuv420p"
+        self._stream.bit_rate = 8 * size[0] * size[1]  # about what OpenCV's mp4v writer gives such frames
+        self._stream.thread_type = "AUTO"
+        self._stream.thread_count = 0  # FFmpeg's choice: one per core
+
+    def write(self, frame: np.ndarray) -> None:
+        picture = self._av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="bgr24")
+        for packet in self._stream.encode(picture):
+            self._container.mux(packet)
+
+    def release(self) -> None:
+        for packet in self._stream.encode():
+            self._container.mux(packet)
+        self._container.close()
+
+
+def _open_encoder(path: str, fps: float, size: Tuple[int, int], fourcc: str):
+    """(encoder, description): PyAV's threaded MPEG-4 for ``mp4v``, OpenCV's writer otherwise."""
+    reason = None
+    if fourcc != "mp4v":
+        reason = f"fourcc {fourcc!r} is OpenCV's"
+    elif size[0] % 2 or size[1] % 2:
+        reason = f"odd frame size {size[0]}x{size[1]} (MPEG-4's 4:2:0 needs even sides)"
+    else:
+        try:
+            import av
+        except ImportError as error:
+            reason = f"PyAV is not installed ({error})"
+        else:
+            return _PyAvEncoder(av, path, fps, size), "pyav-mpeg4-threaded"
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*fourcc), fps, size)
+    if not writer.isOpened():
+        raise RuntimeError(f"OpenCV cannot open {path} for writing")
+    return writer, f"opencv-{fourcc} ({reason})"
+
