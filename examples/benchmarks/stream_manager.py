@@ -3,8 +3,9 @@
     python -m inference_fastpath.examples.benchmarks.stream_manager --pipelines 1,2,4 --frames 100 \\
         --config "rle-d2:mask_output=rle,pipeline_depth=2" --out stream_manager.json
 
-Starts the real stream manager (``python -m streamvision`` with inference's pipeline host) and the
-inference HTTP server with ``ENABLE_STREAM_API`` on 127.0.0.1, then, for each M, initialises M
+Starts the real stream manager (``python -m streamvision`` with inference's pipeline host; its pipeline
+processes forked or spawned, ``--start-method``) and the inference HTTP server with
+``ENABLE_STREAM_API`` on 127.0.0.1, then, for each M, initialises M
 pipelines over ``POST /inference_pipelines/initialise`` with our workflow specification (each on
 its own copy of the clip, WAIT/LAZY buffering) and drains each one's results over
 ``GET /inference_pipelines/{id}/consume`` on its own thread. Reports the aggregate and per-pipeline
@@ -97,8 +98,9 @@ def last_error_line(log: Path) -> str:
 
 
 @contextlib.contextmanager
-def running_stream_api(log_dir: Path, max_pipelines: int) -> Iterator[str]:
-    """The stream manager and the HTTP server, started and stopped together; yields the base URL."""
+def running_stream_api(log_dir: Path, max_pipelines: int, start_method: str = "fork") -> Iterator[str]:
+    """The stream manager (pipeline processes started by ``start_method``) and the HTTP server, started and
+    stopped together; yields the base URL."""
     import httpx
 
     manager_port, http_port = _free_port(), _free_port()
@@ -109,7 +111,8 @@ def running_stream_api(log_dir: Path, max_pipelines: int) -> Iterator[str]:
         logs = {"stream manager": log_dir / "stream_manager.log", "server": log_dir / "server.log"}
         with open(logs["stream manager"], "w") as manager_log, open(logs["server"], "w") as server_log:
             processes.append(subprocess.Popen(
-                [sys.executable, "-m", "streamvision", "--host-factory",
+                [sys.executable, "-m", "inference_fastpath.examples.benchmarks.stream_manager_launch",
+                 "--start-method", start_method, "--host-factory",
                  "inference.core.interfaces.legacy_stream.host:LegacyPipelineHost"],
                 env=environment, stdout=manager_log, stderr=subprocess.STDOUT))
             processes.append(subprocess.Popen(
@@ -328,6 +331,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     parser = scaling_parser(__doc__.split("\n\n")[0], "--pipelines", "1,2,4", "pipeline", "stream_manager.json")
     parser.add_argument("--stock-pipelines", type=int, default=1, help="M for the stock v3 run (0: none)")
+    parser.add_argument("--start-method", default="fork", choices=["fork", "spawn", "forkserver"],
+                        help="how the manager starts pipeline processes (its default: fork; spawn when the "
+                             "manager process has initialised CUDA, see stream_manager_launch.py)")
     args, counts, name, options = parse_scaling_args(parser, argv, "--pipelines")
 
     from inference_fastpath.examples.demo_model import build_demo_model, default_clip_path
@@ -341,7 +347,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         copies = [shutil.copy(clip, Path(directory) / f"copy{i}.mp4") for i in range(max(counts + [args.stock_pipelines]))]
         workflow = load_workflow(FASTPATH, **options)
         expected = in_process_signatures(workflow, clip, model)
-        with running_stream_api(out.with_name(out.stem + "-logs"), max(counts)) as base:
+        with running_stream_api(out.with_name(out.stem + "-logs"), max(counts), args.start_method) as base:
             if args.stock_pipelines:
                 results.append(run_pipelines("stock-v3", base, load_workflow(STOCK_V3), copies[:args.stock_pipelines],
                                              model, args.frames, args.warmup))
@@ -350,6 +356,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                              expected))
     report = {"created": datetime.datetime.now().isoformat(timespec="seconds"), "frames_per_pipeline": args.frames,
               "resolution": args.resolution or "native", "options": options, "decoding_buffer": DECODING_BUFFER,
+              "start_method": args.start_method,
               "results": results}
     out.write_text(json.dumps(report, indent=1, default=str))
     print(f"results: {out}")
