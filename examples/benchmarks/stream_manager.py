@@ -50,6 +50,7 @@ configure_environment()
 
 DECODING_BUFFER = 2
 STARTUP_S = 300.0
+IDLE_S = 150.0  # the first result waits for the process start, the model load and the graph captures
 STATUS_POLL_S = 0.5  # the manager forgets a failed pipeline about a second after it fails
 
 
@@ -215,8 +216,11 @@ def drain(base: str, pipeline_id: str, rows: List[Dict[str, Any]], timeout_s: fl
     deadline = time.monotonic() + timeout_s
     problems = [] if problems is None else problems
     polled = 0.0
+    last_result = time.monotonic()
     with httpx.Client(timeout=30) as client:
         while time.monotonic() < deadline:
+            if time.monotonic() - last_result > IDLE_S:
+                return f"no result for {IDLE_S:.0f} s (a pipeline whose every frame fails is not ended by the manager)"
             if time.monotonic() - polled > STATUS_POLL_S:
                 source_problems(client, base, pipeline_id, problems)
                 polled = time.monotonic()
@@ -231,6 +235,7 @@ def drain(base: str, pipeline_id: str, rows: List[Dict[str, Any]], timeout_s: fl
                 time.sleep(0.002)
                 continue
             now = time.perf_counter()
+            last_result = time.monotonic()
             for output, meta in zip(outputs, body.get("frames_metadata") or []):
                 if output is not None:
                     rows.append(dict(at=now, frame_id=meta.get("frame_id"),
@@ -306,6 +311,8 @@ def run_pipelines(name: str, base: str, workflow: dict, videos: Sequence[str], m
     print(f"{name:>14} M={len(ids):<3} {shown:>8} fps aggregate, delivered {[p['delivered'] for p in pipelines]} "
           f"of {frames} each, differing {[p['results_differing_from_in_process'] for p in pipelines]}", flush=True)
     for index, pipeline in enumerate(pipelines):
+        if pipeline["stopped"] != "ended":
+            print(f"  pipeline {index} ({videos[index]}): stopped: {pipeline['stopped']}", flush=True)
         for problem in pipeline["source_problems"]:
             print(f"  pipeline {index} ({videos[index]}): {problem}", flush=True)
         if pipeline["ended_without_a_frame"] and not pipeline["source_problems"]:
