@@ -260,11 +260,24 @@ def gpu_memory_by_process() -> Optional[Dict[int, float]]:
 def run_pipelines(name: str, base: str, workflow: dict, videos: Sequence[str], model: str, frames: int,
                   warmup: int, expected: Optional[Dict[int, List[tuple]]] = None,
                   timeout_s: float = 540.0) -> Dict[str, Any]:
-    """One pipeline per video through the stream API, drained concurrently."""
+    """One pipeline per video through the stream API, each drained from the moment it is initialised.
+
+    The manager starts pipelines one after another (seconds apart under ``spawn``), and it drops
+    the results a pipeline still holds when its source ends: a pipeline left undrained until the
+    last one has started would lose its frames.
+    """
     import httpx
 
     ids: List[str] = []
     problems: List[List[str]] = []
+    rows: List[List[Dict[str, Any]]] = [[] for _ in videos]
+    stops: List[Optional[str]] = [None] * len(videos)
+    memory: Dict[int, float] = {}
+    threads: List[threading.Thread] = []
+
+    def consume(index: int) -> None:
+        stops[index] = drain(base, ids[index], rows[index], timeout_s, problems[index])
+
     with httpx.Client(timeout=300) as client:
         for video in videos:
             response = client.post(f"{base}/inference_pipelines/initialise", json=initialise_payload(video, workflow, model))
@@ -272,21 +285,14 @@ def run_pipelines(name: str, base: str, workflow: dict, videos: Sequence[str], m
                 raise RuntimeError(f"initialise answered {response.status_code}: {response.text[:300]}")
             ids.append(response.json()["context"]["pipeline_id"])
             problems.append([])
+            threads.append(threading.Thread(target=consume, args=(len(ids) - 1,), daemon=True))
+            threads[-1].start()
             await_sources(client, base, ids[-1], problems[-1])
-    rows: List[List[Dict[str, Any]]] = [[] for _ in ids]
-    stops: List[Optional[str]] = [None] * len(ids)
-    memory: Dict[int, float] = {}
-
-    def consume(index: int) -> None:
-        stops[index] = drain(base, ids[index], rows[index], timeout_s, problems[index])
-
-    threads = [threading.Thread(target=consume, args=(i,), daemon=True) for i in range(len(ids))]
-    for thread in threads:
-        thread.start()
+    own = os.getpid()  # this process's in-process reference run holds GPU memory too
     while any(t.is_alive() for t in threads):
         sample = gpu_memory_by_process()
         if sample:
-            memory.update({pid: max(used, memory.get(pid, 0.0)) for pid, used in sample.items()})
+            memory.update({pid: max(used, memory.get(pid, 0.0)) for pid, used in sample.items() if pid != own})
         time.sleep(1.0)
     pipelines, first, last, counted = [], [], [], 0
     for index, got in enumerate(rows):
