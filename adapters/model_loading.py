@@ -62,10 +62,6 @@ class LoadedModel:
     device: torch.device
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 class ModelRegistry:
     """Process-wide cache of loaded models. Thread-safe; each key loads at most once.
 

@@ -7,9 +7,11 @@ caches. Validation errors name the offending field and list the allowed values.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Any, Dict, Literal, Mapping, Optional, Tuple, get_args
+from typing import Any, Dict, Literal, Mapping, Tuple, get_args
 
 from pydantic import TypeAdapter, ValidationError
+
+from inference_fastpath.adapters.device_placement import check_device_value
 
 PreprocessChoice = Literal["auto", "triton", "reference"]
 EngineChoice = Literal["auto", "tensorrt", "torch", "onnx"]
@@ -51,7 +53,7 @@ class FastpathOptions:
     precision: PrecisionChoice = "fp32"
     mask_output: MaskOutputChoice = "compact"
     pipeline_depth: PipelineDepth = 1
-    device: Optional[str] = None  # None: cuda when available, else cpu
+    device: str = "auto"  # adapters/device_placement.py: auto, cpu, cuda, cuda:N
 
     def __post_init__(self) -> None:
         for name, allowed in ALLOWED_VALUES.items():
@@ -60,6 +62,10 @@ class FastpathOptions:
                 raise InvalidOptionError(
                     f"Invalid value {value!r} for option `{name}`: expected one of {list(allowed)}."
                 )
+        try:
+            object.__setattr__(self, "device", check_device_value(self.device))
+        except ValueError as error:
+            raise InvalidOptionError(str(error)) from None
         if not isinstance(self.cuda_graphs, bool):
             # a selector hands the raw value over ("false" from $inputs); parse it as the manifest
             # parses the same text written into the workflow JSON

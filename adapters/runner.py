@@ -27,7 +27,8 @@ from inference_fastpath.adapters.contracts import (
     StageTimings,
 )
 from inference_fastpath.adapters.frames import split_valid_frames
-from inference_fastpath.adapters.model_loading import MODEL_REGISTRY, LoadedModel, default_device
+from inference_fastpath.adapters.device_placement import on_device, resolve_device
+from inference_fastpath.adapters.model_loading import MODEL_REGISTRY, LoadedModel
 from inference_fastpath.adapters.options import FastpathOptions
 from inference_fastpath.adapters.selection import StageChoice, select_stages
 from inference_fastpath.adapters.step_inputs import StepInputs
@@ -59,7 +60,9 @@ class SegmentationRunner:
     def __init__(self, loaded: LoadedModel, options: FastpathOptions) -> None:
         self.loaded = loaded
         self.options = options
-        stages = select_stages(options, loaded)
+        self.device = loaded.device
+        with on_device(self.device):  # buffers, streams and graphs of every stage on the step's device
+            stages = select_stages(options, loaded)
         self.preprocess, self.engine, self.postprocess = stages.preprocess, stages.engine, stages.postprocess
         self.choices: Tuple[StageChoice, ...] = stages.choices
         self._launch_lock = threading.Lock()
@@ -144,7 +147,7 @@ class SegmentationRunner:
         timings = StageTimings()
         timeline = self.timeline
         trace = timeline.start() if timeline is not None else None
-        with self._launch_lock:
+        with self._launch_lock, on_device(self.device):
             started = time.perf_counter()
             batch = self.preprocess(frames, input_buffer=self.engine.input_buffer)
             after_preprocess = time.perf_counter()
@@ -161,7 +164,7 @@ class SegmentationRunner:
     def complete(self, launched: Launched, request: PostprocessRequest
                  ) -> Tuple[List[FrameDetections], StageTimings]:
         """Postprocess; ends with the detections on the host."""
-        with self._complete_lock:
+        with self._complete_lock, on_device(self.device):
             started = time.perf_counter()
             detections = self.postprocess(launched.raw, launched.metadata, request)
             launched.timings.postprocess_ms = (time.perf_counter() - started) * 1e3
@@ -183,8 +186,8 @@ class RunnerCache:
         self._lock = threading.Lock()
 
     def get(self, model_id: str, options: FastpathOptions, api_key: Optional[str] = None) -> SegmentationRunner:
-        device = options.device or default_device()
-        loaded = MODEL_REGISTRY.get(model_id=model_id, engine=options.engine, device=device, api_key=api_key)
+        device = resolve_device(options.device)
+        loaded = MODEL_REGISTRY.get(model_id=model_id, engine=options.engine, device=str(device), api_key=api_key)
         key = (loaded.key, options.stage_options())
         with self._lock:
             runner = self._runners.get(key)

@@ -42,6 +42,7 @@ from inference.core.workflows.prototypes.block import (
 
 from inference_fastpath.adapters.model_access import LocalPackagesRefused
 from inference_fastpath.adapters.model_loading import ModelLoadingError
+from inference_fastpath.adapters.device_placement import check_device_value
 from inference_fastpath.adapters.options import FastpathOptions, InvalidOptionError
 from inference_fastpath.adapters.runner import RUNNERS, SegmentationRunner
 from inference_fastpath.adapters.scheduling.pipeline_glue import (
@@ -222,6 +223,21 @@ class BlockManifest(WorkflowBlockManifest):
         },
     )
 
+    device: Union[str, Selector(kind=[STRING_KIND])] = Field(
+        default="auto",
+        description="Device of every stage: 'auto' (this process's current GPU, else the CPU), 'cuda:N' (the N-th "
+        "GPU this process sees) or 'cpu'. A GPU the process cannot see is an error, never a silent fallback.",
+        examples=["auto", "cuda:0", "cuda:1", "cpu"],
+        json_schema_extra={**ADDITIONAL},
+    )
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _device_format(cls, value):
+        if isinstance(value, str) and not value.startswith("$"):
+            check_device_value(value)
+        return value
+
     @field_validator("pipeline_depth", "mask_output", mode="before")
     @classmethod
     def _fixed_at_pipeline_start(cls, value, info):
@@ -273,11 +289,6 @@ class BlockManifest(WorkflowBlockManifest):
 # The request's API key as the stock model blocks receive it: the HTTP request's key on the server,
 # the pipeline's key in InferencePipeline (see adapters/model_access.py).
 API_KEY_PARAMETER = "workflows_core.api_key"
-
-
-# The request's API key as the stock model blocks receive it: the HTTP request's key on the server,
-# the pipeline's key in InferencePipeline (see adapters/model_access.py).
-API_KEY_PARAMETER = "workflows_core.api_key"
 OUTPUT_KEYS = ("inference_id", "predictions", "model_id")
 
 
@@ -317,11 +328,12 @@ class RFDetrInstanceSegmentationBlockV1(StreamPipelinedStep, WorkflowBlock):
         precision: str = "fp32",
         postprocess: str = "auto",
         pipeline_depth: int = 1,
+        device: str = "auto",
     ) -> BlockResult:
         with self._client_errors():
             options = FastpathOptions(preprocess=preprocess, engine=engine, cuda_graphs=cuda_graphs,
                                       postprocess=postprocess, precision=precision, mask_output=mask_output,
-                                      pipeline_depth=pipeline_depth)
+                                      pipeline_depth=pipeline_depth, device=device)
             inputs = StepInputs.from_block(
                 model_id=model_id, confidence_mode=confidence_mode, custom_confidence=custom_confidence,
                 per_class_confidence=per_class_confidence, class_filter=class_filter,
