@@ -77,8 +77,8 @@ def on_device(device: torch.device) -> Iterator[None]:
         >>> with on_device(torch.device("cpu")):
         ...     pass
     """
-    if device.type != "cuda":
-        yield
+    if device.type != "cuda" or device.index == torch.cuda.current_device():
+        yield  # already current: the common single-GPU case pays nothing
         return
     with torch.cuda.device(device):
         yield

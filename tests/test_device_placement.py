@@ -85,6 +85,7 @@ def test_every_stage_is_built_and_run_on_the_steps_device(monkeypatch):
     current (Triton launches, graph captures and pinned buffers follow the current device)."""
     recorder = _DeviceRecorder()
     monkeypatch.setattr(torch.cuda, "device", recorder)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)  # another GPU is current
     seen = {}
     target = torch.device("cuda", 1)
 
@@ -127,3 +128,16 @@ def test_runner_cache_loads_the_model_on_the_resolved_device(monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(DevicePlacementError, match="sees no CUDA device"):
             runner_module.RUNNERS.get("m", FastpathOptions(device="cuda:0"))
+
+
+def test_the_current_device_is_left_alone(monkeypatch):
+    from inference_fastpath.adapters.device_placement import on_device
+
+    recorder = _DeviceRecorder()
+    monkeypatch.setattr(torch.cuda, "device", recorder)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    with on_device(torch.device("cuda", 1)):
+        assert recorder.now is None
+    with on_device(torch.device("cuda", 0)):
+        assert recorder.now == torch.device("cuda", 0)
+

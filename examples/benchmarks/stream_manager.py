@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
+from inference_fastpath.workflows.placement import on_device, round_robin_devices
 from inference_fastpath.workflows.running import configure_environment
 
 configure_environment()
@@ -259,7 +260,7 @@ def gpu_memory_by_process() -> Optional[Dict[int, float]]:
 
 def run_pipelines(name: str, base: str, workflow: dict, videos: Sequence[str], model: str, frames: int,
                   warmup: int, expected: Optional[Dict[int, List[tuple]]] = None,
-                  timeout_s: float = 540.0) -> Dict[str, Any]:
+                  timeout_s: float = 540.0, gpus: int = 0) -> Dict[str, Any]:
     """One pipeline per video through the stream API, each drained from the moment it is initialised.
 
     The manager starts pipelines one after another (seconds apart under ``spawn``), and it drops
@@ -278,9 +279,11 @@ def run_pipelines(name: str, base: str, workflow: dict, videos: Sequence[str], m
     def consume(index: int) -> None:
         stops[index] = drain(base, ids[index], rows[index], timeout_s, problems[index])
 
+    devices = round_robin_devices(len(videos), gpus) if gpus else [None] * len(videos)
     with httpx.Client(timeout=300) as client:
-        for video in videos:
-            response = client.post(f"{base}/inference_pipelines/initialise", json=initialise_payload(video, workflow, model))
+        for video, device in zip(videos, devices):
+            spec = workflow if device is None else on_device(workflow, device)
+            response = client.post(f"{base}/inference_pipelines/initialise", json=initialise_payload(video, spec, model))
             if response.status_code != 200:
                 raise RuntimeError(f"initialise answered {response.status_code}: {response.text[:300]}")
             ids.append(response.json()["context"]["pipeline_id"])
@@ -311,8 +314,8 @@ def run_pipelines(name: str, base: str, workflow: dict, videos: Sequence[str], m
                               source_problems=problems[index],
                               ended_without_a_frame=not got and stops[index] == "ended"))
     fps = counted / (max(last) - min(first)) if first and max(last) > min(first) else None
-    result = dict(name=name, pipelines=len(ids), fps=fps, frames=sum(p["delivered"] for p in pipelines),
-                  per_pipeline=pipelines, gpu_memory_mib_per_process=sorted(memory.values()) or None)
+    result = dict(name=name, pipelines=len(ids), gpus=gpus or None, devices=devices if gpus else None, fps=fps,
+                  frames=sum(p["delivered"] for p in pipelines), per_pipeline=pipelines, gpu_memory_mib_per_process=sorted(memory.values()) or None)
     shown = f"{fps:.1f}" if fps else "n/a"
     print(f"{name:>14} M={len(ids):<3} {shown:>8} fps aggregate, delivered {[p['delivered'] for p in pipelines]} "
           f"of {frames} each, differing {[p['results_differing_from_in_process'] for p in pipelines]}", flush=True)
@@ -344,6 +347,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     parser = scaling_parser(__doc__.split("\n\n")[0], "--pipelines", "1,2,4", "pipeline", "stream_manager.json")
     parser.add_argument("--stock-pipelines", type=int, default=1, help="M for the stock v3 run (0: none)")
+    parser.add_argument("--gpus", type=int, default=0,
+                        help="spread our pipelines round-robin over this many GPUs through the block's device option "
+                             "(0: leave `device` at auto); the stock pipelines stay on the current GPU")
     parser.add_argument("--start-method", default="fork", choices=["fork", "spawn", "forkserver"],
                         help="how the manager starts pipeline processes (its default: fork; spawn when the "
                              "manager process has initialised CUDA, see stream_manager_launch.py)")
@@ -366,7 +372,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                              model, args.frames, args.warmup))
             for count in counts:
                 results.append(run_pipelines(name, base, workflow, copies[:count], model, args.frames, args.warmup,
-                                             expected))
+                                             expected, gpus=args.gpus))
     report = {"created": datetime.datetime.now().isoformat(timespec="seconds"), "frames_per_pipeline": args.frames,
               "resolution": args.resolution or "native", "options": options, "decoding_buffer": DECODING_BUFFER,
               "start_method": args.start_method,
