@@ -156,3 +156,24 @@ def test_dense_predictions_through_auto_are_painted_by_the_stock_annotator(caplo
         painter(scene.copy(), dense, sv.MaskAnnotator())
     assert (ours == sv.MaskAnnotator().annotate(scene.copy(), dense)).all()
     assert sum("dense masks" in record.getMessage() for record in caplog.records) == 1  # logged once
+
+
+@pytest.mark.parametrize("painter_name", ["auto", "crops", "triton"])
+def test_rle_only_predictions_of_the_stock_v4_block_are_painted_by_the_stock_annotator(painter_name, caplog):
+    """mask=None with COCO RLE in data["rle_mask"]: the fast twins decline, the stock annotator decodes and paints."""
+    from pycocotools import mask as coco
+
+    masks = np.zeros((2, 20, 24), bool)
+    masks[0, 5:10, 5:12] = True
+    masks[1, 12:18, 2:20] = True
+    rles = np.array([coco.encode(np.asfortranarray(m.astype(np.uint8))) for m in masks], dtype=object)
+    detections = sv.Detections(xyxy=np.array([[5.0, 5, 11, 9], [2, 12, 19, 17]]), class_id=np.array([0, 1]),
+                               data={"rle_mask": rles})
+    scene = np.random.default_rng(2).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    painter, _ = resolve_painter(painter_name, torch.device("cpu"))
+    with caplog.at_level("WARNING", logger="inference_fastpath"):
+        ours = painter(scene.copy(), detections, sv.MaskAnnotator(opacity=0.5))
+    expected = stock_picture(scene, compact_detections(masks), sv.MaskAnnotator(opacity=0.5))
+    assert (ours != scene).any()
+    _assert_close(ours, expected)
+    assert any("RLE-only" in record.getMessage() for record in caplog.records)

@@ -10,11 +10,12 @@ wins.
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import cv2
 import numpy as np
 import supervision as sv
+from inference.core.workflows.execution_engine.constants import RLE_MASK_KEY_IN_SV_DETECTIONS
 from supervision.annotators.utils import resolve_color
 from supervision.detection.compact_mask import CompactMask
 
@@ -41,9 +42,7 @@ class CropMaskPainter:
         """Whether this call paints here (the fast-stage contract, ``adapters/fallback.py``)."""
         if not isinstance(scene, np.ndarray) or scene.dtype != np.uint8 or scene.ndim != 3 or scene.shape[2] != 3:
             return Verdict("the frame is not an (H, W, 3) uint8 array")
-        if detections.mask is not None and not isinstance(detections.mask, CompactMask):
-            return Verdict("dense masks (stock blocks' output): painted by supervision, crop by crop is ours")
-        return Verdict(None)
+        return Verdict(mask_form_problem(detections))
 
     def run_checked(self, verdict: Verdict, scene: np.ndarray, detections: sv.Detections,
                     annotator: sv.MaskAnnotator) -> np.ndarray:
@@ -80,6 +79,22 @@ class CropMaskPainter:
         if verdict.reason is not None:
             raise ValueError(f"CropMaskPainter cannot paint this call: {verdict.reason}")
         return self.run_checked(verdict, scene, detections, annotator)
+
+
+def mask_form_problem(detections: sv.Detections) -> Optional[str]:
+    """None when the fast painters take these masks (compact, or none at all), else who paints them.
+
+    Example:
+        >>> mask_form_problem(sv.Detections.empty()) is None
+        True
+    """
+    if detections.mask is None:
+        if RLE_MASK_KEY_IN_SV_DETECTIONS in detections.data:
+            return "RLE-only masks (the stock v4 block's output): decoded and painted by the stock annotator"
+        return None
+    if not isinstance(detections.mask, CompactMask):
+        return "dense masks (stock blocks' output): painted by supervision, crop by crop is ours"
+    return None
 
 
 def covered_fraction(masks: CompactMask, image_hw: Tuple[int, int]) -> float:
@@ -128,4 +143,4 @@ def _clear_overlap(won: np.ndarray, rect: Tuple[int, ...], other: Tuple[int, ...
     mine &= ~other_crop[y0 - other[1]:y1 - other[1], x0 - other[0]:x1 - other[0]]
 
 
-__all__: List[str] = ["CropMaskPainter", "covered_fraction"]
+__all__: List[str] = ["CropMaskPainter", "covered_fraction", "mask_form_problem"]

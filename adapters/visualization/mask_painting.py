@@ -19,6 +19,7 @@ from supervision.annotators.utils import resolve_color
 from supervision.detection.compact_mask import CompactMask
 
 from inference_fastpath.adapters.contracts import Verdict
+from inference_fastpath.adapters.visualization.crop_painting import mask_form_problem
 from inference_fastpath.kernels.mask_overlay import MaskRuns, launch_blend, launch_paint_labels
 from inference_fastpath.kernels.triton_runtime import unavailable_reason
 
@@ -45,9 +46,7 @@ class GpuMaskPainter:
             return Verdict(unavailable)
         if not isinstance(scene, np.ndarray) or scene.dtype != np.uint8 or scene.ndim != 3 or scene.shape[2] != 3:
             return Verdict("the frame is not an (H, W, 3) uint8 array")
-        if detections.mask is not None and not isinstance(detections.mask, CompactMask):
-            return Verdict("dense masks (stock blocks' output): painted by supervision, crop by crop is ours")
-        return Verdict(None)
+        return Verdict(mask_form_problem(detections))
 
     def run_checked(self, verdict: Verdict, scene: np.ndarray, detections: sv.Detections,
                     annotator: sv.MaskAnnotator) -> np.ndarray:
