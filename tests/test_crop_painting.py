@@ -21,6 +21,8 @@ from inference_fastpath.adapters.visualization.mask_painting import GpuMaskPaint
 from inference_fastpath.adapters.visualization.painter_choice import CoverageRoutedPainter, resolve_painter
 from support.mask_scenes import MASK_KINDS, compact_detections, mask_stack, stock_picture
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 
 def _assert_close(ours: np.ndarray, expected: np.ndarray) -> None:
     difference = np.abs(ours.astype(np.int16) - expected.astype(np.int16))
@@ -58,8 +60,9 @@ def test_colour_lookup_palette_and_painting_order(lookup):
     _assert_close(CropMaskPainter()(scene.copy(), detections, annotator), stock_picture(scene, detections, annotator))
 
 
-def test_a_mask_larger_than_the_frame_is_clipped():
-    """Predictions made on a larger image: only the part inside the frame is painted."""
+@pytest.mark.parametrize("fast", ["crops", "triton"])
+def test_a_mask_larger_than_the_frame_is_clipped(fast):
+    """Predictions made on a larger image: only the part inside the frame is painted (both fast twins)."""
     rng = np.random.default_rng(9)
     big = np.zeros((2, 60, 80), bool)
     big[0, 20:60, 30:80] = True
@@ -68,7 +71,8 @@ def test_a_mask_larger_than_the_frame_is_clipped():
     scene = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
     clipped = compact_detections(big[:, :40, :50])
     annotator = sv.MaskAnnotator(opacity=0.5)
-    _assert_close(CropMaskPainter()(scene.copy(), detections, annotator), stock_picture(scene, clipped, annotator))
+    painter = CropMaskPainter() if fast == "crops" else GpuMaskPainter(DEVICE)
+    _assert_close(painter(scene.copy(), detections, annotator), stock_picture(scene, clipped, annotator))
 
 
 def test_a_mask_wholly_outside_the_frame_paints_nothing():
@@ -124,7 +128,7 @@ def test_auto_routes_small_masks_to_crops_and_large_ones_to_the_gpu_kernel():
     small[0, 2:6, 3:9] = True
     small[1, 40:44, 50:52] = True
     large = np.ones((1, 60, 80), bool)
-    crops, gpu = _Spy(CropMaskPainter()), _Spy(GpuMaskPainter(torch.device("cuda" if torch.cuda.is_available() else "cpu")))
+    crops, gpu = _Spy(CropMaskPainter()), _Spy(GpuMaskPainter(DEVICE))
     routed = CoverageRoutedPainter(crops, gpu)
     annotator = sv.MaskAnnotator(opacity=0.5)
     for masks, expect_gpu in ((small, 0), (large, 1)):

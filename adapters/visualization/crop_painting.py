@@ -10,19 +10,19 @@ wins.
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import cv2
 import numpy as np
 import supervision as sv
-from inference.core.workflows.execution_engine.constants import RLE_MASK_KEY_IN_SV_DETECTIONS
 from supervision.annotators.utils import resolve_color
 from supervision.detection.compact_mask import CompactMask
 
 from inference_fastpath.adapters.contracts import Verdict
+from inference_fastpath.adapters.visualization.painting_contract import FastPainter
 
 
-class CropMaskPainter:
+class CropMaskPainter(FastPainter):
     """Paints ``detections``' compact masks into a BGR frame as ``annotator.annotate`` would.
 
     Example:
@@ -37,12 +37,6 @@ class CropMaskPainter:
     """
 
     name = "crops"
-
-    def check(self, scene: np.ndarray, detections: sv.Detections, annotator: sv.MaskAnnotator) -> Verdict:
-        """Whether this call paints here (the fast-stage contract, ``adapters/fallback.py``)."""
-        if not isinstance(scene, np.ndarray) or scene.dtype != np.uint8 or scene.ndim != 3 or scene.shape[2] != 3:
-            return Verdict("the frame is not an (H, W, 3) uint8 array")
-        return Verdict(mask_form_problem(detections))
 
     def run_checked(self, verdict: Verdict, scene: np.ndarray, detections: sv.Detections,
                     annotator: sv.MaskAnnotator) -> np.ndarray:
@@ -73,29 +67,6 @@ class CropMaskPainter:
             region = scene[y0:y1, x0:x1]
             cv2.copyTo(cv2.LUT(region, table), won.view(np.uint8), region)
         return scene
-
-    def __call__(self, scene: np.ndarray, detections: sv.Detections, annotator: sv.MaskAnnotator) -> np.ndarray:
-        verdict = self.check(scene, detections, annotator)
-        if verdict.reason is not None:
-            raise ValueError(f"CropMaskPainter cannot paint this call: {verdict.reason}")
-        return self.run_checked(verdict, scene, detections, annotator)
-
-
-def mask_form_problem(detections: sv.Detections) -> Optional[str]:
-    """None when the fast painters take these masks (compact, or none at all), else who paints them.
-
-    Example:
-        >>> mask_form_problem(sv.Detections.empty()) is None
-        True
-    """
-    if detections.mask is None:
-        if RLE_MASK_KEY_IN_SV_DETECTIONS in detections.data:
-            return "RLE-only masks (the stock v4 block's output): decoded and painted by the stock annotator"
-        return None
-    if not isinstance(detections.mask, CompactMask):
-        return "dense masks (stock blocks' output): painted by supervision, crop by crop is ours"
-    return None
-
 
 def covered_fraction(masks: CompactMask, image_hw: Tuple[int, int]) -> float:
     """The summed area of the masks' crop rectangles over the frame's area (can exceed 1).
@@ -143,4 +114,4 @@ def _clear_overlap(won: np.ndarray, rect: Tuple[int, ...], other: Tuple[int, ...
     mine &= ~other_crop[y0 - other[1]:y1 - other[1], x0 - other[0]:x1 - other[0]]
 
 
-__all__: List[str] = ["CropMaskPainter", "covered_fraction", "mask_form_problem"]
+__all__: List[str] = ["CropMaskPainter", "covered_fraction"]

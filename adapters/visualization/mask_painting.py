@@ -19,12 +19,12 @@ from supervision.annotators.utils import resolve_color
 from supervision.detection.compact_mask import CompactMask
 
 from inference_fastpath.adapters.contracts import Verdict
-from inference_fastpath.adapters.visualization.crop_painting import mask_form_problem
+from inference_fastpath.adapters.visualization.painting_contract import FastPainter
 from inference_fastpath.kernels.mask_overlay import MaskRuns, launch_blend, launch_paint_labels
 from inference_fastpath.kernels.triton_runtime import unavailable_reason
 
 
-class GpuMaskPainter:
+class GpuMaskPainter(FastPainter):
     """Paints ``detections``' compact masks into a BGR frame like ``annotator.annotate`` would.
 
     Example:
@@ -44,9 +44,7 @@ class GpuMaskPainter:
         unavailable = unavailable_reason(self.device)
         if unavailable is not None:
             return Verdict(unavailable)
-        if not isinstance(scene, np.ndarray) or scene.dtype != np.uint8 or scene.ndim != 3 or scene.shape[2] != 3:
-            return Verdict("the frame is not an (H, W, 3) uint8 array")
-        return Verdict(mask_form_problem(detections))
+        return super().check(scene, detections, annotator)
 
     def run_checked(self, verdict: Verdict, scene: np.ndarray, detections: sv.Detections,
                     annotator: sv.MaskAnnotator) -> np.ndarray:
@@ -76,12 +74,6 @@ class GpuMaskPainter:
                          (0, 0, x1 - x0, y1 - y0))
             scene[y0:y1, x0:x1] = patch.cpu().numpy()
         return scene
-
-    def __call__(self, scene: np.ndarray, detections: sv.Detections, annotator: sv.MaskAnnotator) -> np.ndarray:
-        verdict = self.check(scene, detections, annotator)
-        if verdict.reason is not None:
-            raise ValueError(f"GpuMaskPainter cannot paint this call: {verdict.reason}")
-        return self.run_checked(verdict, scene, detections, annotator)
 
     def _label_plane(self, height: int, width: int) -> torch.Tensor:
         need = height * width

@@ -63,22 +63,6 @@ def test_8k_frame_with_small_masks():
     _compare(scene, _detections(masks), sv.MaskAnnotator(opacity=0.5))
 
 
-def test_a_mask_larger_than_the_frame_is_clipped():
-    """Predictions made on a larger image: the part outside the frame is not painted."""
-    rng = np.random.default_rng(9)
-    big = np.zeros((2, 60, 80), bool)
-    big[0, 20:60, 30:80] = True
-    big[1, 0:10, 0:10] = True
-    detections = _detections(big)
-    scene = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
-    expected = scene.copy()
-    blended = (0.5 * np.array(sv.ColorPalette.DEFAULT.by_idx(0).as_bgr()) + 0.5 * scene[20:, 30:]).round()
-    expected[20:, 30:] = blended.astype(np.uint8)
-    expected[:10, :10] = (0.5 * np.array(sv.ColorPalette.DEFAULT.by_idx(1).as_bgr()) + 0.5 * scene[:10, :10]).round()
-    ours = GpuMaskPainter(DEVICE)(scene.copy(), detections, sv.MaskAnnotator(opacity=0.5))
-    assert np.abs(ours.astype(int) - expected.astype(int)).max() <= 1
-
-
 def test_dense_masks_are_left_to_the_reference():
     masks = np.zeros((1, 8, 8), bool)
     masks[0, 2:5, 2:5] = True
