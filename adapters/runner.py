@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -188,11 +188,12 @@ class RunnerCache:
     def get(self, model_id: str, options: FastpathOptions, api_key: Optional[str] = None) -> SegmentationRunner:
         device = resolve_device(options.device)
         loaded = MODEL_REGISTRY.get(model_id=model_id, engine=options.engine, device=str(device), api_key=api_key)
-        key = (loaded.key, options.stage_options())
+        stage_options = replace(options.stage_options(), device=str(device))  # "auto" and "cuda:0" share one
+        key = (loaded.key, stage_options)
         with self._lock:
             runner = self._runners.get(key)
             if runner is None:
-                runner = SegmentationRunner(loaded, options.stage_options())
+                runner = SegmentationRunner(loaded, stage_options)
                 self._runners[key] = runner
             return runner
 

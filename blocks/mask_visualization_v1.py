@@ -1,7 +1,7 @@
 """`fastpath/mask_visualization@v1`: the stock mask visualization, painted fast from compact masks.
 
 Inputs are those of `roboflow_core/mask_visualization@v1` (palette, colour axis, opacity, copy_image) plus
-the `painter` option; the output image equals the stock block's within one intensity level.
+the `painter` and `device` options; the output image equals the stock block's within one intensity level.
 """
 
 from __future__ import annotations
@@ -9,12 +9,13 @@ from __future__ import annotations
 import logging
 from typing import List, Literal, Optional, Type
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, field_validator
 
 from inference.core.workflows.core_steps.visualizations.mask.v1 import MaskManifest, MaskVisualizationBlockV1
 from inference.core.workflows.execution_engine.entities.base import WorkflowImageData
 from inference.core.workflows.prototypes.block import BlockResult, WorkflowBlockManifest
 
+from inference_fastpath.adapters.device_placement import check_device_value, resolve_device
 from inference_fastpath.adapters.visualization.painter_choice import resolve_painter
 
 LOGGER = logging.getLogger("inference_fastpath")
@@ -54,6 +55,18 @@ class BlockManifest(MaskManifest):
             "additional_section": True,
         },
     )
+    device: str = Field(
+        default="auto",
+        description="GPU of the Triton painter: 'auto' (this process's current GPU), 'cuda:N', or 'cpu' (host "
+        "painting only). Set it to the segmentation step's device when a pipeline runs on another GPU.",
+        examples=["auto", "cuda:0", "cuda:1", "cpu"],
+        json_schema_extra={"additional_section": True},
+    )
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _device_format(cls, value):
+        return check_device_value(value)
 
 
 class FastpathMaskVisualizationBlockV1(MaskVisualizationBlockV1):
@@ -74,21 +87,21 @@ class FastpathMaskVisualizationBlockV1(MaskVisualizationBlockV1):
 
     def run(self, image: WorkflowImageData, predictions, copy_image: bool, color_palette: Optional[str],
             palette_size: Optional[int], custom_colors: Optional[List[str]], color_axis: Optional[str],
-            opacity: Optional[float], painter: str = "auto") -> BlockResult:
+            opacity: Optional[float], painter: str = "auto", device: str = "auto") -> BlockResult:
         annotator = self.getAnnotator(color_palette, palette_size, custom_colors, color_axis, opacity)
         scene = image.numpy_image
         if copy_image:
             scene = scene.copy()
         else:
             image.declare_numpy_image_mutated()
-        annotated = self._painter(painter)(scene, predictions, annotator)
+        annotated = self._painter(painter, device)(scene, predictions, annotator)
         return {OUTPUT_IMAGE_KEY: WorkflowImageData.copy_and_replace(origin_image_data=image, numpy_image=annotated)}
 
-    def _painter(self, requested: str):
-        if requested not in self._painters:
-            painter, reason = resolve_painter(requested)
+    def _painter(self, requested: str, device: str):
+        if (requested, device) not in self._painters:
+            painter, reason = resolve_painter(requested, resolve_device(device))
             if reason:
                 LOGGER.warning("step %s: painter=%s resolved to the stock annotator: %s",
                                getattr(self, "_workflow_step_name", BLOCK_TYPE), requested, reason)
-            self._painters[requested] = painter
-        return self._painters[requested]
+            self._painters[(requested, device)] = painter
+        return self._painters[(requested, device)]

@@ -181,3 +181,18 @@ def test_rle_only_predictions_of_the_stock_v4_block_are_painted_by_the_stock_ann
     assert (ours != scene).any()
     _assert_close(ours, expected)
     assert any("RLE-only" in record.getMessage() for record in caplog.records)
+
+
+def test_a_flipped_frame_view_is_left_to_the_stock_annotator():
+    """OpenCV cannot paint into a flipped or strided view in place; the stock annotator can."""
+    rng = np.random.default_rng(4)
+    frame = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    masks = mask_stack("overlapping", 30, 40, rng)
+    detections = compact_detections(masks)
+    annotator = sv.MaskAnnotator(opacity=0.5)
+    for view in (frame[:, ::-1], frame[..., ::-1], np.asfortranarray(frame)):
+        assert "strided view" in CropMaskPainter().check(view, detections, annotator).reason
+        expected = annotator.annotate(np.ascontiguousarray(view).copy(), detections)
+        ours = resolve_painter("crops", torch.device("cpu"))[0](view.copy(order="K"), detections, annotator)
+        _assert_close(np.ascontiguousarray(ours), expected)
+    assert CropMaskPainter().check(frame[2:20, 5:30], detections, annotator).reason is None  # a crop is fine

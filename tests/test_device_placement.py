@@ -141,3 +141,26 @@ def test_the_current_device_is_left_alone(monkeypatch):
     with on_device(torch.device("cuda", 0)):
         assert recorder.now == torch.device("cuda", 0)
 
+
+
+def test_auto_and_the_device_it_resolves_to_share_one_runner(monkeypatch):
+    loaded = SimpleNamespace(key="k", device=torch.device("cpu"), class_names=("a",), model=None)
+    monkeypatch.setattr(runner_module.MODEL_REGISTRY, "get", lambda **kwargs: loaded)
+    monkeypatch.setattr(runner_module, "select_stages", lambda options, loaded: SimpleNamespace(
+        preprocess=None, engine=None, postprocess=None, choices=()))
+    cache = runner_module.RunnerCache()
+    resolved = str(resolve_device("auto"))  # cpu here, cuda:0 on a GPU host
+    assert cache.get("m", FastpathOptions(device="auto")) is cache.get("m", FastpathOptions(device=resolved))
+    assert len(cache.runners()) == 1 and cache.runners()[0].options.device == resolved
+
+
+def test_the_mask_visualization_takes_a_device_too():
+    from pydantic import ValidationError
+
+    from inference_fastpath.blocks.mask_visualization_v1 import BLOCK_TYPE, BlockManifest
+
+    common = dict(type=BLOCK_TYPE, name="m", image="$inputs.image", predictions="$steps.s.predictions")
+    assert BlockManifest(**common).device == "auto"
+    assert BlockManifest(**common, device="cuda:2").device == "cuda:2"
+    with pytest.raises(ValidationError, match="option `device`"):
+        BlockManifest(**common, device="gpu:2")

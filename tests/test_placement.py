@@ -15,23 +15,25 @@ def test_round_robin_covers_every_gpu_evenly():
 
 
 @pytest.mark.parametrize("name", [FASTPATH, FASTPATH_ANNOTATED])
-def test_on_device_sets_only_our_segmentation_step_and_leaves_the_input_alone(name):
+def test_on_device_sets_only_our_steps_and_leaves_the_input_alone(name):
     workflow = load_workflow(name)
     placed = on_device(workflow, "cuda:3")
-    ours = [s for s in placed["steps"] if s["type"].startswith("fastpath/rfdetr")]
-    others = [s for s in placed["steps"] if not s["type"].startswith("fastpath/rfdetr")]
-    assert [s["device"] for s in ours] == ["cuda:3"]
+    ours = [s for s in placed["steps"] if s["type"].startswith("fastpath/")]
+    others = [s for s in placed["steps"] if not s["type"].startswith("fastpath/")]
+    assert [s["device"] for s in ours] == ["cuda:3"] * (2 if name == FASTPATH_ANNOTATED else 1)
     assert all("device" not in s for s in others)
     assert all("device" not in s for s in workflow["steps"])  # a copy, not the caller's spec
 
 
 def test_a_placed_workflow_compiles_with_its_device():
-    from inference_fastpath.blocks.rfdetr_instance_segmentation_v1 import BlockManifest
+    from inference_fastpath.blocks import mask_visualization_v1, rfdetr_instance_segmentation_v1
 
-    step = next(s for s in on_device(load_workflow(FASTPATH), "cuda:1")["steps"] if s["type"].startswith("fastpath/"))
-    assert BlockManifest(**step).device == "cuda:1"
+    manifests = {rfdetr_instance_segmentation_v1.BLOCK_TYPE: rfdetr_instance_segmentation_v1.BlockManifest,
+                 mask_visualization_v1.BLOCK_TYPE: mask_visualization_v1.BlockManifest}
+    steps = [s for s in on_device(load_workflow(FASTPATH_ANNOTATED), "cuda:1")["steps"] if s["type"] in manifests]
+    assert [manifests[s["type"]](**s).device for s in steps] == ["cuda:1", "cuda:1"]
 
 
 def test_a_workflow_without_our_step_is_refused():
-    with pytest.raises(ValueError, match="no fastpath segmentation step"):
+    with pytest.raises(ValueError, match="no fastpath step"):
         on_device({"steps": [{"type": "roboflow_core/roboflow_instance_segmentation_model@v3", "name": "s"}]}, "cuda:0")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Dict, List
 
-FASTPATH_BLOCK_TYPES = ("fastpath/rfdetr_instance_segmentation@v1",)
+FASTPATH_BLOCK_TYPES = ("fastpath/rfdetr_instance_segmentation@v1", "fastpath/mask_visualization@v1")
 
 
 def round_robin_devices(pipelines: int, gpus: int) -> List[str]:
@@ -27,7 +27,7 @@ def round_robin_devices(pipelines: int, gpus: int) -> List[str]:
 
 
 def on_device(workflow: Dict[str, Any], device: str) -> Dict[str, Any]:
-    """A copy of ``workflow`` whose every fastpath segmentation step runs on ``device``.
+    """A copy of ``workflow`` whose every fastpath step (segmentation, mask visualization) runs on ``device``.
 
     Example:
         >>> spec = {"steps": [{"type": "fastpath/rfdetr_instance_segmentation@v1", "name": "s"}]}
@@ -37,7 +37,7 @@ def on_device(workflow: Dict[str, Any], device: str) -> Dict[str, Any]:
     placed = copy.deepcopy(workflow)
     steps = [step for step in placed.get("steps", []) if step.get("type") in FASTPATH_BLOCK_TYPES]
     if not steps:
-        raise ValueError("the workflow has no fastpath segmentation step to place")
+        raise ValueError("the workflow has no fastpath step to place")
     for step in steps:
         step["device"] = device
     return placed

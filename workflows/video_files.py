@@ -126,6 +126,8 @@ class BackgroundVideoWriter:
                     height, width = frame.shape[:2]
                     self._size = (width, height)
                     self._writer, self.encoder = _open_encoder(self.path, self.fps, self._size, self.fourcc)
+                if (frame.shape[1], frame.shape[0]) != self._size:
+                    frame = cv2.resize(frame, self._size)  # OpenCV's writer would drop it without a word
                 self._writer.write(frame)
                 self.encode_seconds += time.perf_counter() - started
                 self.frames_written += 1

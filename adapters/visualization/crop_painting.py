@@ -38,6 +38,12 @@ class CropMaskPainter(FastPainter):
 
     name = "crops"
 
+    def check(self, scene: np.ndarray, detections: sv.Detections, annotator: sv.MaskAnnotator) -> Verdict:
+        verdict = super().check(scene, detections, annotator)
+        if verdict.reason is None and not _pixels_in_row_order(scene):
+            return Verdict("the frame is a flipped or strided view, which OpenCV cannot paint into in place")
+        return verdict
+
     def run_checked(self, verdict: Verdict, scene: np.ndarray, detections: sv.Detections,
                     annotator: sv.MaskAnnotator) -> np.ndarray:
         masks = detections.mask
@@ -48,10 +54,13 @@ class CropMaskPainter(FastPainter):
         rects = [_clipped_rect(masks, int(i), height, width) for i in order]
         crops = [masks.crop(int(i))[rect[4]:rect[5], rect[6]:rect[7]] if rect else None
                  for i, rect in zip(order, rects)]
+        # every colour first, as supervision resolves them (a lookup that cannot resolve fails before painting)
+        colours = [resolve_color(color=annotator.color, detections=detections, detection_idx=int(i),
+                                 color_lookup=annotator.color_lookup).as_bgr() for i in order]
         alpha, beta = float(annotator.opacity), 1.0 - float(annotator.opacity)
         levels = np.arange(256, dtype=np.uint8).reshape(256, 1, 1).repeat(3, axis=2)
         overlapping = _overlaps(rects)
-        for rank, (index, rect, crop) in enumerate(zip(order, rects, crops)):
+        for rank, (colour, rect, crop) in enumerate(zip(colours, rects, crops)):
             if rect is None:
                 continue
             won = np.ascontiguousarray(crop)
@@ -59,8 +68,6 @@ class CropMaskPainter(FastPainter):
                 _clear_overlap(won, rect, rects[later], crops[later])
             if not won.any():
                 continue
-            colour = resolve_color(color=annotator.color, detections=detections, detection_idx=int(index),
-                                   color_lookup=annotator.color_lookup).as_bgr()
             # the stock blend of this colour with every possible pixel value, by cv2.addWeighted itself
             table = cv2.addWeighted(np.full_like(levels, 0) + np.array(colour, np.uint8), alpha, levels, beta, 0)
             x0, y0, x1, y1 = rect[:4]
@@ -79,6 +86,11 @@ def covered_fraction(masks: CompactMask, image_hw: Tuple[int, int]) -> float:
     """
     shapes = masks._crop_shapes.astype(np.int64)
     return float((shapes[:, 0] * shapes[:, 1]).sum()) / float(max(1, image_hw[0] * image_hw[1]))
+
+
+def _pixels_in_row_order(scene: np.ndarray) -> bool:
+    """Whether each row of ``scene`` is its pixels' BGR bytes in order (a crop of a frame is; a flipped view is not)."""
+    return scene.strides[2] == scene.itemsize and scene.strides[1] == 3 * scene.itemsize and scene.strides[0] > 0
 
 
 def _clipped_rect(masks: CompactMask, index: int, height: int, width: int) -> Tuple[int, ...] | None:

@@ -19,6 +19,7 @@ from supervision.annotators.utils import resolve_color
 from supervision.detection.compact_mask import CompactMask
 
 from inference_fastpath.adapters.contracts import Verdict
+from inference_fastpath.adapters.device_placement import on_device
 from inference_fastpath.adapters.visualization.painting_contract import FastPainter
 from inference_fastpath.kernels.mask_overlay import MaskRuns, launch_blend, launch_paint_labels
 from inference_fastpath.kernels.triton_runtime import unavailable_reason
@@ -64,7 +65,7 @@ class GpuMaskPainter(FastPainter):
         ).reshape(-1, 3)
         runs = MaskRuns.from_crops(masks._rles, masks._crop_shapes, masks._offsets, priority)
         x0, y0, x1, y1 = region
-        with self._lock:
+        with self._lock, on_device(self.device):  # Triton launches on the current device
             labels = self._label_plane(y1 - y0, x1 - x0)
             labels.fill_(-1)
             shifted = MaskRuns(_shift(runs.pieces, x0, y0))

@@ -17,6 +17,7 @@ import supervision as sv
 import torch
 
 from inference_fastpath.adapters.contracts import Verdict
+from inference_fastpath.adapters.device_placement import resolve_device
 from inference_fastpath.adapters.fallback import FallbackStage
 from inference_fastpath.adapters.visualization.crop_painting import CropMaskPainter, covered_fraction
 from inference_fastpath.adapters.visualization.mask_painting import GpuMaskPainter
@@ -74,7 +75,7 @@ def resolve_painter(requested: str, device: Optional[torch.device] = None) -> Tu
     """
     if requested not in PAINTERS:
         raise ValueError(f"painter={requested!r} is not one of {PAINTERS}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device("auto") if device is None else torch.device(device)
     reference = AnnotatorPainter()
     if requested == "reference":
         return reference, None

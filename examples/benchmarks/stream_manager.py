@@ -278,6 +278,9 @@ def run_pipelines(name: str, base: str, workflow: dict, videos: Sequence[str], m
 
     def consume(index: int) -> None:
         stops[index] = drain(base, ids[index], rows[index], timeout_s, problems[index])
+        if stops[index] != "ended":  # the manager would keep it running into the next run
+            with httpx.Client(timeout=30) as client:
+                client.post(f"{base}/inference_pipelines/{ids[index]}/terminate")
 
     devices = round_robin_devices(len(videos), gpus) if gpus else [None] * len(videos)
     with httpx.Client(timeout=300) as client:

@@ -1,4 +1,7 @@
-"""The `device` option on a GPU: explicit cuda:0, a GPU the process cannot see, two processes on one GPU."""
+"""The `device` option on one GPU: explicit cuda:0, a GPU the process cannot see, two processes on one GPU.
+
+None of these can show placement across GPUs; the CPU tests (tests/test_device_placement.py) check that
+every stage runs with the step's device current."""
 
 from __future__ import annotations
 
@@ -36,7 +39,9 @@ def _signatures(device: str) -> dict:
     return found
 
 
-def test_explicit_cuda_0_runs_every_stage_there_and_matches_auto():
+def test_explicit_cuda_0_runs_end_to_end_and_matches_auto():
+    """On one GPU `auto` is cuda:0 too: this shows the explicit path works and shares auto's runner; it
+    cannot show a stage landing on another GPU (that needs a multi-GPU host)."""
     from inference_fastpath.adapters.runner import RUNNERS
 
     auto = _signatures("auto")
