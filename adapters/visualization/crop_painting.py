@@ -75,6 +75,7 @@ class CropMaskPainter(FastPainter):
             cv2.copyTo(cv2.LUT(region, table), won.view(np.uint8), region)
         return scene
 
+
 def covered_fraction(masks: CompactMask, image_hw: Tuple[int, int]) -> float:
     """The summed area of the masks' crop rectangles over the frame's area (can exceed 1).
 
