@@ -7,7 +7,7 @@ caches. Validation errors name the offending field and list the allowed values.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Any, Dict, Literal, Mapping, Tuple, get_args
+from typing import Any, Dict, Literal, Mapping, Optional, Tuple, get_args
 
 from pydantic import TypeAdapter, ValidationError
 
@@ -82,10 +82,11 @@ class FastpathOptions:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known and v is not None})
 
-    def stage_options(self) -> "FastpathOptions":
+    def stage_options(self, device: Optional[str] = None) -> "FastpathOptions":
         """These options without the ones that select no stage (``mask_output`` is a per-run request,
-        ``pipeline_depth`` a scheduling choice): what a runner is built from and cached by."""
-        return replace(self, mask_output="compact", pipeline_depth=1)
+        ``pipeline_depth`` a scheduling choice), with ``device`` the resolved one when given (so that
+        ``auto`` and the device it stands for key one runner): what a runner is built from and cached by."""
+        return replace(self, mask_output="compact", pipeline_depth=1, device=device or self.device)
 
     def describe(self) -> Dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

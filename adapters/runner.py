@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -188,7 +188,7 @@ class RunnerCache:
     def get(self, model_id: str, options: FastpathOptions, api_key: Optional[str] = None) -> SegmentationRunner:
         device = resolve_device(options.device)
         loaded = MODEL_REGISTRY.get(model_id=model_id, engine=options.engine, device=str(device), api_key=api_key)
-        stage_options = replace(options.stage_options(), device=str(device))  # "auto" and "cuda:0" share one
+        stage_options = options.stage_options(device=str(device))
         key = (loaded.key, stage_options)
         with self._lock:
             runner = self._runners.get(key)

@@ -9,7 +9,6 @@ small objects stay on the host and frame-filling masks go to the GPU.
 
 from __future__ import annotations
 
-import logging
 from typing import Optional, Tuple
 
 import numpy as np
@@ -21,10 +20,10 @@ from inference_fastpath.adapters.device_placement import resolve_device
 from inference_fastpath.adapters.fallback import FallbackStage
 from inference_fastpath.adapters.visualization.crop_painting import CropMaskPainter, covered_fraction
 from inference_fastpath.adapters.visualization.mask_painting import GpuMaskPainter
+from inference_fastpath.adapters.visualization.painting_contract import FastPainter
 from inference_fastpath.adapters.visualization.reference import AnnotatorPainter
 from inference_fastpath.kernels.triton_runtime import unavailable_reason
 
-LOGGER = logging.getLogger("inference_fastpath")
 PAINTERS = ("auto", "crops", "triton", "reference")
 # Above this summed crop area (in frames), `auto` paints on the GPU: host crop painting grows with the
 # crops' area, the GPU's cost is mostly the covered region's two transfers, which a few frame-sized
@@ -32,7 +31,7 @@ PAINTERS = ("auto", "crops", "triton", "reference")
 GPU_FROM_COVERAGE = 0.5
 
 
-class CoverageRoutedPainter:
+class CoverageRoutedPainter(FastPainter):
     """``auto`` on a CUDA machine: crop painting for small masks, the GPU kernel for large ones.
 
     Example:
@@ -58,9 +57,6 @@ class CoverageRoutedPainter:
                 return self.gpu.run_checked(gpu_verdict, scene, detections, annotator)
         return self.crops.run_checked(verdict, scene, detections, annotator)
 
-    def __call__(self, scene: np.ndarray, detections: sv.Detections, annotator: sv.MaskAnnotator) -> np.ndarray:
-        return self.run_checked(self.check(scene, detections, annotator), scene, detections, annotator)
-
 
 def resolve_painter(requested: str, device: Optional[torch.device] = None) -> Tuple[object, Optional[str]]:
     """The painter for option value ``requested`` and, when it is not what was asked for, why.
@@ -81,14 +77,13 @@ def resolve_painter(requested: str, device: Optional[torch.device] = None) -> Tu
         return reference, None
     if requested == "crops":
         return FallbackStage("mask painting", CropMaskPainter(), reference), None
-    gpu_reason = unavailable_reason(device) if device.type == "cuda" else "no CUDA device"
+    # triton runs on CUDA, or on the CPU under the Triton interpreter (the tests); auto uses it on CUDA only
+    reason = unavailable_reason(device)
     if requested == "auto":
-        if gpu_reason is not None:
+        if device.type != "cuda" or reason is not None:
             return FallbackStage("mask painting", CropMaskPainter(), reference), None
         routed = CoverageRoutedPainter(CropMaskPainter(), GpuMaskPainter(device))
         return FallbackStage("mask painting", routed, reference), None
-    # triton: on CUDA, or on the CPU under the Triton interpreter (the tests)
-    reason = unavailable_reason(device)
     if reason is not None:
         return reference, reason
     return FallbackStage("mask painting", GpuMaskPainter(device), reference), None
