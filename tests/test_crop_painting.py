@@ -143,8 +143,12 @@ def test_painter_option_resolution_on_this_machine():
     assert resolve_painter("reference", cpu)[0].name == "reference"
     assert resolve_painter("crops", cpu)[0].name == "crops"
     assert resolve_painter("auto", cpu)[0].name == "crops"  # no CUDA: the host twin, not the stock annotator
-    triton, reason = resolve_painter("triton", cpu)  # TRITON_INTERPRET=1 in these tests: the kernel runs
+    # triton paints on DEVICE: the GPU where there is one, else the CPU under TRITON_INTERPRET=1 (set above)
+    triton, reason = resolve_painter("triton", DEVICE)
     assert (triton.name, reason) == ("triton", None)
+    if DEVICE.type == "cuda":  # without the interpreter the CPU cannot run the kernel: the stock annotator, and why
+        fallback, why = resolve_painter("triton", cpu)
+        assert fallback.name == "reference" and "TRITON_INTERPRET" in why
     with pytest.raises(ValueError, match="painter='gpu'"):
         resolve_painter("gpu", cpu)
 
@@ -174,7 +178,7 @@ def test_rle_only_predictions_of_the_stock_v4_block_are_painted_by_the_stock_ann
     detections = sv.Detections(xyxy=np.array([[5.0, 5, 11, 9], [2, 12, 19, 17]]), class_id=np.array([0, 1]),
                                data={"rle_mask": rles})
     scene = np.random.default_rng(2).integers(0, 256, (20, 24, 3), dtype=np.uint8)
-    painter, _ = resolve_painter(painter_name, torch.device("cpu"))
+    painter, _ = resolve_painter(painter_name, DEVICE if painter_name == "triton" else torch.device("cpu"))
     with caplog.at_level("WARNING", logger="inference_fastpath"):
         ours = painter(scene.copy(), detections, sv.MaskAnnotator(opacity=0.5))
     expected = stock_picture(scene, compact_detections(masks), sv.MaskAnnotator(opacity=0.5))

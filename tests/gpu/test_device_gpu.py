@@ -39,6 +39,14 @@ def _signatures(device: str) -> dict:
     return found
 
 
+def _agree_on_common_frames(first: dict, second: dict) -> None:
+    """Both runs saw at least FRAMES - 1 frames and agree on every frame both saw (``stop_after`` stops
+    a pipeline after the frames already in flight, so one run may hold a frame or two more)."""
+    common = set(first) & set(second)
+    assert len(common) >= FRAMES - 1, (sorted(first), sorted(second))
+    assert {key: first[key] for key in common} == {key: second[key] for key in common}
+
+
 def test_explicit_cuda_0_runs_end_to_end_and_matches_auto():
     """On one GPU `auto` is cuda:0 too: this shows the explicit path works and shares auto's runner; it
     cannot show a stage landing on another GPU (that needs a multi-GPU host)."""
@@ -46,7 +54,7 @@ def test_explicit_cuda_0_runs_end_to_end_and_matches_auto():
 
     auto = _signatures("auto")
     explicit = _signatures("cuda:0")
-    assert len(explicit) >= FRAMES - 1 and explicit == auto
+    _agree_on_common_frames(explicit, auto)
     devices = {str(runner.device) for runner in RUNNERS.runners()}
     assert devices == {"cuda:0"}, devices
     for runner in RUNNERS.runners():
@@ -71,8 +79,8 @@ def test_two_processes_on_one_gpu_each_with_explicit_cuda_0():
         assert process.returncode == 0, output[-2000:]
         line = next(line for line in output.splitlines() if line.startswith("SIGNATURES "))
         results.append(json.loads(line[len("SIGNATURES "):]))
-    assert results[0] == results[1] and len(results[0]) >= FRAMES - 1
-    assert results[0] == _signatures("cuda:0")
+    _agree_on_common_frames(results[0], results[1])
+    _agree_on_common_frames(results[0], _signatures("cuda:0"))
 
 
 if __name__ == "__main__":
