@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU-host checks, run from the repository root on a machine with CUDA but no package index:
-#   bash examples/gpu_checks.sh tests|micro|e2e|before|video[,...] [WHEEL_DIR | SITE_PACK.tar.xz]
+#   bash examples/gpu_checks.sh tests|micro|e2e|before|video|annotated|painters|streams[,...] [WHEEL_DIR | SITE_PACK.tar.xz]
 # The wheelhouse (inference + inference-models for Python 3.12, built by the team's make-wheelhouse
 # script, plus pytest; or its site pack from pack_gpu_site.sh, which fits the carry limit beside
 # the repository) is installed once per machine into /tmp/site. Logs and JSON go to $OUT (or ./out).
@@ -22,6 +22,9 @@ fi
 # The repository root is the package `inference_fastpath`: expose it under that name.
 mkdir -p /tmp/pkgroot && ln -sfn "$(pwd)" /tmp/pkgroot/inference_fastpath
 export PYTHONPATH="/tmp/pkgroot:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+# PyAV (the HTTP server and the stream manager import it) is too large to travel with the site pack: a call of
+# its own unpacks it here first (`python3 -m zipfile -e av-*.whl /tmp/av-site`).
+[ -d /tmp/av-site ] && export PYTHONPATH="$PYTHONPATH:/tmp/av-site"
 export PYTHONUNBUFFERED=1 DISABLE_VERSION_CHECK=True METRICS_ENABLED=False ACTIVE_LEARNING_ENABLED=False
 export ALLOW_INFERENCE_MODELS_DIRECTLY_ACCESS_LOCAL_PACKAGES=True CORE_MODEL_GAZE_ENABLED=False
 export WORKFLOWS_PLUGINS=inference_fastpath
@@ -66,6 +69,27 @@ f=read_frames('examples/data/clip.mp4'); write_clip('/tmp/clip-${VIDEO_SIZE:-192
 [cv2.resize(x, tuple(int(v) for v in '${VIDEO_SIZE:-1920x1080}'.split('x'))) for x in f], fps=25)"
     timeout "${VIDEO_TIMEOUT:-200}" python3 -m inference_fastpath.examples.run_video --video "/tmp/clip-${VIDEO_SIZE:-1920x1080}.mp4" \
       --out "/tmp/annotated.mp4" ${VIDEO_ARGS:-} 2>&1 | grep -v -i "warn" | tee "$out/run_video.log" | tail -8
+    ;;
+  annotated)  # the annotated workflow and compact output against stock, trained demo, RESOLUTION=WxH
+    model="$(timeout 120 python3 -m inference_fastpath.examples.trained_demo 2>/dev/null | tail -1)"
+    fast="preprocess=auto,engine=auto,cuda_graphs=true,postprocess=auto,pipeline_depth=2"
+    timeout "${ANNOTATED_TIMEOUT:-300}" python3 -m inference_fastpath.examples.benchmarks.benchmark --model "$model" \
+      --video examples/data/shapes_clip.mp4 --frames "${FRAMES:-60}" --warmup 10 --presets , \
+      --resolution "${RESOLUTION:-1920x1080}" --stock annotated --config "annotated-d2:$fast,workflow=annotated" \
+      --config "compact-d2:$fast" --out "$out/annotated-${RESOLUTION:-1920x1080}.json" 2>&1 | grep -v -i "warn" \
+      | tee "$out/annotated-${RESOLUTION:-1920x1080}.log" | tail -12
+    ;;
+  painters)  # the mask painters' microbenchmark
+    timeout 150 python3 -m inference_fastpath.examples.benchmarks.bench_mask_painting --budget 0.3 \
+      --out "$out/bench-mask-painting.json" 2>&1 | grep -v -i "warn" | tee "$out/bench-mask-painting.log" | tail -25
+    ;;
+  streams)  # the stream manager, PIPELINES=M list (needs PyAV in /tmp/av-site, see above)
+    model="$(timeout 120 python3 -m inference_fastpath.examples.trained_demo 2>/dev/null | tail -1)"
+    timeout "${STREAMS_TIMEOUT:-400}" python3 -m inference_fastpath.examples.benchmarks.stream_manager \
+      --pipelines "${PIPELINES:-1,2,4}" --frames 100 --stock-pipelines "${STOCK_PIPELINES:-0}" --model "$model" \
+      --video examples/data/shapes_clip.mp4 --start-method spawn \
+      --config "rle-d2:mask_output=rle,pipeline_depth=2,preprocess=auto,engine=auto,cuda_graphs=true,postprocess=auto" \
+      --out "$out/stream-manager.json" 2>&1 | grep -v -i "warn" | grep -v "INFO:httpx" | tee "$out/stream-manager.log" | tail -8
     ;;
   module)  # MODULE="package.module args[; package.module args ...]": extra scripts (diagnostics)
     IFS=';' read -ra modules <<< "${MODULE}"
