@@ -223,6 +223,19 @@ class BlockManifest(WorkflowBlockManifest):
         },
     )
 
+    downstream_overlap: bool = Field(
+        default=False,
+        description="With pipeline_depth 2 inside InferencePipeline: each run returns the previous frame's "
+        "predictions together with that frame on the `image` output, so the steps after this one (visualizations, "
+        "trackers, sinks) work on frame N-1 while the GPU runs frame N. Wire those steps to "
+        "`$steps.<this step>.image`, not `$inputs.image`. Results and their pairing with video frames are unchanged; "
+        "HTTP requests are never delayed.",
+        json_schema_extra={
+            "relevant_for": {"pipeline_depth": {"values": [2], "required": True}},
+            **ADDITIONAL,
+        },
+    )
+
     device: Union[str, Selector(kind=[STRING_KIND])] = Field(
         default="auto",
         description="Device of every stage: 'auto' (this process's current GPU, else the CPU), 'cuda:N' (the N-th "
@@ -238,7 +251,7 @@ class BlockManifest(WorkflowBlockManifest):
             check_device_value(value)
         return value
 
-    @field_validator("pipeline_depth", "mask_output", mode="before")
+    @field_validator("pipeline_depth", "mask_output", "downstream_overlap", mode="before")
     @classmethod
     def _fixed_at_pipeline_start(cls, value, info):
         if isinstance(value, str) and value.startswith("$"):
@@ -252,7 +265,10 @@ class BlockManifest(WorkflowBlockManifest):
     def _check_custom_confidence(self) -> "BlockManifest":
         if self.confidence_mode == "custom" and self.custom_confidence is None:
             raise ValueError("`custom_confidence` is required when `confidence_mode` is 'custom'")
-        declare_step_depth(self.name, self.pipeline_depth)
+        if self.downstream_overlap and self.pipeline_depth != 2:
+            raise ValueError("`downstream_overlap` needs `pipeline_depth` 2 (it overlaps the steps after this one "
+                             f"with the next frame's GPU work); got pipeline_depth={self.pipeline_depth}")
+        declare_step_depth(self.name, self.pipeline_depth, self.downstream_overlap)
         return self
 
     @classmethod
@@ -268,6 +284,7 @@ class BlockManifest(WorkflowBlockManifest):
                 kind=[INSTANCE_SEGMENTATION_PREDICTION_KIND, RLE_INSTANCE_SEGMENTATION_PREDICTION_KIND],
             ),
             OutputDefinition(name="model_id", kind=[ROBOFLOW_MODEL_ID_KIND]),
+            OutputDefinition(name="image", kind=[IMAGE_KIND]),
         ]
 
     def get_actual_outputs(self) -> List[OutputDefinition]:
@@ -279,6 +296,7 @@ class BlockManifest(WorkflowBlockManifest):
             OutputDefinition(name="inference_id", kind=[INFERENCE_ID_KIND]),
             OutputDefinition(name="predictions", kind=kinds),
             OutputDefinition(name="model_id", kind=[ROBOFLOW_MODEL_ID_KIND]),
+            OutputDefinition(name="image", kind=[IMAGE_KIND]),
         ]
 
     @classmethod
@@ -290,6 +308,8 @@ class BlockManifest(WorkflowBlockManifest):
 # the pipeline's key in InferencePipeline (see adapters/model_access.py).
 API_KEY_PARAMETER = "workflows_core.api_key"
 OUTPUT_KEYS = ("inference_id", "predictions", "model_id")
+# The frame the predictions belong to: the input image, or with downstream overlap the previous run's.
+IMAGE_OUTPUT_KEY = "image"
 
 
 class RFDetrInstanceSegmentationBlockV1(StreamPipelinedStep, WorkflowBlock):
@@ -328,6 +348,7 @@ class RFDetrInstanceSegmentationBlockV1(StreamPipelinedStep, WorkflowBlock):
         precision: str = "fp32",
         postprocess: str = "auto",
         pipeline_depth: int = 1,
+        downstream_overlap: bool = False,
         device: str = "auto",
     ) -> BlockResult:
         with self._client_errors():
@@ -342,7 +363,11 @@ class RFDetrInstanceSegmentationBlockV1(StreamPipelinedStep, WorkflowBlock):
             runner = RUNNERS.get(model_id=model_id, options=options, api_key=self._api_key)
             self._log_stage_choices_once(runner)
             results = runner.submit(images, inputs, self.scheduler(pipeline_depth), step_name=self._step_name)
-        return per_key_outputs(results, OUTPUT_KEYS)
+            delivery = self.previous_frame_delivery(OUTPUT_KEYS, IMAGE_OUTPUT_KEY)
+            if delivery is not None:
+                return delivery.exchange(images, results)
+        return [{**outputs, IMAGE_OUTPUT_KEY: image}
+                for outputs, image in zip(per_key_outputs(results, OUTPUT_KEYS), images)]
 
     @property
     def _step_name(self) -> str:

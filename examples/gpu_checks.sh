@@ -76,7 +76,7 @@ f=read_frames('examples/data/clip.mp4'); write_clip('/tmp/clip-${VIDEO_SIZE:-192
     timeout "${ANNOTATED_TIMEOUT:-300}" python3 -m inference_fastpath.examples.benchmarks.benchmark --model "$model" \
       --video examples/data/shapes_clip.mp4 --frames "${FRAMES:-60}" --warmup 10 --presets , \
       --resolution "${RESOLUTION:-1920x1080}" --stock annotated --config "annotated-d2:$fast,workflow=annotated" \
-      --config "compact-d2:$fast" --out "$out/annotated-${RESOLUTION:-1920x1080}.json" 2>&1 | grep -v -i "warn" \
+      --config "annotated-overlap:$fast,downstream_overlap=true,workflow=annotated" --config "compact-d2:$fast" --out "$out/annotated-${RESOLUTION:-1920x1080}.json" 2>&1 | grep -v -i "warn" \
       | tee "$out/annotated-${RESOLUTION:-1920x1080}.log" | tail -12
     ;;
   painters)  # the mask painters' microbenchmark
