@@ -65,7 +65,7 @@ case "$step" in
     ;;
   video)  # run_video on an upscaled clip: the annotated fast path end to end, with the writer's FPS
     python3 -c "import cv2,sys; from inference_fastpath.workflows.video_files import read_frames, write_clip; \
-f=read_frames('examples/data/clip.mp4'); write_clip('/tmp/clip-${VIDEO_SIZE:-1920x1080}.mp4', \
+f=read_frames('${VIDEO_SRC:-examples/data/shapes_clip.mp4}', count=${VIDEO_FRAMES:-150}); write_clip('/tmp/clip-${VIDEO_SIZE:-1920x1080}.mp4', \
 [cv2.resize(x, tuple(int(v) for v in '${VIDEO_SIZE:-1920x1080}'.split('x'))) for x in f], fps=25)"
     timeout "${VIDEO_TIMEOUT:-200}" python3 -m inference_fastpath.examples.run_video --video "/tmp/clip-${VIDEO_SIZE:-1920x1080}.mp4" \
       --out "/tmp/annotated.mp4" ${VIDEO_ARGS:-} 2>&1 | grep -v -i "warn" | tee "$out/run_video.log" | tail -8

@@ -63,3 +63,22 @@ def test_a_frame_of_another_size_is_resized_not_dropped(tmp_path, height, width)
     back = read_frames(tmp_path / "mixed.mp4")
     assert writer.frames_written == 4 and len(back) == 4
     assert back[1].shape == back[0].shape  # OpenCV's mp4v trims odd sides to even ones
+
+
+@pytest.mark.parametrize("height,width", [(2, 2), (2, 4), (6, 10), (576, 768), (1080, 1920)])
+def test_our_yuv_conversion_is_within_two_levels_of_ffmpegs(height, width):
+    av = pytest.importorskip("av")
+    from inference_fastpath.workflows.video_files import bgr_to_i420
+
+    frame = np.random.default_rng(height * width).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    reference = av.VideoFrame.from_ndarray(frame, format="bgr24").reformat(format="yuv420p").to_ndarray()
+    ours = bgr_to_i420(frame)
+    assert ours.shape == reference.shape
+    assert np.abs(ours.astype(int) - reference.astype(int)).max() <= 2
+
+
+def test_yuv_conversion_refuses_odd_sides():
+    from inference_fastpath.workflows.video_files import bgr_to_i420
+
+    with pytest.raises(ValueError, match="even sides"):
+        bgr_to_i420(np.zeros((3, 4, 3), np.uint8))
