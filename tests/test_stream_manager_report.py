@@ -4,7 +4,7 @@ says of a server process that exited before answering."""
 
 from __future__ import annotations
 
-from inference_fastpath.examples.benchmarks.stream_manager import last_error_line, source_problems
+from inference_fastpath.examples.benchmarks.stream_manager import all_running_rate, last_error_line, source_problems
 
 DEAD_SOURCE_REPORT = {
     "status": "success",
@@ -73,3 +73,21 @@ def test_an_early_exit_is_reported_by_the_exception_that_caused_it(tmp_path):
     log.write_text("")
     assert last_error_line(log) == "its log is empty"
     assert last_error_line(tmp_path / "missing.log").startswith("its log could not be read")
+
+
+def _rows(*times):
+    return [{"at": t} for t in times]
+
+
+def test_the_all_running_window_counts_only_while_every_pipeline_delivers():
+    # pipeline 0 runs alone from 0 to 2; pipeline 1 starts at 2 (its warm-up result) and outlives it
+    rate = all_running_rate([_rows(0, 1, 2, 3, 4, 5, 6), _rows(2.0, 2.5, 3, 3.5, 4, 9)], warmup=0)
+    assert rate["window_s"] == 4.0  # from the later first result (2) to the earlier last result (6)
+    assert rate["per_pipeline"] == [4 / 4.0, 4 / 4.0]  # (2, 6]: 3,4,5,6 and 2.5,3,3.5,4
+    assert rate["fps"] == 2.0
+
+
+def test_pipelines_that_never_ran_together_have_no_window():
+    assert all_running_rate([_rows(0, 1), _rows(2, 3)], warmup=0)["fps"] is None
+    assert all_running_rate([_rows(0, 1, 2), []], warmup=0)["fps"] is None  # one never delivered
+    assert all_running_rate([_rows(0, 1, 2, 3), _rows(1, 2, 3)], warmup=1)["window_s"] == 1.0

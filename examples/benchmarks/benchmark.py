@@ -53,8 +53,11 @@ def parse_config(text: str) -> tuple:
 
 
 def truncated_clip(video: str, frames: int, directory: Path, resolution: Optional[str] = None) -> str:
-    """The first ``frames`` frames, resized to ``resolution`` ("WxH") when given (an upscaled clip)."""
+    """The first ``frames`` frames, resized to ``resolution`` ("WxH") when given (an upscaled clip).
+    A shorter video is played again from its start until it gives ``frames`` frames."""
     images = read_frames(video, count=frames)
+    if images and len(images) < frames:
+        images = [images[i % len(images)] for i in range(frames)]
     if resolution:
         import cv2
 

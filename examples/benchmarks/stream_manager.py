@@ -317,11 +317,20 @@ def run_pipelines(name: str, base: str, workflow: dict, videos: Sequence[str], m
                               source_problems=problems[index],
                               ended_without_a_frame=not got and stops[index] == "ended"))
     fps = counted / (max(last) - min(first)) if first and max(last) > min(first) else None
+    together = all_running_rate(rows, warmup)
     result = dict(name=name, pipelines=len(ids), gpus=gpus or None, devices=devices if gpus else None, fps=fps,
+                  fps_all_running=together["fps"], all_running_window_s=together["window_s"],
+                  fps_all_running_per_pipeline=together["per_pipeline"],
                   frames=sum(p["delivered"] for p in pipelines), per_pipeline=pipelines, gpu_memory_mib_per_process=sorted(memory.values()) or None)
     shown = f"{fps:.1f}" if fps else "n/a"
     print(f"{name:>14} M={len(ids):<3} {shown:>8} fps aggregate, delivered {[p['delivered'] for p in pipelines]} "
           f"of {frames} each, differing {[p['results_differing_from_in_process'] for p in pipelines]}", flush=True)
+    if together["fps"]:
+        print(f"{'':>14} while all {len(ids)} ran ({together['window_s']:.1f} s): {together['fps']:.1f} fps aggregate, "
+              f"per pipeline {[round(v, 1) for v in together['per_pipeline']]}", flush=True)
+    else:
+        print(f"{'':>14} the {len(ids)} pipelines never all ran at once (a longer clip, --frames, gives a window)",
+              flush=True)
     for index, pipeline in enumerate(pipelines):
         if pipeline["stopped"] != "ended":
             print(f"  pipeline {index} ({videos[index]}): stopped: {pipeline['stopped']}", flush=True)
@@ -331,6 +340,31 @@ def run_pipelines(name: str, base: str, workflow: dict, videos: Sequence[str], m
             print(f"  pipeline {index} ({videos[index]}): ended without a frame; the manager kept no report of why",
                   flush=True)
     return result
+
+
+def all_running_rate(rows: Sequence[Sequence[Dict[str, Any]]], warmup: int) -> Dict[str, Any]:
+    """Results per second while every pipeline was past its warm-up and still delivering.
+
+    The manager starts pipelines one after another, seconds apart, so the first ones run alone for a
+    while and the last ones finish alone; only this window measures M pipelines sharing the GPU.
+
+    Example:
+        >>> rows = [[{"at": t} for t in (0, 1, 2, 3, 4)], [{"at": t} for t in (2, 3, 4, 5)]]
+        >>> all_running_rate(rows, warmup=0)
+        {'fps': 2.0, 'window_s': 2.0, 'per_pipeline': [1.0, 1.0]}
+    """
+    starts = [got[warmup]["at"] for got in rows if len(got) > warmup]
+    ends = [got[-1]["at"] for got in rows if len(got) > warmup]
+    nothing = {"fps": None, "window_s": None, "per_pipeline": None}
+    if len(starts) != len(rows) or not rows:
+        return nothing
+    start, end = max(starts), min(ends)
+    if end <= start:
+        return nothing
+    # results strictly after the window opens: one pipeline's rate is (its results) / (the window)
+    counts = [sum(1 for r in got if start < r["at"] <= end) for got in rows]
+    window = float(end - start)
+    return {"fps": sum(counts) / window, "window_s": window, "per_pipeline": [c / window for c in counts]}
 
 
 def in_process_signatures(workflow: dict, video: str, model: str) -> Dict[int, List[tuple]]:
