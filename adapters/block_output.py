@@ -77,6 +77,31 @@ def to_sv_detections(
     return attach_parents_coordinates_to_sv_detections(detections=result, image=image)
 
 
+# sv.Detections.metadata key: the video frame number of the image the predictions were made on, set
+# when the step delivers the previous frame (downstream_overlap), so a visualization can tell when it
+# was handed the wrong image. Metadata is not serialised, so the step's output stays the stock one.
+SOURCE_FRAME_KEY = "fastpath_source_frame_number"
+
+
+def tag_source_frame(detections: Optional[sv.Detections], image: Optional[WorkflowImageData]) -> None:
+    """Record ``image``'s video frame number on ``detections`` (a no-op for a missing value)."""
+    if detections is not None and image is not None:
+        detections.metadata[SOURCE_FRAME_KEY] = image.video_metadata.frame_number
+
+
+def source_frame_mismatch(detections: sv.Detections, image: WorkflowImageData) -> Optional[str]:
+    """Why ``detections`` do not belong to ``image`` (tagged by :func:`tag_source_frame`), or None when
+    they do or carry no tag."""
+    tagged = getattr(detections, "metadata", {}).get(SOURCE_FRAME_KEY)
+    if tagged is None:
+        return None
+    frame = image.video_metadata.frame_number
+    if tagged == frame:
+        return None
+    return (f"the predictions were made on video frame {tagged} but the image is frame {frame}: with "
+            "downstream_overlap, take the image from the segmentation step's `image` output, not $inputs.image")
+
+
 def uuid4_strings(count: int) -> np.ndarray:
     """``count`` random (version 4) UUID strings, as ``str(uuid.uuid4())`` gives, from one
     ``os.urandom`` call: the per-object ``uuid.UUID`` path costs more than the rest of the

@@ -15,6 +15,7 @@ from inference.core.workflows.core_steps.visualizations.mask.v1 import MaskManif
 from inference.core.workflows.execution_engine.entities.base import WorkflowImageData
 from inference.core.workflows.prototypes.block import BlockResult, WorkflowBlockManifest
 
+from inference_fastpath.adapters.block_output import source_frame_mismatch
 from inference_fastpath.adapters.device_placement import check_device_value, resolve_device
 from inference_fastpath.adapters.visualization.painter_choice import resolve_painter
 
@@ -88,6 +89,7 @@ class FastpathMaskVisualizationBlockV1(MaskVisualizationBlockV1):
     def run(self, image: WorkflowImageData, predictions, copy_image: bool, color_palette: Optional[str],
             palette_size: Optional[int], custom_colors: Optional[List[str]], color_axis: Optional[str],
             opacity: Optional[float], painter: str = "auto", device: str = "auto") -> BlockResult:
+        self._warn_once_if_another_frame(image, predictions)
         annotator = self.getAnnotator(color_palette, palette_size, custom_colors, color_axis, opacity)
         scene = image.numpy_image
         if copy_image:
@@ -96,6 +98,15 @@ class FastpathMaskVisualizationBlockV1(MaskVisualizationBlockV1):
             image.declare_numpy_image_mutated()
         annotated = self._painter(painter, device)(scene, predictions, annotator)
         return {OUTPUT_IMAGE_KEY: WorkflowImageData.copy_and_replace(origin_image_data=image, numpy_image=annotated)}
+
+    def _warn_once_if_another_frame(self, image: WorkflowImageData, predictions) -> None:
+        # painted anyway: a misconfigured workflow must not stop the stream, but it must not go unnoticed
+        if getattr(self, "_warned_frame_mismatch", False):
+            return
+        problem = source_frame_mismatch(predictions, image)
+        if problem:
+            self._warned_frame_mismatch = True
+            LOGGER.warning("step %s: %s", getattr(self, "_workflow_step_name", BLOCK_TYPE), problem)
 
     def _painter(self, requested: str, device: str):
         if (requested, device) not in self._painters:

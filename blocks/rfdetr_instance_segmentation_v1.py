@@ -40,6 +40,7 @@ from inference.core.workflows.prototypes.block import (
     WorkflowBlockManifest,
 )
 
+from inference_fastpath.adapters.block_output import tag_source_frame
 from inference_fastpath.adapters.model_access import LocalPackagesRefused
 from inference_fastpath.adapters.model_loading import ModelLoadingError
 from inference_fastpath.adapters.device_placement import check_device_value
@@ -365,7 +366,10 @@ class RFDetrInstanceSegmentationBlockV1(StreamPipelinedStep, WorkflowBlock):
             results = runner.submit(images, inputs, self.scheduler(pipeline_depth), step_name=self._step_name)
             delivery = self.previous_frame_delivery(OUTPUT_KEYS, IMAGE_OUTPUT_KEY)
             if delivery is not None:
-                return delivery.exchange(images, results)
+                delivered = delivery.exchange(images, results)
+                for outputs in delivered:
+                    tag_source_frame(outputs["predictions"], outputs[IMAGE_OUTPUT_KEY])
+                return delivered
         return [{**outputs, IMAGE_OUTPUT_KEY: image}
                 for outputs, image in zip(per_key_outputs(results, OUTPUT_KEYS), images)]
 

@@ -145,3 +145,15 @@ def test_the_execution_engine_outside_a_pipeline_is_never_delayed(demo_model_dir
     assert [type(r["predictions"]) for r in result] == [sv.Detections, sv.Detections]
     for output, frame in zip(result, clip_frames[:2]):
         assert np.array_equal(output["frame"].numpy_image, frame)
+
+
+@pytest.mark.slow
+def test_a_visualization_wired_to_the_input_image_is_told_it_paints_another_frame(demo_model_dir, clips, caplog):
+    workflow = _annotated(True)
+    masks = next(step for step in workflow["steps"] if step["name"] == "masks")
+    masks["image"] = "$inputs.image"  # one frame ahead of the predictions under downstream_overlap
+    with caplog.at_level(logging.WARNING, logger="inference_fastpath"):
+        run = run_pipeline(clips[4], workflow, {"model_id": demo_model_dir})
+    assert not run.errors and run.frame_ids == [1, 2, 3, 4]  # still painted, the stream goes on
+    assert "predictions were made on video frame 1 but the image is frame 2" in caplog.text
+    assert caplog.text.count("predictions were made on video frame") == 1  # once per step

@@ -9,6 +9,7 @@ as they are (``kernels/mask_overlay.py``), only the region the masks cover trave
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Optional, Tuple
 
@@ -39,6 +40,7 @@ class GpuMaskPainter(FastPainter):
         self.device = torch.device(device)
         self._lock = threading.Lock()
         self._labels: Optional[torch.Tensor] = None
+        self._stream: Optional[torch.cuda.Stream] = None
 
     def check(self, scene: np.ndarray, detections: sv.Detections, annotator: sv.MaskAnnotator) -> Verdict:
         """Whether this call paints here (the fast-stage contract, ``adapters/fallback.py``)."""
@@ -65,7 +67,7 @@ class GpuMaskPainter(FastPainter):
         ).reshape(-1, 3)
         runs = MaskRuns.from_crops(masks._rles, masks._crop_shapes, masks._offsets, priority)
         x0, y0, x1, y1 = region
-        with self._lock, on_device(self.device):  # Triton launches on the current device
+        with self._lock, on_device(self.device), self._own_stream():  # Triton launches on the current device
             labels = self._label_plane(y1 - y0, x1 - x0)
             labels.fill_(-1)
             shifted = MaskRuns(_shift(runs.pieces, x0, y0))
@@ -75,6 +77,15 @@ class GpuMaskPainter(FastPainter):
                          (0, 0, x1 - x0, y1 - y0))
             scene[y0:y1, x0:x1] = patch.cpu().numpy()
         return scene
+
+    def _own_stream(self):
+        """A stream of the painter's own on CUDA: with downstream overlap the segmentation step's next frame
+        is queued on the GPU while this frame is painted, and the painting must not wait behind it."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device, priority=-1)
+        return torch.cuda.stream(self._stream)
 
     def _label_plane(self, height: int, width: int) -> torch.Tensor:
         need = height * width
