@@ -74,3 +74,25 @@ def test_window_slices_are_the_dense_slices(window):
     subset = compact[np.array([True, False, True, True])]
     assert type(subset) is type(compact)
     np.testing.assert_array_equal(subset[:, 2:9, 3:7], masks[[0, 2, 3]][:, 2:9, 3:7])
+
+
+@pytest.mark.parametrize("count", [0, 1, 3])
+def test_lazy_masks_survive_the_engines_deep_copy_and_pickle(count):
+    """The Execution Engine deep-copies each output's detections to move them to root coordinates
+    (always for a frame without detections): the RLE output's lazy masks must come through whole."""
+    import copy
+    import pickle
+
+    import supervision as sv
+    from roboflow_workflows.core_steps.common.utils import sv_detections_to_root_coordinates
+
+    from inference_fastpath.adapters.postprocess.compact import LazyCompactMasks
+
+    masks = _random_masks(np.random.default_rng(count), count) if count else np.zeros((0, 5, 7), bool)
+    lazy = LazyCompactMasks([_transitions(m) for m in masks], *masks.shape[1:])
+    detections = sv.Detections(xyxy=np.zeros((count, 4)), mask=lazy)
+    detections.metadata["root_parent_dimensions"] = list(masks.shape[1:])  # what makes the engine copy
+    for copied in (copy.deepcopy(detections), pickle.loads(pickle.dumps(detections)),
+                   sv_detections_to_root_coordinates(detections)):
+        assert isinstance(copied.mask, LazyCompactMasks)
+        np.testing.assert_array_equal(copied.mask.to_dense(), masks)

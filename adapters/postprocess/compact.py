@@ -129,6 +129,11 @@ class LazyCompactMasks(CompactMasks):
             self._built = compact_from_transitions(self._transitions, *self._image_shape)
         return self._built
 
+    def __reduce__(self):
+        # copy.deepcopy and pickle would otherwise restore the parent's slots through these read-only
+        # properties and fail; the Execution Engine deep-copies every output it moves to root coordinates
+        return (type(self), (self._transitions, *self._image_shape))
+
     _rles = property(lambda self: self._build()._rles)
     _crop_shapes = property(lambda self: self._build()._crop_shapes)
     _offsets = property(lambda self: self._build()._offsets)
