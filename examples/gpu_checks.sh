@@ -83,10 +83,10 @@ f=read_frames('${VIDEO_SRC:-examples/data/shapes_clip.mp4}', count=${VIDEO_FRAME
     timeout 150 python3 -m inference_fastpath.examples.benchmarks.bench_mask_painting --budget 0.3 \
       --out "$out/bench-mask-painting.json" 2>&1 | grep -v -i "warn" | tee "$out/bench-mask-painting.log" | tail -25
     ;;
-  streams)  # the stream manager, PIPELINES=M list (needs PyAV in /tmp/av-site, see above)
+  streams)  # the stream manager, PIPELINES=M list, STREAM_ARGS e.g. "--max-fps 30" (needs PyAV in /tmp/av-site, see above)
     model="$(timeout 120 python3 -m inference_fastpath.examples.trained_demo 2>/dev/null | tail -1)"
     timeout "${STREAMS_TIMEOUT:-400}" python3 -m inference_fastpath.examples.benchmarks.stream_manager \
-      --pipelines "${PIPELINES:-1,2,4}" --frames "${STREAM_FRAMES:-100}" --stock-pipelines "${STOCK_PIPELINES:-0}" --model "$model" \
+      --pipelines "${PIPELINES:-1,2,4}" --frames "${STREAM_FRAMES:-100}" --stock-pipelines "${STOCK_PIPELINES:-0}" --model "$model" ${STREAM_ARGS:-} \
       --video examples/data/shapes_clip.mp4 --start-method spawn \
       --config "rle-d2:mask_output=rle,pipeline_depth=2,preprocess=auto,engine=auto,cuda_graphs=true,postprocess=auto" \
       --out "$out/stream-manager.json" 2>&1 | grep -v -i "warn" | grep -v "INFO:httpx" | tee "$out/stream-manager.log" | tail -8

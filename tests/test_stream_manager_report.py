@@ -4,7 +4,8 @@ says of a server process that exited before answering."""
 
 from __future__ import annotations
 
-from inference_fastpath.examples.benchmarks.stream_manager import all_running_rate, last_error_line, source_problems
+from inference_fastpath.examples.benchmarks.stream_manager import last_error_line, source_problems
+from inference_fastpath.examples.benchmarks.stream_manager_report import all_running_rate, processing_rate
 
 DEAD_SOURCE_REPORT = {
     "status": "success",
@@ -91,3 +92,43 @@ def test_pipelines_that_never_ran_together_have_no_window():
     assert all_running_rate([_rows(0, 1), _rows(2, 3)], warmup=0)["fps"] is None
     assert all_running_rate([_rows(0, 1, 2), []], warmup=0)["fps"] is None  # one never delivered
     assert all_running_rate([_rows(0, 1, 2, 3), _rows(1, 2, 3)], warmup=1)["window_s"] == 1.0
+
+
+# streamvision 0.1.3's completion counters, as its watchdog reports them in the status
+def _counted(done_per_source, clock):
+    return {"report": {"video_source_status_updates": [], "sources_metadata": [{"state": "RUNNING"}],
+                       "completion_statistics": {"sampled_at_monotonic": clock,
+                                                 "sources": [{"source_id": i, "completed_frames": n}
+                                                             for i, n in enumerate(done_per_source)]}}}
+
+
+def test_the_status_frame_counter_is_kept_on_the_pipelines_own_clock():
+    completions, seen = [], []
+    client = _Client(_Response(200, _counted([40, 2], 1000.5)), _Response(200, DEAD_SOURCE_REPORT))
+    source_problems(client, "h", "p", seen, completions)
+    source_problems(client, "h", "p", seen, completions)  # a report without counters adds no sample
+    assert len(completions) == 1
+    _, clock, done = completions[0]
+    assert (clock, done) == (1000.5, 42)
+
+
+def _series(*points):  # (benchmark time, pipeline clock, completed)
+    return list(points)
+
+
+def test_processing_counts_only_while_every_pipeline_is_still_working():
+    fast = _series((0, 100, 0), (1, 101, 300), (2, 102, 600), (3, 103, 600), (4, 104, 600))
+    slow = _series((0, 7, 0), (1, 8, 100), (2, 9, 200), (3, 10, 300), (4, 11, 400))
+    rate = processing_rate([fast, slow], opened_at=0.0)
+    # the window closes when the fast one's count stops rising (t=2), so the slow one's tail after it
+    # and the fast one's idle time are both left out
+    assert rate["per_pipeline"] == [300.0, 100.0] and rate["fps"] == 400.0 and rate["window_s"] == 2.0
+    # before the window opens (the pause, the resume) nothing counts
+    late = processing_rate([fast, slow], opened_at=1.0)
+    assert late["per_pipeline"] == [300.0, 100.0] and late["window_s"] == 1.0
+
+
+def test_processing_without_two_samples_inside_the_window_has_no_rate():
+    assert processing_rate([_series((0, 1, 0), (1, 2, 50)), []], opened_at=0)["fps"] is None
+    done_before = _series((0, 1, 100), (1, 2, 100))  # ended before the window opened
+    assert processing_rate([done_before, _series((0, 5, 0), (1, 6, 10))], opened_at=0.5)["fps"] is None

@@ -35,8 +35,9 @@ def parse_scaling_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[
     counts = sorted({int(n) for n in text.split(",") if n.strip()})
     if not counts or counts[0] < 1:
         parser.error(f"{count_flag} must list counts >= 1, got {text!r}")
-    if not 1 <= args.frames <= 300:
-        parser.error(f"--frames must be in [1, 300], got {args.frames}")
+    # clips loop to --frames; the bound keeps a stock run (a few FPS) from outliving a GPU call
+    if not 1 <= args.frames <= 3000:
+        parser.error(f"--frames must be in [1, 3000], got {args.frames}")
     name, options = ("ours", {}) if args.config is None else parse_config(args.config)
     return args, counts, name, {**DEFAULT_OPTIONS, **options}
 

@@ -13,12 +13,20 @@ FPS (results over the time they arrived in), frames delivered and lost per pipel
 came in order, results whose detections differ from an in-process run of the same frame, and the
 GPU memory of each pipeline process (``nvidia-smi``). The stock v3 block runs the same setup once.
 
-Two properties of the stream manager shape the measurement:
+Properties of the stream manager shape the measurement:
 
 * it ends a pipeline as soon as every source has been read to its end, and drops the results
-  still buffered in that pipeline's process; so the decoding buffer is kept at 2 frames and the
-  last frames of each file (at most that buffer plus the frames in flight) are reported as lost;
-* it handles one command at a time for all pipelines, so pipelines start one after another;
+  still buffered in that pipeline's process; so the decoding buffer is kept at 2 frames, and
+  results that ``consume`` had not fetched by then are reported as lost;
+* it handles one command at a time for all pipelines, and ``consume`` returns one result per
+  request, serialised in the pipeline's process: so the delivered rate measures that path, and the
+  pipelines' own frame counters (their status reports) measure the processing apart from it;
+* pipelines start one after another, each a model load apart (interpreter starts are taken out by
+  the manager's warm pool of idle processes). A file cannot be held back meanwhile: the API's
+  ``pause`` mutes the source, which reads the file on and drops its frames. So the rates are taken
+  while all M run (``all_running_rate``, ``processing_rate``), and the clip must outlast the start-up
+  of the others: ``--frames`` loops it, and ``--max-fps 30`` plays each file as a 30 FPS camera
+  (every frame processed, paced), which is also the real-time question: do M streams hold 30 FPS?
 * a pipeline whose source cannot be opened fails within milliseconds of its start, and the manager
   forgets it, status report included, about a second later, at times before the initialise call has
   even answered: the benchmark polls the status right after each initialise and while draining,
@@ -42,8 +50,16 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from inference_fastpath.examples.benchmarks.stream_manager_report import (
+    CompletionSample,
+    all_running_rate,
+    completed_frames,
+    detections_signature,
+    e2e_latency_s,
+    processing_rate,
+)
 from inference_fastpath.workflows.placement import on_device, round_robin_devices
 from inference_fastpath.workflows.running import configure_environment
 
@@ -53,6 +69,8 @@ DECODING_BUFFER = 2
 STARTUP_S = 300.0
 IDLE_S = 150.0  # the first result waits for the process start, the model load and the graph captures
 STATUS_POLL_S = 0.5  # the manager forgets a failed pipeline about a second after it fails
+WARM_POOL_S = 240.0  # M interpreters importing inference at once, on the GPU host's cores
+SETTLE_S = 1.0  # after the last start: its first frames capture CUDA graphs
 
 
 def _free_port() -> int:
@@ -100,9 +118,11 @@ def last_error_line(log: Path) -> str:
 
 
 @contextlib.contextmanager
-def running_stream_api(log_dir: Path, max_pipelines: int, start_method: str = "fork") -> Iterator[str]:
-    """The stream manager (pipeline processes started by ``start_method``) and the HTTP server, started and
-    stopped together; yields the base URL."""
+def running_stream_api(log_dir: Path, max_pipelines: int, start_method: str = "fork",
+                       warm_pipelines: int = 0) -> Iterator[Tuple[str, int]]:
+    """The stream manager (pipeline processes started by ``start_method``, ``warm_pipelines`` of them kept
+    started and idle) and the HTTP server, started and stopped together; yields (the base URL, the
+    manager's process id)."""
     import httpx
 
     manager_port, http_port = _free_port(), _free_port()
@@ -115,7 +135,8 @@ def running_stream_api(log_dir: Path, max_pipelines: int, start_method: str = "f
             processes.append(subprocess.Popen(
                 [sys.executable, "-m", "inference_fastpath.examples.benchmarks.stream_manager_launch",
                  "--start-method", start_method, "--host-factory",
-                 "inference.core.interfaces.legacy_stream.host:LegacyPipelineHost"],
+                 "inference.core.interfaces.legacy_stream.host:LegacyPipelineHost",
+                 "--warm-pipelines", str(warm_pipelines)],
                 env=environment, stdout=manager_log, stderr=subprocess.STDOUT))
             processes.append(subprocess.Popen(
                 [sys.executable, "-m", "uvicorn", "inference_fastpath.examples.serve:build_app", "--factory",
@@ -135,7 +156,7 @@ def running_stream_api(log_dir: Path, max_pipelines: int, start_method: str = "f
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the stream API did not come up in {STARTUP_S:.0f} s; see {log_dir}")
             time.sleep(1)
-        yield base
+        yield base, processes[0].pid
     finally:
         for process in processes:
             process.terminate()
@@ -146,10 +167,34 @@ def running_stream_api(log_dir: Path, max_pipelines: int, start_method: str = "f
                 process.kill()
 
 
-def initialise_payload(video: str, workflow: dict, model: str) -> Dict[str, Any]:
+def wait_for_idle_pool(manager_pid: int, count: int, timeout_s: float = WARM_POOL_S) -> str:
+    """Waits until the manager has ``count`` pipeline processes that have finished importing (their CPU
+    use has settled), so initialising M pipelines measures the model load, not M interpreter starts.
+    The manager's API lists only pipelines in use, so the processes are read from the OS. Returns what
+    it saw, for the log."""
+    import psutil
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            children = [child for child in psutil.Process(manager_pid).children()
+                        if "resource_tracker" not in " ".join(child.cmdline())]
+            busy = [child for child in children if child.cpu_percent(interval=0.3) > 10.0]
+        except psutil.Error:
+            children, busy = [], []
+        if len(children) >= count and not busy:
+            return f"{len(children)} idle pipeline processes ready"
+        if time.monotonic() > deadline:
+            return f"went on after {timeout_s:.0f} s with {len(children)} pipeline processes, {len(busy)} still busy"
+        time.sleep(1.0)
+
+
+def initialise_payload(video: str, workflow: dict, model: str, max_fps: Optional[float] = None) -> Dict[str, Any]:
+    """The ``/inference_pipelines/initialise`` body: one file, WAIT/LAZY buffering (no frame dropped),
+    paced to ``max_fps`` when given (every frame still processed)."""
     return {
         "video_configuration": {
-            "type": "VideoConfiguration", "video_reference": str(video),
+            "type": "VideoConfiguration", "video_reference": str(video), "max_fps": max_fps,
             "source_buffer_filling_strategy": "WAIT", "source_buffer_consumption_strategy": "LAZY",
         },
         "processing_configuration": {
@@ -161,28 +206,25 @@ def initialise_payload(video: str, workflow: dict, model: str) -> Dict[str, Any]
     }
 
 
-def detections_signature(predictions: Any) -> List[tuple]:
-    """(class, confidence to 4 places) per detection, from an ``sv.Detections`` or the server's
-    JSON form of one: enough to tell one frame's result from another's."""
-    if predictions is None:
-        return []
-    if isinstance(predictions, dict):
-        return [(str(p.get("class")), round(float(p.get("confidence", 0.0)), 4))
-                for p in predictions.get("predictions", [])]
-    names = predictions.data.get("class_name", [None] * len(predictions))
-    return [(str(name), round(float(confidence), 4)) for name, confidence in zip(names, predictions.confidence)]
-
-
-def source_problems(client: Any, base: str, pipeline_id: str, seen: List[str]) -> Optional[List[str]]:
+def source_problems(client: Any, base: str, pipeline_id: str, seen: List[str],
+                    completions: Optional[List[CompletionSample]] = None,
+                    latencies: Optional[List[Tuple[float, float]]] = None) -> Optional[List[str]]:
     """Adds to ``seen`` what the manager's status report says went wrong with the pipeline's
     sources: a source entering the ERROR state and error events (connection lost, cannot open).
     The manager removes a pipeline soon after its only source fails, and its report with it, so
-    this is polled while the pipeline runs. Returns the sources' states (None once the manager
-    no longer knows the pipeline)."""
+    this is polled while the pipeline runs. The report's frame counter goes to ``completions``, its
+    end-to-end latency to ``latencies`` (with the benchmark's clock). Returns
+    the sources' states (None once the manager no longer knows the pipeline)."""
     response = client.get(f"{base}/inference_pipelines/{pipeline_id}/status")
     if response.status_code != 200:
         return None
     report = response.json().get("report") or {}
+    counted = completed_frames(report, time.monotonic())
+    if completions is not None and counted is not None:
+        completions.append((time.perf_counter(), *counted))
+    latency = e2e_latency_s(report)
+    if latencies is not None and latency is not None:
+        latencies.append((time.perf_counter(), latency))
     for update in report.get("video_source_status_updates") or []:
         payload = update.get("payload") or {}
         if update.get("severity", 0) >= 40:
@@ -209,9 +251,11 @@ def await_sources(client: Any, base: str, pipeline_id: str, seen: List[str], tim
 
 
 def drain(base: str, pipeline_id: str, rows: List[Dict[str, Any]], timeout_s: float,
-          problems: Optional[List[str]] = None) -> Optional[str]:
+          problems: Optional[List[str]] = None, completions: Optional[List[CompletionSample]] = None,
+          latencies: Optional[List[Tuple[float, float]]] = None) -> Optional[str]:
     """Consume ``pipeline_id``'s results into ``rows`` until the manager ends it, polling its
-    status for source problems into ``problems``; returns the reason it stopped."""
+    status for source problems into ``problems`` and its frame counter into ``completions``; returns
+    the reason it stopped."""
     import httpx
 
     deadline = time.monotonic() + timeout_s
@@ -223,7 +267,7 @@ def drain(base: str, pipeline_id: str, rows: List[Dict[str, Any]], timeout_s: fl
             if time.monotonic() - last_result > IDLE_S:
                 return f"no result for {IDLE_S:.0f} s (a pipeline whose every frame fails is not ended by the manager)"
             if time.monotonic() - polled > STATUS_POLL_S:
-                source_problems(client, base, pipeline_id, problems)
+                source_problems(client, base, pipeline_id, problems, completions, latencies)
                 polled = time.monotonic()
             response = client.get(f"{base}/inference_pipelines/{pipeline_id}/consume")
             if response.status_code == 404:
@@ -260,24 +304,26 @@ def gpu_memory_by_process() -> Optional[Dict[int, float]]:
 
 def run_pipelines(name: str, base: str, workflow: dict, videos: Sequence[str], model: str, frames: int,
                   warmup: int, expected: Optional[Dict[int, List[tuple]]] = None,
-                  timeout_s: float = 540.0, gpus: int = 0) -> Dict[str, Any]:
+                  timeout_s: float = 540.0, gpus: int = 0, max_fps: Optional[float] = None) -> Dict[str, Any]:
     """One pipeline per video through the stream API, each drained from the moment it is initialised.
 
-    The manager starts pipelines one after another (seconds apart under ``spawn``), and it drops
-    the results a pipeline still holds when its source ends: a pipeline left undrained until the
-    last one has started would lose its frames.
+    The manager starts pipelines one after another, seconds apart, and ends a pipeline (dropping what it
+    still holds) once its file is read: a pipeline left undrained until the last one has started would
+    lose its frames, and only the time after the last start measures M pipelines sharing the GPU.
     """
     import httpx
 
     ids: List[str] = []
     problems: List[List[str]] = []
     rows: List[List[Dict[str, Any]]] = [[] for _ in videos]
+    completions: List[List[CompletionSample]] = [[] for _ in videos]
+    latencies: List[List[Tuple[float, float]]] = [[] for _ in videos]
     stops: List[Optional[str]] = [None] * len(videos)
     memory: Dict[int, float] = {}
     threads: List[threading.Thread] = []
 
     def consume(index: int) -> None:
-        stops[index] = drain(base, ids[index], rows[index], timeout_s, problems[index])
+        stops[index] = drain(base, ids[index], rows[index], timeout_s, problems[index], completions[index], latencies[index])
         if stops[index] != "ended":  # the manager would keep it running into the next run
             with httpx.Client(timeout=30) as client:
                 client.post(f"{base}/inference_pipelines/{ids[index]}/terminate")
@@ -286,7 +332,7 @@ def run_pipelines(name: str, base: str, workflow: dict, videos: Sequence[str], m
     with httpx.Client(timeout=300) as client:
         for video, device in zip(videos, devices):
             spec = workflow if device is None else on_device(workflow, device)
-            response = client.post(f"{base}/inference_pipelines/initialise", json=initialise_payload(video, spec, model))
+            response = client.post(f"{base}/inference_pipelines/initialise", json=initialise_payload(video, spec, model, max_fps))
             if response.status_code != 200:
                 raise RuntimeError(f"initialise answered {response.status_code}: {response.text[:300]}")
             ids.append(response.json()["context"]["pipeline_id"])
@@ -294,6 +340,7 @@ def run_pipelines(name: str, base: str, workflow: dict, videos: Sequence[str], m
             threads.append(threading.Thread(target=consume, args=(len(ids) - 1,), daemon=True))
             threads[-1].start()
             await_sources(client, base, ids[-1], problems[-1])
+        opened_at = time.perf_counter() + SETTLE_S
     own = os.getpid()  # this process's in-process reference run holds GPU memory too
     while any(t.is_alive() for t in threads):
         sample = gpu_memory_by_process()
@@ -318,9 +365,14 @@ def run_pipelines(name: str, base: str, workflow: dict, videos: Sequence[str], m
                               ended_without_a_frame=not got and stops[index] == "ended"))
     fps = counted / (max(last) - min(first)) if first and max(last) > min(first) else None
     together = all_running_rate(rows, warmup)
-    result = dict(name=name, pipelines=len(ids), gpus=gpus or None, devices=devices if gpus else None, fps=fps,
+    processed = processing_rate(completions, opened_at)
+    window_latencies = [latency for series in latencies for at, latency in series if at >= opened_at]
+    result = dict(name=name, pipelines=len(ids), max_fps=max_fps, gpus=gpus or None, devices=devices if gpus else None, fps=fps,
                   fps_all_running=together["fps"], all_running_window_s=together["window_s"],
                   fps_all_running_per_pipeline=together["per_pipeline"],
+                  fps_processed_all_running=processed["fps"], processed_window_s=processed["window_s"],
+                  fps_processed_per_pipeline=processed["per_pipeline"],
+                  e2e_latency_ms_after_last_start=_spread_ms(window_latencies),
                   frames=sum(p["delivered"] for p in pipelines), per_pipeline=pipelines, gpu_memory_mib_per_process=sorted(memory.values()) or None)
     shown = f"{fps:.1f}" if fps else "n/a"
     print(f"{name:>14} M={len(ids):<3} {shown:>8} fps aggregate, delivered {[p['delivered'] for p in pipelines]} "
@@ -331,6 +383,14 @@ def run_pipelines(name: str, base: str, workflow: dict, videos: Sequence[str], m
     else:
         print(f"{'':>14} the {len(ids)} pipelines never all ran at once (a longer clip, --frames, gives a window)",
               flush=True)
+    if processed["fps"]:
+        print(f"{'':>14} processed while all {len(ids)} ran ({processed['window_s']:.1f} s, the pipelines' own counters): "
+              f"{processed['fps']:.1f} fps aggregate, per pipeline {[round(v, 1) for v in processed['per_pipeline']]}",
+              flush=True)
+    if result["e2e_latency_ms_after_last_start"]:
+        spread = result["e2e_latency_ms_after_last_start"]
+        print(f"{'':>14} decode-to-result latency (the watchdog's moving average, {spread['polls']} polls): "
+              f"median {spread['median']:.0f} ms, max {spread['max']:.0f} ms", flush=True)
     for index, pipeline in enumerate(pipelines):
         if pipeline["stopped"] != "ended":
             print(f"  pipeline {index} ({videos[index]}): stopped: {pipeline['stopped']}", flush=True)
@@ -342,29 +402,11 @@ def run_pipelines(name: str, base: str, workflow: dict, videos: Sequence[str], m
     return result
 
 
-def all_running_rate(rows: Sequence[Sequence[Dict[str, Any]]], warmup: int) -> Dict[str, Any]:
-    """Results per second while every pipeline was past its warm-up and still delivering.
-
-    The manager starts pipelines one after another, seconds apart, so the first ones run alone for a
-    while and the last ones finish alone; only this window measures M pipelines sharing the GPU.
-
-    Example:
-        >>> rows = [[{"at": t} for t in (0, 1, 2, 3, 4)], [{"at": t} for t in (2, 3, 4, 5)]]
-        >>> all_running_rate(rows, warmup=0)
-        {'fps': 2.0, 'window_s': 2.0, 'per_pipeline': [1.0, 1.0]}
-    """
-    starts = [got[warmup]["at"] for got in rows if len(got) > warmup]
-    ends = [got[-1]["at"] for got in rows if len(got) > warmup]
-    nothing = {"fps": None, "window_s": None, "per_pipeline": None}
-    if len(starts) != len(rows) or not rows:
-        return nothing
-    start, end = max(starts), min(ends)
-    if end <= start:
-        return nothing
-    # results strictly after the window opens: one pipeline's rate is (its results) / (the window)
-    counts = [sum(1 for r in got if start < r["at"] <= end) for got in rows]
-    window = float(end - start)
-    return {"fps": sum(counts) / window, "window_s": window, "per_pipeline": [c / window for c in counts]}
+def _spread_ms(values: Sequence[float]) -> Optional[Dict[str, float]]:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return {"median": 1000 * ordered[len(ordered) // 2], "max": 1000 * ordered[-1], "polls": len(ordered)}
 
 
 def in_process_signatures(workflow: dict, video: str, model: str) -> Dict[int, List[tuple]]:
@@ -387,6 +429,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--gpus", type=int, default=0,
                         help="spread our pipelines round-robin over this many GPUs through the block's device option "
                              "(0: leave `device` at auto); the stock pipelines stay on the current GPU")
+    parser.add_argument("--max-fps", type=float, default=None,
+                        help="play each file at this rate, as a camera would (every frame processed); "
+                             "default: as fast as the pipeline goes")
     parser.add_argument("--start-method", default="fork", choices=["fork", "spawn", "forkserver"],
                         help="how the manager starts pipeline processes (its default: fork; spawn when the "
                              "manager process has initialised CUDA, see stream_manager_launch.py)")
@@ -403,16 +448,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         copies = [shutil.copy(clip, Path(directory) / f"copy{i}.mp4") for i in range(max(counts + [args.stock_pipelines]))]
         workflow = load_workflow(FASTPATH, **options)
         expected = in_process_signatures(workflow, clip, model)
-        with running_stream_api(out.with_name(out.stem + "-logs"), max(counts), args.start_method) as base:
+        pool = max(counts + [args.stock_pipelines])
+        with running_stream_api(out.with_name(out.stem + "-logs"), pool, args.start_method, pool) as (base, manager):
             if args.stock_pipelines:
+                print(wait_for_idle_pool(manager, args.stock_pipelines), flush=True)
                 results.append(run_pipelines("stock-v3", base, load_workflow(STOCK_V3), copies[:args.stock_pipelines],
                                              model, args.frames, args.warmup))
             for count in counts:
+                print(wait_for_idle_pool(manager, count), flush=True)
                 results.append(run_pipelines(name, base, workflow, copies[:count], model, args.frames, args.warmup,
-                                             expected, gpus=args.gpus))
+                                             expected, gpus=args.gpus, max_fps=args.max_fps))
     report = {"created": datetime.datetime.now().isoformat(timespec="seconds"), "frames_per_pipeline": args.frames,
               "resolution": args.resolution or "native", "options": options, "decoding_buffer": DECODING_BUFFER,
-              "start_method": args.start_method,
+              "start_method": args.start_method, "max_fps": args.max_fps,
               "results": results}
     out.write_text(json.dumps(report, indent=1, default=str))
     print(f"results: {out}")
