@@ -245,7 +245,7 @@ def test_stream_manager_runs_our_workflow_in_pipeline_processes(demo_model_dir, 
     expected = stream_manager.in_process_signatures(workflow, clip, demo_model_dir)
     assert len(expected) == 8 and any(expected.values())
     dead = str(tmp_path / "no-such-camera.mp4")
-    with stream_manager.running_stream_api(tmp_path / "logs", max_pipelines=3) as base:
+    with stream_manager.running_stream_api(tmp_path / "logs", max_pipelines=3) as (base, _):
         result = stream_manager.run_pipelines("ours", base, workflow, [copies[0], dead, copies[1]], demo_model_dir, 8,
                                               0, expected, timeout_s=240)
     assert result["pipelines"] == 3
