@@ -38,13 +38,6 @@ def completed_frames(report: Dict[str, Any], clock_now: float) -> Optional[Tuple
     return float(statistics.get("sampled_at_monotonic", clock_now)), done
 
 
-def e2e_latency_s(report: Dict[str, Any]) -> Optional[float]:
-    """The slowest source's end-to-end latency (decode to result, seconds) in a status report: the
-    watchdog's average over its last few frames, so a poll gives a moving average, not one frame."""
-    values = [float(r["e2e_latency"]) for r in report.get("latency_reports") or [] if r.get("e2e_latency") is not None]
-    return max(values) if values else None
-
-
 def all_running_rate(rows: Sequence[Sequence[Dict[str, Any]]], warmup: int) -> Dict[str, Any]:
     """Results per second while every pipeline was past its warm-up and still delivering.
 
