@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import logging
-import threading
 from concurrent.futures import Future
 
 import numpy as np
 import pytest
 
-from inference_fastpath.adapters.scheduling.depth2 import WORKER_THREAD_PREFIX
 from inference_fastpath.adapters.scheduling.previous_frame import BatchSizeChanged, PreviousFrameDelivery
 from inference_fastpath.workflows import FASTPATH, FASTPATH_ANNOTATED, load_workflow
 from inference_fastpath.workflows.comparison import compare_detections
 from inference_fastpath.workflows.running import execution_engine, run_pipeline
-from inference_fastpath.workflows.video_files import read_frames, write_clip
+from support.pipeline_clips import no_worker_threads, short_clips
 
 # the CPU twins: the test is about pairing, not speed
 REFERENCE = dict(preprocess="reference", postprocess="reference")
@@ -91,15 +89,9 @@ def test_overlap_needs_depth_2_and_a_literal_value():
 # ---------------------------------------------------------------- through InferencePipeline
 
 
-def _no_worker_threads() -> bool:
-    return not [t for t in threading.enumerate() if t.name.startswith(WORKER_THREAD_PREFIX)]
-
-
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory, clip_path):
-    directory = tmp_path_factory.mktemp("overlap")
-    frames = read_frames(clip_path, count=4, step=20)
-    return {n: str(write_clip(directory / f"clip{n}.mp4", frames[:n])) for n in (1, 2, 4)}
+    return short_clips(tmp_path_factory.mktemp("overlap"), clip_path)
 
 
 def _annotated(overlap: bool) -> dict:
@@ -121,7 +113,7 @@ def test_overlapped_annotated_workflow_equals_the_unoverlapped_one_frame_by_fram
         # the picture of the same frame, painted from the same masks
         assert np.array_equal(a["annotated"].numpy_image, b["annotated"].numpy_image), frame_id
         assert b["annotated"].video_metadata.frame_number == frame_id
-    assert _no_worker_threads()
+    assert no_worker_threads()
 
 
 @pytest.mark.slow
@@ -132,7 +124,7 @@ def test_overlapped_short_videos_flush_their_last_frame(demo_model_dir, clips, f
     assert run.frame_ids == list(range(1, frames + 1))
     assert all(len(r["predictions"]) > 0 for r in run.results)
     assert [r["annotated"].video_metadata.frame_number for r in run.results] == run.frame_ids
-    assert _no_worker_threads()
+    assert no_worker_threads()
 
 
 @pytest.mark.slow

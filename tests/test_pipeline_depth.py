@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import threading
 
 import pytest
 
-from inference_fastpath.adapters.scheduling.depth2 import WORKER_THREAD_PREFIX
 from inference_fastpath.workflows.comparison import compare_detections
 from inference_fastpath.workflows.running import execution_engine, run_pipeline
 from inference_fastpath.workflows import FASTPATH, load_workflow
 
 from inference_fastpath.workflows.video_files import read_frames, write_clip
+from support.pipeline_clips import no_worker_threads, short_clips
 
 pytestmark = pytest.mark.slow
 REFERENCE = dict(preprocess="reference", postprocess="reference")
@@ -21,15 +20,9 @@ def _workflow(depth: int) -> dict:
     return load_workflow(FASTPATH, pipeline_depth=depth, **REFERENCE)
 
 
-def _no_worker_threads() -> bool:
-    return not [t for t in threading.enumerate() if t.name.startswith(WORKER_THREAD_PREFIX)]
-
-
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory, clip_path):
-    directory = tmp_path_factory.mktemp("depth")
-    frames = read_frames(clip_path, count=4, step=20)
-    return {n: str(write_clip(directory / f"clip{n}.mp4", frames[:n])) for n in (1, 2, 4)}
+    return short_clips(tmp_path_factory.mktemp("depth"), clip_path)
 
 
 def test_depth_2_equals_depth_1_frame_by_frame(demo_model_dir, clips):
@@ -42,7 +35,7 @@ def test_depth_2_equals_depth_1_frame_by_frame(demo_model_dir, clips):
         report = compare_detections(a["predictions"], b["predictions"])
         assert report.within(confidence=0.0, box_px=0.0, mask_iou=1.0), report
         assert b["model_id"] == demo_model_dir
-    assert _no_worker_threads()
+    assert no_worker_threads()
 
 
 @pytest.mark.parametrize("frames", [1, 2])
@@ -51,7 +44,7 @@ def test_short_videos_flush_their_last_frame(demo_model_dir, clips, frames):
     assert not run.errors
     assert run.frame_ids == list(range(1, frames + 1))
     assert all(len(r["predictions"]) > 0 for r in run.results)
-    assert _no_worker_threads()
+    assert no_worker_threads()
 
 
 def test_two_sources_are_pipelined_and_complete(demo_model_dir, clips):
@@ -61,7 +54,7 @@ def test_two_sources_are_pipelined_and_complete(demo_model_dir, clips):
     for source, frame_id in zip(run.source_ids, run.frame_ids):
         per_source.setdefault(source, []).append(frame_id)
     assert sorted(per_source.values(), key=len) == [[1, 2], [1, 2, 3, 4]]
-    assert _no_worker_threads()
+    assert no_worker_threads()
 
 
 def test_termination_mid_stream_delivers_every_frame_the_block_took(demo_model_dir, clip_path, tmp_path):
@@ -74,7 +67,7 @@ def test_termination_mid_stream_delivers_every_frame_the_block_took(demo_model_d
     assert 2 <= len(run.results) < 10
     assert len(run.results) == len(runner.timings), "a frame the block finished was not delivered"
     assert run.frame_ids == sorted(set(run.frame_ids))
-    assert _no_worker_threads()
+    assert no_worker_threads()
 
 
 def test_execution_engine_outside_a_pipeline_returns_complete_results(demo_model_dir, clip_frames):
