@@ -81,6 +81,7 @@ class FastpathMaskVisualizationBlockV1(MaskVisualizationBlockV1):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._painters = {}
+        self._warned_frame_mismatch = False
 
     @classmethod
     def get_manifest(cls) -> Type[WorkflowBlockManifest]:
@@ -101,7 +102,7 @@ class FastpathMaskVisualizationBlockV1(MaskVisualizationBlockV1):
 
     def _warn_once_if_another_frame(self, image: WorkflowImageData, predictions) -> None:
         # painted anyway: a misconfigured workflow must not stop the stream, but it must not go unnoticed
-        if getattr(self, "_warned_frame_mismatch", False):
+        if self._warned_frame_mismatch:
             return
         problem = source_frame_mismatch(predictions, image)
         if problem:
