@@ -4,8 +4,9 @@
     python -m inference_fastpath.examples.run_video --video in.mp4 --model my-project/3 --out out.mp4
 
 The workflow is the fast one end to end: our segmentation block (compact masks), our GPU mask
-visualization, then the stock box and label annotators. The video is encoded on a writer thread, off
-the pipeline's thread. Shows progress, prints the end-to-end FPS and the writer's own FPS. The default
+visualization, then the stock box and label annotators. The video is encoded off the pipeline's
+threads: in a process of its own by default (``--writer process``: the encoder never waits for the
+pipeline's interpreter lock), or on a thread (``--writer thread``). Shows progress, prints the end-to-end FPS and the writer's own FPS. The default
 demo model has random weights (its detections are not semantic): it only shows the plumbing and the speed.
 """
 
@@ -47,6 +48,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--no-downstream-overlap", action="store_true",
                         help="at depth 2, paint each frame before launching the next (by default the annotators "
                              "paint frame t on the host while the GPU runs frame t+1)")
+    parser.add_argument("--writer", default="process", choices=["process", "thread"],
+                        help="encode the video in a child process fed through shared memory (default), or on a "
+                             "thread of this process, which shares the interpreter lock with the pipeline")
     parser.add_argument("--confidence", type=float, help="custom confidence threshold")
     parser.add_argument("--pinned-decode", action="store_true",
                         help="decode into recycled pinned buffers (adapters/cuda/pinned_video_source.py): the Triton "
@@ -61,6 +65,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from inference_fastpath.workflows.running import run_pipeline
     from inference_fastpath.workflows import FASTPATH_ANNOTATED, load_workflow
     from inference_fastpath.workflows.video_files import BackgroundVideoWriter
+    from inference_fastpath.workflows.video_writer_process import VideoWriterProcess
 
     if args.demo == "trained":
         from inference_fastpath.examples.trained_demo import build_trained_demo_model, default_video_path
@@ -85,7 +90,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         step_options.update(confidence_mode="custom", custom_confidence=args.confidence)
     workflow = load_workflow(FASTPATH_ANNOTATED, **step_options)
 
-    writer = BackgroundVideoWriter(args.out, fps) if args.out else None
+    writer_class = VideoWriterProcess if args.writer == "process" else BackgroundVideoWriter
+    writer = writer_class(args.out, fps) if args.out else None
     started = time.perf_counter()
     detections_seen = [0]
 
@@ -106,7 +112,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         reference = pinned_video_source(video)
     run = run_pipeline(reference, workflow, {"model_id": model}, on_result=on_result, keep_results=False)
     if writer is not None:
-        writer.close()
+        writer.close()  # raises, naming the file, if the encoder failed
     if run.errors:
         print(f"pipeline reported errors: {run.errors}", file=sys.stderr)
         return 1
@@ -119,7 +125,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     if writer is not None:
         encode = f"{writer.encode_fps:.1f}" if writer.encode_fps else "n/a"
-        print(f"video writer: {writer.frames_written} frames, {encode} fps on its own thread, {writer.encoder}")
+        print(f"video writer: {writer.frames_written} frames, {encode} fps in its own {args.writer}, {writer.encoder}")
     if args.out:
         print(f"annotated video: {args.out}")
     return 0

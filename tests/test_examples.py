@@ -16,11 +16,6 @@ pytestmark = pytest.mark.slow
 REFERENCE = dict(preprocess="reference", postprocess="reference")
 
 
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory, clip_path):
-    return str(write_clip(tmp_path_factory.mktemp("tiny") / "tiny.mp4", read_frames(clip_path, count=3, step=30)))
-
-
 def test_chaining_into_stock_annotators_draws_the_masks(demo_model_dir, clip_frames):
     frame = clip_frames[0]
     result = execution_engine(load_workflow(FASTPATH_ANNOTATED, **REFERENCE)).run(
@@ -33,16 +28,16 @@ def test_chaining_into_stock_annotators_draws_the_masks(demo_model_dir, clip_fra
     assert changed[inside].mean() > 0.5, "the mask annotator did not paint the detected pixels"
 
 
-@pytest.mark.parametrize("decode", [[], ["--pinned-decode"]])
-def test_run_video_writes_an_annotated_video(demo_model_dir, tiny_clip, tmp_path, capsys, decode):
+@pytest.mark.parametrize("decode, writer", [([], "process"), (["--pinned-decode"], "thread")])
+def test_run_video_writes_an_annotated_video(demo_model_dir, tiny_clip, tmp_path, capsys, decode, writer):
     from inference_fastpath.examples.run_video import main
 
     out = tmp_path / "annotated.mp4"
     assert main(["--video", tiny_clip, "--model", demo_model_dir, "--out", str(out),
-                 "--preprocess", "reference", "--postprocess", "reference", *decode]) == 0
+                 "--preprocess", "reference", "--postprocess", "reference", "--writer", writer, *decode]) == 0
     printed = capsys.readouterr().out
     assert "processed 3 frames" in printed and "fps" in printed
-    assert "video writer: 3 frames" in printed
+    assert "video writer: 3 frames" in printed and f"in its own {writer}" in printed
     capture = cv2.VideoCapture(str(out))
     assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 3
     capture.release()

@@ -1,11 +1,17 @@
-"""The annotated-video writer: PyAV's threaded MPEG-4 when PyAV imports, OpenCV's writer otherwise."""
+"""The annotated-video writers (a thread, or a process fed through shared memory): PyAV's threaded MPEG-4
+when PyAV imports, OpenCV's writer otherwise."""
 
 import builtins
+import contextlib
+import os
 
 import numpy as np
 import pytest
 
 from inference_fastpath.workflows.video_files import BackgroundVideoWriter, read_frames
+from inference_fastpath.workflows.video_writer_process import VideoWriterProcess
+
+WRITERS = [BackgroundVideoWriter, VideoWriterProcess]
 
 
 def _frames(count: int, height: int = 64, width: int = 96):
@@ -14,17 +20,18 @@ def _frames(count: int, height: int = 64, width: int = 96):
     return [np.clip(ramp + 20 + 15 * i, 0, 255).astype(np.uint8).repeat(height, 0).repeat(3, 2) for i in range(count)]
 
 
-def _write(path, frames, **kwargs) -> BackgroundVideoWriter:
-    with BackgroundVideoWriter(path, fps=25.0, **kwargs) as writer:
+def _write(path, frames, writer_class=BackgroundVideoWriter, **kwargs):
+    with writer_class(path, fps=25.0, **kwargs) as writer:
         for frame in frames:
             writer.write(frame)
     return writer
 
 
-def test_pyav_writes_every_frame_in_order(tmp_path):
+@pytest.mark.parametrize("writer_class", WRITERS)
+def test_pyav_writes_every_frame_in_order(tmp_path, writer_class):
     pytest.importorskip("av")
     frames = _frames(12)
-    writer = _write(tmp_path / "out.mp4", frames)
+    writer = _write(tmp_path / "out.mp4", frames, writer_class)
     assert writer.encoder == "pyav-mpeg4-threaded"
     back = read_frames(tmp_path / "out.mp4")  # OpenCV reads it, as it reads its own mp4v files
     assert len(back) == len(frames) == writer.frames_written
@@ -55,11 +62,12 @@ def test_odd_frame_sizes_go_to_opencv(tmp_path):
     assert len(read_frames(tmp_path / "odd.mp4")) == 4
 
 
+@pytest.mark.parametrize("writer_class", WRITERS)
 @pytest.mark.parametrize("height, width", [(64, 96), (63, 97)])  # PyAV's path and OpenCV's
-def test_a_frame_of_another_size_is_resized_not_dropped(tmp_path, height, width):
+def test_a_frame_of_another_size_is_resized_not_dropped(tmp_path, height, width, writer_class):
     frames = _frames(4, height=height, width=width)
     frames[1] = np.zeros((32, 48, 3), np.uint8)
-    writer = _write(tmp_path / "mixed.mp4", frames)
+    writer = _write(tmp_path / "mixed.mp4", frames, writer_class)
     back = read_frames(tmp_path / "mixed.mp4")
     assert writer.frames_written == 4 and len(back) == 4
     assert back[1].shape == back[0].shape  # OpenCV's mp4v trims odd sides to even ones
@@ -82,3 +90,42 @@ def test_yuv_conversion_refuses_odd_sides():
 
     with pytest.raises(ValueError, match="even sides"):
         bgr_to_i420(np.zeros((3, 4, 3), np.uint8))
+
+
+def test_the_process_writer_waits_for_a_free_slot_rather_than_dropping_frames(tmp_path):
+    frames = _frames(9)
+    writer = _write(tmp_path / "few-slots.mp4", frames, VideoWriterProcess, slots=1)
+    back = read_frames(tmp_path / "few-slots.mp4")
+    assert writer.frames_written == len(back) == 9
+    assert np.all(np.diff([b.mean() for b in back]) > 5)  # order kept through one reused slot
+
+
+def test_the_process_writer_frees_its_shared_memory_and_child(tmp_path):
+    writer = VideoWriterProcess(tmp_path / "out.mp4", fps=25.0, slots=2)
+    writer.write(_frames(1)[0])
+    child, name = writer._child, writer.memory_name
+    writer.close()
+    assert child.poll() == 0
+    assert not os.path.exists(f"/dev/shm/{name}")
+
+
+def test_the_process_writer_reports_an_encoder_failure_naming_it(tmp_path):
+    target = tmp_path / "no-such-dir" / "out.mp4"
+    writer = VideoWriterProcess(target, fps=25.0, slots=2)
+    with pytest.raises(RuntimeError, match="video writer for .*out.mp4 failed"):
+        for frame in _frames(6):
+            writer.write(frame)
+        writer.close()
+    with contextlib.suppress(RuntimeError):
+        writer.close()  # closing again after the failure does not hang
+    assert writer._child.poll() is not None and not os.path.exists(f"/dev/shm/{writer.memory_name}")
+
+
+def test_the_process_writer_reports_a_dead_child(tmp_path):
+    writer = VideoWriterProcess(tmp_path / "out.mp4", fps=25.0, slots=2)
+    writer.write(_frames(1)[0])
+    writer._child.kill()
+    writer._child.wait()
+    with pytest.raises(RuntimeError, match="ended unexpectedly"):
+        for frame in _frames(4):
+            writer.write(frame)

@@ -83,8 +83,6 @@ class BackgroundVideoWriter:
         self.encode_seconds = 0.0
         self.error: Optional[BaseException] = None
         self._queue: "queue.Queue[Optional[np.ndarray]]" = queue.Queue(maxsize=max_pending)
-        self._writer: Optional[cv2.VideoWriter] = None
-        self._size: Optional[Tuple[int, int]] = None
         self._thread = threading.Thread(target=self._encode, name="fastpath-video-writer", daemon=True)
         self._thread.start()
 
@@ -98,8 +96,6 @@ class BackgroundVideoWriter:
         """Encode what is queued, then close the file."""
         self._queue.put(None)
         self._thread.join()
-        if self._writer is not None:
-            self._writer.release()
         if self.error is not None:
             raise RuntimeError(f"video writer for {self.path} failed") from self.error
 
@@ -114,25 +110,60 @@ class BackgroundVideoWriter:
         self.close()
 
     def _encode(self) -> None:
+        encoder = FrameEncoder(self.path, self.fps, self.fourcc)
         while True:
             frame = self._queue.get()
             if frame is None:
-                return
+                break
             if self.error is not None:
                 continue  # keep draining so producers never block on a dead writer
             try:
-                started = time.perf_counter()
-                if self._writer is None:
-                    height, width = frame.shape[:2]
-                    self._size = (width, height)
-                    self._writer, self.encoder = _open_encoder(self.path, self.fps, self._size, self.fourcc)
-                if (frame.shape[1], frame.shape[0]) != self._size:
-                    frame = cv2.resize(frame, self._size)  # OpenCV's writer would drop it without a word
-                self._writer.write(frame)
-                self.encode_seconds += time.perf_counter() - started
+                self.encode_seconds += encoder.write(frame)
                 self.frames_written += 1
+                self.encoder = encoder.description
             except BaseException as error:  # noqa: BLE001 - reported to the producer on its next call
                 self.error = error
+        try:
+            encoder.release()
+        except BaseException as error:  # noqa: BLE001
+            self.error = self.error or error
+
+
+class FrameEncoder:
+    """One output file's encoder, opened on the first frame (its size fixes the file's); later frames of
+    another size are resized to it, never dropped. Used by both background writers.
+
+    Example:
+        >>> import tempfile, os
+        >>> encoder = FrameEncoder(os.path.join(tempfile.mkdtemp(), "out.mp4"), 25.0)
+        >>> seconds = encoder.write(np.zeros((48, 64, 3), np.uint8)); encoder.release()
+        >>> encoder.frames
+        1
+    """
+
+    def __init__(self, path: str, fps: float, fourcc: str = "mp4v") -> None:
+        self.path, self.fps, self.fourcc = path, fps, fourcc
+        self.description: Optional[str] = None
+        self.frames = 0
+        self._writer = None
+        self._size: Optional[Tuple[int, int]] = None
+
+    def write(self, frame: np.ndarray) -> float:
+        """Encode one BGR frame; returns the seconds it took (the first frame's include opening the file)."""
+        started = time.perf_counter()
+        if self._writer is None:
+            self._size = (frame.shape[1], frame.shape[0])
+            self._writer, self.description = _open_encoder(self.path, self.fps, self._size, self.fourcc)
+        if (frame.shape[1], frame.shape[0]) != self._size:
+            frame = cv2.resize(frame, self._size)  # OpenCV's writer would drop it without a word
+        self._writer.write(frame)
+        self.frames += 1
+        return time.perf_counter() - started
+
+    def release(self) -> None:
+        if self._writer is not None:
+            self._writer.release()
+            self._writer = None
 
 
 class _PyAvEncoder:
