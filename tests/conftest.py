@@ -64,6 +64,12 @@ def short_clip(tmp_path_factory, clip_path) -> Path:
     return write_clip(tmp_path_factory.mktemp("clips") / "short.mp4", frames)
 
 
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory, clip_path) -> str:
+    """Three frames of the bundled clip: the examples' end-to-end runs on the CPU."""
+    return str(write_clip(tmp_path_factory.mktemp("tiny") / "tiny.mp4", read_frames(clip_path, count=3, step=30)))
+
+
 @pytest.fixture(scope="session")
 def tiny_onnx_bytes():
     """Factory: a tiny ONNX graph with RF-DETR's I/O, (N,3,8,8) -> dets (N,5,4), labels (N,5,3),

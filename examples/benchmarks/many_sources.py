@@ -113,12 +113,15 @@ def run_sources(
     realtime_fps: Optional[float] = None,
     stalls: Optional[Dict[int, Tuple[int, float]]] = None,
     batch_timeout: Optional[float] = None,
+    with_times: bool = False,
 ) -> Dict[str, Any]:
     """One pipeline over ``videos``; ``expected[video][frame_id]`` are the one-source detections
     each result must equal; ``keep`` collects a one-source run's detections by frame id.
     ``realtime_fps``: every source plays like a camera at that rate, with live-stream buffering
     (frames the pipeline cannot take in time are dropped and counted). ``stalls[index] = (frames,
-    seconds)`` freezes that source once; ``batch_timeout`` is how long a batch waits for a source."""
+    seconds)`` freezes that source once; ``batch_timeout`` is how long a batch waits for a source.
+    ``with_times`` adds ``times``: each stream's result times (``perf_counter``) and the latencies
+    after the warm-up of all streams, to line up runs of several processes."""
     from inference_fastpath.adapters.options import FastpathOptions
     from inference_fastpath.adapters.runner import RUNNERS
     from inference_fastpath.adapters.timeline import Timeline
@@ -206,6 +209,9 @@ def run_sources(
         result["streams_holding_rate"] = sum(
             s["dropped_fraction"] < 0.01 and s["latency_ms_p99"] is not None and s["latency_ms_p99"] < 100
             and s["fps"] is not None and s["fps"] >= 0.95 * realtime_fps for s in streams)
+    if with_times:
+        result["times"] = {"at": [[r["at"] for r in by_source.get(i, [])] for i in range(len(videos))],
+                           "latency_ms": latencies}
     if runner is not None and runner.timeline is not None:
         result["timeline"] = runner.timeline.resolve()
     shown = f"{fps:.1f}" if fps else "n/a"

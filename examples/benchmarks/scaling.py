@@ -12,13 +12,14 @@ DEFAULT_OPTIONS: Dict[str, Any] = dict(preprocess="auto", engine="auto", cuda_gr
                                        mask_output="rle", pipeline_depth=2)
 
 
-def scaling_parser(description: str, count_flag: str, count_default: str, unit: str, out: str) -> argparse.ArgumentParser:
+def scaling_parser(description: str, count_flag: str, count_default: str, unit: str, out: str,
+                   per: Optional[str] = None) -> argparse.ArgumentParser:
     """The common options: the counts to run, frames, warm-up, resolution, our configuration,
-    video, model and output file."""
+    video, model and output file. ``per``: what frames and warm-up are counted per (default ``unit``)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument(count_flag, default=count_default, help=f"comma list of {unit} counts")
-    parser.add_argument("--frames", type=int, default=100, help=f"frames per {unit} (<= 300)")
-    parser.add_argument("--warmup", type=int, default=5, help=f"results per {unit} ignored before the clock starts")
+    parser.add_argument("--frames", type=int, default=100, help=f"frames per {per or unit} (<= 300)")
+    parser.add_argument("--warmup", type=int, default=5, help=f"results per {per or unit} ignored before the clock starts")
     parser.add_argument("--resolution", default=None, help="resize the clip to WxH first, e.g. 1920x1080")
     parser.add_argument("--config", default=None, help="ours: 'name:key=value,...' (default: RLE, depth 2, all fast)")
     parser.add_argument("--video", help="video file (default: bundled clip)")
