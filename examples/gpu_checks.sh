@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU-host checks, run from the repository root on a machine with CUDA but no package index:
-#   bash examples/gpu_checks.sh tests|micro|e2e|before|video|annotated|painters|streams[,...] [WHEEL_DIR | SITE_PACK.tar.xz]
+#   bash examples/gpu_checks.sh tests|micro|e2e|before|video|annotated|processes|painters|streams[,...] [WHEEL_DIR | SITE_PACK.tar.xz]
 # The wheelhouse (inference + inference-models for Python 3.12, built by the team's make-wheelhouse
 # script, plus pytest; or its site pack from pack_gpu_site.sh, which fits the carry limit beside
 # the repository) is installed once per machine into /tmp/site. Logs and JSON go to $OUT (or ./out).
@@ -76,8 +76,18 @@ f=read_frames('${VIDEO_SRC:-examples/data/shapes_clip.mp4}', count=${VIDEO_FRAME
     timeout "${ANNOTATED_TIMEOUT:-300}" python3 -m inference_fastpath.examples.benchmarks.benchmark --model "$model" \
       --video examples/data/shapes_clip.mp4 --frames "${FRAMES:-60}" --warmup 10 --presets , \
       --resolution "${RESOLUTION:-1920x1080}" --stock annotated --config "annotated-d2:$fast,workflow=annotated" \
-      --config "annotated-overlap:$fast,downstream_overlap=true,workflow=annotated" --config "compact-d2:$fast" --out "$out/annotated-${RESOLUTION:-1920x1080}.json" 2>&1 | grep -v -i "warn" \
+      --config "annotated-overlap:$fast,downstream_overlap=true,workflow=annotated" \
+      --config "annotated-overlap-d1:$fast,downstream_overlap=true,workflow=annotated,pipeline_depth=1" \
+      --config "compact-d2:$fast" --out "$out/annotated-${RESOLUTION:-1920x1080}.json" 2>&1 | grep -v -i "warn" \
       | tee "$out/annotated-${RESOLUTION:-1920x1080}.log" | tail -12
+    ;;
+  processes)  # K processes x N sources on the GPU (PROCESSES=K list, SOURCES=N, RESOLUTION=WxH or native), trained demo
+    model="$(timeout 120 python3 -m inference_fastpath.examples.trained_demo 2>/dev/null | tail -1)"
+    timeout "${PROCESSES_TIMEOUT:-300}" python3 -m inference_fastpath.examples.benchmarks.many_processes \
+      --processes "${PROCESSES:-1,2,4}" --sources-per-process "${SOURCES:-8}" --frames "${FRAMES:-200}" --warmup 10 \
+      --model "$model" --video examples/data/shapes_clip.mp4 ${RESOLUTION:+--resolution $RESOLUTION} \
+      --stock-sources "${STOCK_SOURCES:-1}" ${PROCESSES_ARGS:-} --out "$out/many-processes-${RESOLUTION:-native}.json" 2>&1 \
+      | grep -v -i "warn" | tee "$out/many-processes-${RESOLUTION:-native}.log" | tail -8
     ;;
   painters)  # the mask painters' microbenchmark
     timeout 150 python3 -m inference_fastpath.examples.benchmarks.bench_mask_painting --budget 0.3 \
