@@ -226,13 +226,15 @@ class BlockManifest(WorkflowBlockManifest):
 
     downstream_overlap: bool = Field(
         default=False,
-        description="Inside InferencePipeline: each run returns the previous frame's predictions together with "
-        "that frame on the `image` output, so the steps after this one (visualizations, trackers, sinks) work on "
-        "frame N-1 while the GPU runs frame N. At pipeline_depth 1 frame N-1 is finished on this step's thread "
-        "right after frame N is launched; at depth 2 on a worker thread. Wire those steps to "
+        description="With pipeline_depth 2 inside InferencePipeline: each run returns the previous frame's "
+        "predictions together with that frame on the `image` output, so the steps after this one (visualizations, "
+        "trackers, sinks) work on frame N-1 while the GPU runs frame N. Wire those steps to "
         "`$steps.<this step>.image`, not `$inputs.image`. Results and their pairing with video frames are unchanged; "
         "HTTP requests are never delayed.",
-        json_schema_extra={**ADDITIONAL},
+        json_schema_extra={
+            "relevant_for": {"pipeline_depth": {"values": [2], "required": True}},
+            **ADDITIONAL,
+        },
     )
 
     device: Union[str, Selector(kind=[STRING_KIND])] = Field(
@@ -264,6 +266,9 @@ class BlockManifest(WorkflowBlockManifest):
     def _check_custom_confidence(self) -> "BlockManifest":
         if self.confidence_mode == "custom" and self.custom_confidence is None:
             raise ValueError("`custom_confidence` is required when `confidence_mode` is 'custom'")
+        if self.downstream_overlap and self.pipeline_depth != 2:
+            raise ValueError("`downstream_overlap` needs `pipeline_depth` 2 (it overlaps the steps after this one "
+                             f"with the next frame's GPU work); got pipeline_depth={self.pipeline_depth}")
         declare_step_depth(self.name, self.pipeline_depth, self.downstream_overlap)
         return self
 

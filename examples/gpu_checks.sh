@@ -77,7 +77,6 @@ f=read_frames('${VIDEO_SRC:-examples/data/shapes_clip.mp4}', count=${VIDEO_FRAME
       --video examples/data/shapes_clip.mp4 --frames "${FRAMES:-60}" --warmup 10 --presets , \
       --resolution "${RESOLUTION:-1920x1080}" --stock annotated --config "annotated-d2:$fast,workflow=annotated" \
       --config "annotated-overlap:$fast,downstream_overlap=true,workflow=annotated" \
-      --config "annotated-overlap-d1:$fast,downstream_overlap=true,workflow=annotated,pipeline_depth=1" \
       --config "compact-d2:$fast" --out "$out/annotated-${RESOLUTION:-1920x1080}.json" 2>&1 | grep -v -i "warn" \
       | tee "$out/annotated-${RESOLUTION:-1920x1080}.log" | tail -12
     ;;

@@ -46,8 +46,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--pipeline-depth", type=int, default=2, choices=[1, 2],
                         help="2 (default): the engine runs frame t+1 while the host finishes frame t")
     parser.add_argument("--no-downstream-overlap", action="store_true",
-                        help="paint each frame before launching the next (by default the annotators paint frame t "
-                             "on the host while the GPU runs frame t+1)")
+                        help="at depth 2, paint each frame before launching the next (by default the annotators "
+                             "paint frame t on the host while the GPU runs frame t+1)")
     parser.add_argument("--writer", default="process", choices=["process", "thread"],
                         help="encode the video in a child process fed through shared memory (default), or on a "
                              "thread of this process, which shares the interpreter lock with the pipeline")
@@ -85,7 +85,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     step_options = {name: getattr(args, name) for name in STEP_OPTIONS}
     step_options.update(cuda_graphs=not args.no_cuda_graphs, pipeline_depth=args.pipeline_depth,
-                        downstream_overlap=not args.no_downstream_overlap)
+                        downstream_overlap=args.pipeline_depth == 2 and not args.no_downstream_overlap)
     if args.confidence is not None:
         step_options.update(confidence_mode="custom", custom_confidence=args.confidence)
     workflow = load_workflow(FASTPATH_ANNOTATED, **step_options)

@@ -8,7 +8,6 @@ from concurrent.futures import Future
 import numpy as np
 import pytest
 
-from inference_fastpath.adapters.scheduling.deferred import DeferredScheduler
 from inference_fastpath.adapters.scheduling.previous_frame import BatchSizeChanged, PreviousFrameDelivery
 from inference_fastpath.workflows import FASTPATH, FASTPATH_ANNOTATED, load_workflow
 from inference_fastpath.workflows.comparison import compare_detections
@@ -78,53 +77,13 @@ def _manifest(**step):
                                          "images": "$inputs.image", "model_id": "m", **step})
 
 
-@pytest.mark.parametrize("depth", [1, 2])
-def test_overlap_takes_either_depth_and_only_a_literal_value(depth):
+def test_overlap_needs_depth_2_and_a_literal_value():
+    with pytest.raises(ValueError, match="downstream_overlap.*pipeline_depth.*got pipeline_depth=1"):
+        _manifest(downstream_overlap=True)
     with pytest.raises(ValueError, match="fixed when the workflow is compiled"):
-        _manifest(downstream_overlap="$inputs.overlap", pipeline_depth=depth)
-    manifest = _manifest(downstream_overlap=True, pipeline_depth=depth)
+        _manifest(downstream_overlap="$inputs.overlap", pipeline_depth=2)
+    manifest = _manifest(downstream_overlap=True, pipeline_depth=2)
     assert "image" in [output.name for output in manifest.get_actual_outputs()]
-
-
-# ---------------------------------------------------------------- deferred completion (depth 1 + overlap)
-
-
-def test_a_deferred_batch_is_finished_once_on_the_thread_that_first_asks():
-    import threading
-
-    calls = []
-
-    def finish(launched):
-        calls.append(threading.current_thread().name)
-        return [launched, launched + 1]
-
-    futures = DeferredScheduler().submit(lambda: 10, finish, count=2)
-    assert not any(f.done() for f in futures) and calls == []  # nothing finished before it is asked for
-    assert futures[1].result() == 11 and futures[0].result() == 10
-    assert calls == [threading.current_thread().name]
-
-
-def test_a_deferred_failure_reaches_every_frame_of_its_batch():
-    def finish(launched):
-        raise RuntimeError("postprocess exploded")
-
-    futures = DeferredScheduler().submit(lambda: None, finish, count=2)
-    for future in futures:
-        with pytest.raises(RuntimeError, match="postprocess exploded"):
-            future.result()
-    wrong = DeferredScheduler().submit(lambda: None, lambda launched: [1], count=2)
-    assert "1 results for 2 frames" in str(wrong[0].exception())
-
-
-def test_closing_the_deferred_scheduler_finishes_what_was_launched():
-    finished = []
-    scheduler = DeferredScheduler()
-    for n in range(3):
-        scheduler.submit(lambda n=n: n, lambda launched: finished.append(launched) or [launched], count=1)
-    scheduler.close()
-    assert finished == [0, 1, 2]  # each launch's GPU outputs released, in order
-    scheduler.close()
-    assert finished == [0, 1, 2]
 
 
 # ---------------------------------------------------------------- through InferencePipeline
@@ -135,17 +94,16 @@ def clips(tmp_path_factory, clip_path):
     return short_clips(tmp_path_factory.mktemp("overlap"), clip_path)
 
 
-def _annotated(overlap: bool, depth: int = 2) -> dict:
-    return load_workflow(FASTPATH_ANNOTATED, pipeline_depth=depth, downstream_overlap=overlap, **REFERENCE)
+def _annotated(overlap: bool) -> dict:
+    return load_workflow(FASTPATH_ANNOTATED, pipeline_depth=2, downstream_overlap=overlap, **REFERENCE)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("depth", [1, 2])
-def test_overlapped_annotated_workflow_equals_the_unoverlapped_one_frame_by_frame(demo_model_dir, clips, caplog, depth):
+def test_overlapped_annotated_workflow_equals_the_unoverlapped_one_frame_by_frame(demo_model_dir, clips, caplog):
     params = {"model_id": demo_model_dir}
     plain = run_pipeline(clips[4], _annotated(False), params)
     with caplog.at_level(logging.INFO, logger="inference_fastpath"):
-        overlapped = run_pipeline(clips[4], _annotated(True, depth), params)
+        overlapped = run_pipeline(clips[4], _annotated(True), params)
     assert "downstream_overlap on" in caplog.text  # the runs really were delayed
     assert not plain.errors and not overlapped.errors
     assert overlapped.frame_ids == plain.frame_ids == [1, 2, 3, 4]
@@ -159,9 +117,9 @@ def test_overlapped_annotated_workflow_equals_the_unoverlapped_one_frame_by_fram
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("frames, depth", [(1, 2), (2, 2), (1, 1), (2, 1)])
-def test_overlapped_short_videos_flush_their_last_frame(demo_model_dir, clips, frames, depth):
-    run = run_pipeline(clips[frames], _annotated(True, depth), {"model_id": demo_model_dir})
+@pytest.mark.parametrize("frames", [1, 2])
+def test_overlapped_short_videos_flush_their_last_frame(demo_model_dir, clips, frames):
+    run = run_pipeline(clips[frames], _annotated(True), {"model_id": demo_model_dir})
     assert not run.errors
     assert run.frame_ids == list(range(1, frames + 1))
     assert all(len(r["predictions"]) > 0 for r in run.results)

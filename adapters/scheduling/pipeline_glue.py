@@ -15,9 +15,7 @@ and the value lives in the manifest. The runtime's own order carries it across:
    inference-models' TensorRT adapter loaded afterwards pipelines too. Our depth-1 steps stay synchronous.
 
 A step with ``downstream_overlap`` declares that too; once InferencePipeline has asked (step 3), its runs
-deliver the previous frame (``previous_frame.py``). At depth 2 the previous frame was finished on the
-scheduler's worker thread; at depth 1 it is finished on the step's own thread when it is delivered
-(``deferred.py``), after the current frame's launch. Runs nobody pipelines (the HTTP server's requests)
+deliver the previous frame (``previous_frame.py``). Runs nobody pipelines (the HTTP server's requests)
 always return their own frames.
 """
 
@@ -29,7 +27,6 @@ import threading
 from concurrent.futures import Future
 from typing import Any, Dict, List, Optional, Sequence, Union
 
-from inference_fastpath.adapters.scheduling.deferred import DeferredScheduler
 from inference_fastpath.adapters.scheduling.depth1 import SynchronousScheduler
 from inference_fastpath.adapters.scheduling.depth2 import FutureScheduler
 from inference_fastpath.adapters.scheduling.previous_frame import PreviousFrameDelivery
@@ -73,13 +70,13 @@ def enable_runtime_pipelining() -> None:
 
 class StreamPipelinedStep:
     """The stream-pipelining hooks InferencePipeline asks a block instance for, the step's scheduler
-    (depth 1: :class:`SynchronousScheduler`, or :class:`DeferredScheduler` while downstream overlap is on;
-    depth 2: :class:`FutureScheduler`) and, with downstream overlap, its :class:`PreviousFrameDelivery`."""
+    (depth 1: :class:`SynchronousScheduler`, depth 2: :class:`FutureScheduler`) and, with downstream
+    overlap, its :class:`PreviousFrameDelivery`."""
 
     _declared_depth: int = 1
     _declared_overlap: bool = False
     _overlap_active: bool = False
-    _step_scheduler: Optional[Union[SynchronousScheduler, DeferredScheduler, FutureScheduler]] = None
+    _step_scheduler: Optional[Union[SynchronousScheduler, FutureScheduler]] = None
     _previous_frame: Optional[PreviousFrameDelivery] = None
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -96,22 +93,18 @@ class StreamPipelinedStep:
             self._previous_frame = PreviousFrameDelivery(keys, image_key)
         return self._previous_frame
 
-    def scheduler(self, depth: int) -> Union[SynchronousScheduler, DeferredScheduler, FutureScheduler]:
-        """This step's scheduler for ``depth`` (a new one when the depth or the overlap changes)."""
+    def scheduler(self, depth: int) -> Union[SynchronousScheduler, FutureScheduler]:
+        """This step's scheduler for ``depth`` (a new one when the depth changes)."""
         current = self._step_scheduler
-        deferred = depth <= 1 and self._overlap_active
-        if current is None or current.depth != depth or getattr(current, "deferred", False) != deferred:
+        if current is None or current.depth != depth:
             if current is not None:
                 current.close()
-            if depth > 1:
-                current = FutureScheduler(depth)
-            else:
-                current = DeferredScheduler() if deferred else SynchronousScheduler()
+            current = SynchronousScheduler() if depth <= 1 else FutureScheduler(depth)
             self._step_scheduler = current
         return current
 
     def is_stream_pipelined(self) -> bool:
-        pipelined = self._declared_depth > 1 or self._declared_overlap
+        pipelined = self._declared_depth > 1
         if pipelined:
             enable_runtime_pipelining()  # before the first frame: the pipeline relies on it from now on
             if self._declared_overlap and not self._overlap_active:
