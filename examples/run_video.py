@@ -6,8 +6,9 @@
 The workflow is the fast one end to end: our segmentation block (compact masks), our GPU mask
 visualization, then the stock box and label annotators. The video is encoded off the pipeline's
 threads: in a process of its own by default (``--writer process``: the encoder never waits for the
-pipeline's interpreter lock), or on a thread (``--writer thread``). Shows progress, prints the end-to-end FPS and the writer's own FPS. The default
-demo model has random weights (its detections are not semantic): it only shows the plumbing and the speed.
+pipeline's interpreter lock), or on a thread (``--writer thread``). Shows progress, prints the end-to-end
+FPS and the writer's own FPS. Without ``--model`` it runs the trained demo model on the shapes clip
+(``--demo random``: the random-weight demo on the pedestrian clip, whose detections are not semantic).
 """
 
 from __future__ import annotations
