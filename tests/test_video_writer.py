@@ -129,3 +129,17 @@ def test_the_process_writer_reports_a_dead_child(tmp_path):
     with pytest.raises(RuntimeError, match="ended unexpectedly"):
         for frame in _frames(4):
             writer.write(frame)
+
+
+def test_a_process_writer_never_closed_frees_its_ring_at_exit(tmp_path):
+    import subprocess
+    import sys
+
+    script = ("import numpy as np\n"
+              "from inference_fastpath.workflows.video_writer_process import VideoWriterProcess\n"
+              f"w = VideoWriterProcess({str(tmp_path / 'out.mp4')!r}, 25.0, slots=2)\n"
+              "w.write(np.zeros((48, 64, 3), np.uint8))\n"
+              "print(w.memory_name)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert not os.path.exists(f"/dev/shm/{done.stdout.strip()}")

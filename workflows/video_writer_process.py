@@ -166,7 +166,10 @@ def _release(memory: SharedMemory, child: subprocess.Popen) -> None:
     if child.poll() is None:
         child.kill()
         child.wait()
-    memory.close()
+    try:
+        memory.close()
+    except BufferError:  # at interpreter exit the writer's ring view may still exist; unlinking still frees it
+        pass
     memory.unlink()
 
 
