@@ -123,10 +123,12 @@ class BackgroundVideoWriter:
                 self.encoder = encoder.description
             except BaseException as error:  # noqa: BLE001 - reported to the producer on its next call
                 self.error = error
+        started = time.perf_counter()
         try:
-            encoder.release()
+            encoder.release()  # flushes the encoder's last frames: part of the encoding time, as in the process writer
         except BaseException as error:  # noqa: BLE001
             self.error = self.error or error
+        self.encode_seconds += time.perf_counter() - started
 
 
 class FrameEncoder:
