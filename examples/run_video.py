@@ -126,7 +126,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     if writer is not None:
         encode = f"{writer.encode_fps:.1f}" if writer.encode_fps else "n/a"
-        print(f"video writer: {writer.frames_written} frames, {encode} fps in its own {args.writer}, {writer.encoder}")
+        stages = getattr(writer, "stage_seconds", None)
+        stages = (" (busy: " + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in stages.items()) + ")"
+                  if stages else "")
+        print(f"video writer: {writer.frames_written} frames, {encode} fps in its own {args.writer}{stages}, "
+              f"{writer.encoder}")
     if args.out:
         print(f"annotated video: {args.out}")
     return 0

@@ -100,6 +100,13 @@ def test_the_process_writer_waits_for_a_free_slot_rather_than_dropping_frames(tm
     assert np.all(np.diff([b.mean() for b in back]) > 5)  # order kept through one reused slot
 
 
+def test_the_process_writer_reports_its_slower_stage_as_its_rate(tmp_path):
+    writer = _write(tmp_path / "stages.mp4", _frames(6), VideoWriterProcess, slots=2)
+    convert, encode = writer.stage_seconds["convert"], writer.stage_seconds["encode"]
+    assert convert > 0 and encode > 0
+    assert writer.encode_fps == pytest.approx(6 / max(convert, encode))
+
+
 def test_the_process_writer_frees_its_shared_memory_and_child(tmp_path):
     writer = VideoWriterProcess(tmp_path / "out.mp4", fps=25.0, slots=2)
     writer.write(_frames(1)[0])

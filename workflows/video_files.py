@@ -6,7 +6,7 @@ import queue
 import threading
 import time
 from pathlib import Path
-from typing import List, Optional, Tuple, Union
+from typing import Any, List, Optional, Tuple, Union
 
 import cv2
 import numpy as np
@@ -152,13 +152,29 @@ class FrameEncoder:
 
     def write(self, frame: np.ndarray) -> float:
         """Encode one BGR frame; returns the seconds it took (the first frame's include opening the file)."""
+        prepared, seconds = self.prepare(frame)
+        return seconds + self.encode(prepared)
+
+    def prepare(self, frame: np.ndarray) -> Tuple[Any, float]:
+        """The first half of ``write``: (the encoder's input for ``frame``, seconds). The input never
+        shares memory with ``frame``, so a caller may reuse the frame's buffer at once while another
+        thread runs ``encode`` (the process writer pipelines the two)."""
         started = time.perf_counter()
         if self._writer is None:
             self._size = (frame.shape[1], frame.shape[0])
             self._writer, self.description = _open_encoder(self.path, self.fps, self._size, self.fourcc)
         if (frame.shape[1], frame.shape[0]) != self._size:
             frame = cv2.resize(frame, self._size)  # OpenCV's writer would drop it without a word
-        self._writer.write(frame)
+        prepared = self._writer.prepare(frame) if isinstance(self._writer, _PyAvEncoder) else np.array(frame)
+        return prepared, time.perf_counter() - started
+
+    def encode(self, prepared: Any) -> float:
+        """The second half of ``write``: encode what ``prepare`` returned; returns the seconds it took."""
+        started = time.perf_counter()
+        if isinstance(self._writer, _PyAvEncoder):
+            self._writer.encode(prepared)
+        else:
+            self._writer.write(prepared)
         self.frames += 1
         return time.perf_counter() - started
 
@@ -183,9 +199,12 @@ class _PyAvEncoder:
         self._stream.thread_type = "AUTO"
         self._stream.thread_count = 0  # FFmpeg's choice: one per core
 
-    def write(self, frame: np.ndarray) -> None:
+    def prepare(self, frame: np.ndarray) -> np.ndarray:
         # FFmpeg's own bgr24 -> yuv420p conversion (swscale, one thread) costs more than the threaded encode.
-        picture = self._av.VideoFrame.from_ndarray(bgr_to_i420(frame), format="yuv420p")
+        return bgr_to_i420(frame)
+
+    def encode(self, planes: np.ndarray) -> None:
+        picture = self._av.VideoFrame.from_ndarray(planes, format="yuv420p")
         for packet in self._stream.encode(picture):
             self._container.mux(packet)
 
@@ -195,20 +214,18 @@ class _PyAvEncoder:
         self._container.close()
 
 
-# BT.601 limited range, the matrix FFmpeg's swscale uses for bgr24 -> yuv420p, columns in B, G, R order
-# plus the offset (cv2.transform takes a 3x4 matrix: its last column is added).
-_BT601_FROM_BGR = np.array([
-    [24.966, 128.553, 65.481, 16 * 255],
-    [112.0, -74.203, -37.797, 128 * 255],
-    [-18.214, -93.786, 112.0, 128 * 255],
-], dtype=np.float32) / 255
+# OpenCV's YCrCb is full-range BT.601 chroma (JPEG); limited range scales it by 224/255 around 128.
+_LIMITED_CHROMA_SCALE = 224.0 / 255.0
 
 
 def bgr_to_i420(frame: np.ndarray) -> np.ndarray:
     """A BGR uint8 frame (even sides) as planar YUV 4:2:0 (I420, ``(H * 3 / 2, W)``), BT.601 limited range.
 
-    Within 2 levels of FFmpeg's own conversion (its chroma is averaged the same way, 2x2 boxes) and
-    several times faster: OpenCV's matrix transform and area resize run on every core.
+    Within 2 levels of FFmpeg's own conversion and several times faster (every step is one of OpenCV's
+    vectorised passes). The luma plane is OpenCV's ``COLOR_BGR2YUV_I420`` (the same BT.601 matrix). Its
+    chroma samples one pixel of each 2x2 box where FFmpeg averages the box, so the chroma here comes from
+    the box-averaged frame instead (the conversion is linear: averaging first matches FFmpeg up to
+    rounding), as full-range YCrCb scaled to the limited range.
 
     Example:
         >>> bgr_to_i420(np.zeros((2, 4, 3), np.uint8)).tolist()
@@ -217,15 +234,15 @@ def bgr_to_i420(frame: np.ndarray) -> np.ndarray:
     height, width = frame.shape[:2]
     if height % 2 or width % 2 or frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
         raise ValueError(f"bgr_to_i420 needs an (H, W, 3) uint8 frame with even sides, got {frame.shape} {frame.dtype}")
-    ycc = cv2.transform(np.ascontiguousarray(frame), _BT601_FROM_BGR)
-    planes = np.empty((height * 3 // 2, width), np.uint8)
-    planes[:height] = ycc[..., 0]
-    half = (width // 2, height // 2)
-    u = cv2.resize(ycc[..., 1], half, interpolation=cv2.INTER_AREA)
-    v = cv2.resize(ycc[..., 2], half, interpolation=cv2.INTER_AREA)
-    chroma = planes[height:].reshape(-1)  # U then V, each (H/2) x (W/2), contiguous
-    chroma[:u.size] = u.reshape(-1)
-    chroma[u.size:] = v.reshape(-1)
+    frame = np.ascontiguousarray(frame)
+    planes = cv2.cvtColor(frame, cv2.COLOR_BGR2YUV_I420)
+    boxes = cv2.resize(frame, (width // 2, height // 2), interpolation=cv2.INTER_AREA)
+    full = cv2.cvtColor(boxes, cv2.COLOR_BGR2YCrCb)
+    limited = cv2.addWeighted(full, _LIMITED_CHROMA_SCALE, full, 0.0, 128.0 * (1.0 - _LIMITED_CHROMA_SCALE))
+    quarter = (height // 2) * (width // 2)
+    chroma = planes[height:].reshape(-1)  # U (Cb) then V (Cr), each (H/2) x (W/2), contiguous
+    chroma[:quarter] = limited[..., 2].reshape(-1)
+    chroma[quarter:] = limited[..., 1].reshape(-1)
     return planes
 
 

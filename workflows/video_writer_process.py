@@ -6,9 +6,10 @@ its rate falls with the pipeline's load. Here the encoder runs in a child proces
 interpreter; ``write`` only copies the frame into a free slot of a shared-memory ring (a copy that
 releases the lock) and writes the slot's number to the child's standard input. The child is started as
 ``python -m`` of this module, so it never imports the caller's main script (as a spawned
-``multiprocessing`` child would). The child encodes slot after slot with
-:class:`~inference_fastpath.workflows.video_files.FrameEncoder` and hands each slot back. When every
-slot is taken, ``write`` waits for one: frames are never dropped.
+``multiprocessing`` child would). The child converts slot after slot into the encoder's input with
+:class:`~inference_fastpath.workflows.video_files.FrameEncoder`, hands each slot back, and encodes on a
+second thread while the next frame converts. When every slot is taken, ``write`` waits for one: frames
+are never dropped.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import subprocess
 import sys
+import threading
 import time
 import weakref
 from multiprocessing.shared_memory import SharedMemory
@@ -34,8 +37,9 @@ class VideoWriterProcess:
     """Encodes BGR frames into ``path`` in a child process; same calls as ``BackgroundVideoWriter``.
 
     The ring is sized by the first frame (``slots`` frames of its shape); a later frame of another size
-    is resized to it before the copy. ``encode_fps`` is the child's own encoding rate; ``encoder`` says
-    which encoder the child opened (after ``close``).
+    is resized to it before the copy. ``encode_fps`` is the child's own rate (its slower stage's: the
+    conversion or the encoding, whose busy seconds ``stage_seconds`` gives); ``encoder`` says which
+    encoder the child opened (after ``close``).
 
     Example:
         >>> import tempfile, os
@@ -54,6 +58,7 @@ class VideoWriterProcess:
         self.encoder: Optional[str] = None
         self.frames_written = 0
         self.encode_seconds = 0.0
+        self.stage_seconds: dict = {}
         self.error: Optional[str] = None
         self._shape: Optional[Tuple[int, int, int]] = None
         self._ring: Optional[np.ndarray] = None
@@ -147,6 +152,7 @@ class VideoWriterProcess:
             self.error = self.error or message["error"]
         elif kind == "closed":
             self.frames_written, self.encode_seconds = message["frames"], message["seconds"]
+            self.stage_seconds = {"convert": message["convert_seconds"], "encode": message["encode_seconds"]}
             self.encoder = message["encoder"]
         return kind
 
@@ -174,44 +180,76 @@ def _release(memory: SharedMemory, child: subprocess.Popen) -> None:
 
 
 def encode_slots(memory_name: str, slots: int, shape: Tuple[int, int, int], path: str, fps: float, fourcc: str,
-                 todo: IO[str], done: IO[str]) -> None:
-    """The child's loop: encode the slot numbers read from ``todo`` in order and hand each slot back on
-    ``done``; at ``end``, close the file and report frames, encoding seconds and the encoder. After a
-    failure the slots are still handed back, so the parent never waits for ever."""
+                 todo: IO[str], done: IO[str], queued: int = 4) -> None:
+    """The child's loop: take the slot numbers read from ``todo`` in order, convert each slot's frame into
+    the encoder's input and hand the slot back on ``done`` at once, while a second thread encodes the
+    converted frames (OpenCV and FFmpeg release the interpreter lock, so the two stages overlap; at most
+    ``queued`` converted frames wait). At ``end``, close the file and report the frames, each stage's
+    busy seconds and the encoder; ``seconds`` is the slower stage's (what bounds the writer's rate).
+    After a failure the slots are still handed back, so the parent never waits for ever."""
     from multiprocessing import resource_tracker
 
     memory = SharedMemory(name=memory_name)
     resource_tracker.unregister(memory._name, "shared_memory")  # the parent owns the ring and unlinks it
     ring = np.ndarray((slots, *shape), dtype=np.uint8, buffer=memory.buf)
     encoder = FrameEncoder(path, fps, fourcc)
-    seconds, failed = 0.0, False
+    busy = {"convert": 0.0, "encode": 0.0}
+    failure: List[str] = []
+    lock = threading.Lock()
+    converted: "queue.Queue[object]" = queue.Queue(maxsize=queued)
 
     def report(**message) -> None:
-        done.write(json.dumps(message) + "\n")
-        done.flush()
+        with lock:
+            done.write(json.dumps(message) + "\n")
+            done.flush()
 
+    def fail(error: BaseException) -> None:
+        if not failure:
+            failure.append(f"{type(error).__name__}: {error}")
+            report(kind="failed", error=failure[0])
+
+    def encode_converted() -> None:
+        while True:
+            item = converted.get()
+            if item is _END:
+                break
+            if not failure:
+                try:
+                    busy["encode"] += encoder.encode(item)
+                except Exception as error:  # noqa: BLE001 - reported to the parent, which raises it
+                    fail(error)
+
+    encoding = threading.Thread(target=encode_converted, name="fastpath-encode", daemon=True)
+    encoding.start()
     try:
         for line in todo:
             if line.strip() == "end":
                 break
             slot = int(line)
-            if not failed:
+            if not failure:
                 try:
-                    seconds += encoder.write(ring[slot])
-                except Exception as error:  # noqa: BLE001 - reported to the parent, which raises it
-                    failed = True
-                    report(kind="failed", error=f"{type(error).__name__}: {error}")
+                    prepared, seconds = encoder.prepare(ring[slot])
+                    busy["convert"] += seconds
+                    converted.put(prepared)
+                except Exception as error:  # noqa: BLE001
+                    fail(error)
             report(kind="slot", slot=slot)
+        converted.put(_END)
+        encoding.join()
         started = time.perf_counter()
         try:
-            encoder.release()
+            encoder.release()  # the encoder's last frames: part of the encoding stage
         except Exception as error:  # noqa: BLE001
-            report(kind="failed", error=f"{type(error).__name__}: {error}")
-        report(kind="closed", frames=encoder.frames, seconds=seconds + time.perf_counter() - started,
-               encoder=encoder.description)
+            fail(error)
+        busy["encode"] += time.perf_counter() - started
+        report(kind="closed", frames=encoder.frames, seconds=max(busy.values()), convert_seconds=busy["convert"],
+               encode_seconds=busy["encode"], encoder=encoder.description)
     finally:
         del ring
         memory.close()
+
+
+_END = object()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
