@@ -318,3 +318,14 @@ def test_workflow_overhead_times_the_engine_with_our_step_replayed(demo_model_di
     assert len(calls) == len(frames) == len(set(calls))  # the model ran once per frame, never in the timed passes
     assert SegmentationRunner.submit is counting_submit  # the replay is undone on exit
     assert result["frames"] == 2 and 0 < result["ms_per_frame_min"] <= result["ms_per_frame_median"]
+
+
+def test_a_live_stream_that_dropped_frames_only_while_warming_up_holds_the_rate_in_steady_state():
+    from inference_fastpath.examples.benchmarks.many_sources import holds_rate
+
+    stream = {"latency_ms_p99": 60.0, "fps": 29.9, "dropped_fraction": 0.15, "dropped_after_warmup_fraction": 0.0}
+    assert holds_rate(stream, 30.0, stream["dropped_after_warmup_fraction"])
+    assert not holds_rate(stream, 30.0, stream["dropped_fraction"])
+    assert not holds_rate({**stream, "latency_ms_p99": 120.0}, 30.0, 0.0)  # too late
+    assert not holds_rate({**stream, "fps": 25.0}, 30.0, 0.0)  # too slow
+    assert not holds_rate(stream, 30.0, None)  # nothing counted
