@@ -329,3 +329,11 @@ def test_a_live_stream_that_dropped_frames_only_while_warming_up_holds_the_rate_
     assert not holds_rate({**stream, "latency_ms_p99": 120.0}, 30.0, 0.0)  # too late
     assert not holds_rate({**stream, "fps": 25.0}, 30.0, 0.0)  # too slow
     assert not holds_rate(stream, 30.0, None)  # nothing counted
+
+
+def test_the_pipeline_setup_diagnostic_names_an_unknown_variant(capsys):
+    from inference_fastpath.examples.benchmarks.pipeline_setup_cost import main
+
+    with pytest.raises(SystemExit):
+        main(["--video", "clip.mp4", "--model", "m", "--variants", "plain,fast"])
+    assert "unknown variants ['fast']" in capsys.readouterr().err

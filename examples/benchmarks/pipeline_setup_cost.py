@@ -1,0 +1,96 @@
+"""Diagnostic: which part of a script's setup around ``run_pipeline`` costs the annotated workflow its rate.
+
+``run_video`` and the benchmark harness run the same workflow with the same options through the same
+``run_pipeline``, yet on one GPU host ``run_video`` went slower. Each variant below runs in a fresh
+process and changes one thing against the plain run::
+
+    python -m inference_fastpath.examples.benchmarks.pipeline_setup_cost --video clip.mp4 --model <package>
+
+``log``: the root logger at INFO (as ``run_video`` sets it); ``pre``: the step's runner built before the
+pipeline starts (as the benchmark does); ``keep``: every result kept (as the benchmark does); ``sink``: a
+sink callback that reads each result's predictions (as ``run_video`` does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from typing import Optional, Sequence
+
+VARIANTS = ("plain", "log", "pre", "keep", "sink", "log-sink")
+OPTIONS = dict(preprocess="auto", engine="auto", postprocess="auto", precision="fp32", mask_output="compact",
+               cuda_graphs=True, pipeline_depth=2, downstream_overlap=True)
+
+
+def run_variant(variant: str, model: str, video: str, warmup: int) -> float:
+    """The annotated workflow's FPS after ``warmup`` frames with ``variant``'s setup, in this process."""
+    import logging
+
+    from inference_fastpath.workflows.running import configure_environment
+
+    configure_environment()
+    if "log" in variant:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from inference_fastpath.workflows import FASTPATH_ANNOTATED, load_workflow
+    from inference_fastpath.workflows.running import run_pipeline
+
+    if "pre" in variant:
+        from inference_fastpath.adapters.options import FastpathOptions
+        from inference_fastpath.adapters.runner import RUNNERS
+
+        RUNNERS.get(model_id=model, options=FastpathOptions.from_values(OPTIONS))
+    seen = [0]
+
+    def on_result(prediction, frame) -> None:
+        seen[0] += len(prediction["predictions"])
+
+    run = run_pipeline(video, load_workflow(FASTPATH_ANNOTATED, **OPTIONS), {"model_id": model},
+                       warmup_frames=warmup, keep_results="keep" in variant,
+                       on_result=on_result if "sink" in variant else None)
+    return run.fps_after_warmup() or 0.0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--video", required=True)
+    parser.add_argument("--model", default=None, help="model package dir (default: the trained demo)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per variant")
+    parser.add_argument("--out", default="pipeline_setup_cost.json")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant in this process
+    args = parser.parse_args(argv)
+    if args.one:
+        print(json.dumps({"fps": run_variant(args.one, args.model, args.video, args.warmup)}))
+        return 0
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {VARIANTS}")
+    if args.model is None:
+        from inference_fastpath.examples.trained_demo import build_trained_demo_model
+
+        args.model = str(build_trained_demo_model())
+    results = {}
+    for variant in variants:
+        command = [sys.executable, "-m", __spec__.name, "--video", args.video, "--model", args.model,
+                   "--warmup", str(args.warmup), "--one", variant]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+            lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+            results[variant] = json.loads(lines[-1])["fps"] if lines else None
+            error = None if lines else (done.stderr.strip().splitlines() or ["no output"])[-1]
+        except subprocess.TimeoutExpired:
+            results[variant], error = None, f"still running after {args.timeout} s"
+        shown = "n/a" if results[variant] is None else f"{results[variant]:.1f}"
+        print(f"{variant:>10}: {shown} fps after {args.warmup} frames" + (f" ({error})" if error else ""), flush=True)
+    with open(args.out, "w") as handle:
+        json.dump({"video": args.video, "warmup": args.warmup, "fps": results}, handle, indent=1)
+    print(f"results: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
