@@ -164,7 +164,10 @@ def run_configuration(
         from inference_fastpath.adapters.cuda.pinned_video_source import pinned_video_source
 
         reference = pinned_video_source(video)
-    run = run_pipeline(reference, workflow, {"model_id": model}, warmup_frames=warmup, on_result=on_result)
+    # results are not kept: an annotated workflow's frames would hold their memory, and every new frame
+    # would then fault in fresh pages (examples/benchmarks/pipeline_setup_cost.py, "keep")
+    run = run_pipeline(reference, workflow, {"model_id": model}, warmup_frames=warmup, on_result=on_result,
+                       keep_results=False)
     if keep is not None:
         keep.update(delivered)
     reports = [
@@ -172,7 +175,7 @@ def run_configuration(
         for frame_id, detections in delivered.items()
         if compare_with is not None and frame_id in compare_with
     ]
-    detections = [len(r["predictions"]) for r in run.results if r.get("predictions") is not None]
+    detections = [len(predictions) for predictions in delivered.values() if predictions is not None]
     result = {
         "name": name,
         "frames": len(run.results),
