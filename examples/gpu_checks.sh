@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU-host checks, run from the repository root on a machine with CUDA but no package index:
-#   bash examples/gpu_checks.sh tests|micro|e2e|before|video|annotated|processes|painters|streams[,...] [WHEEL_DIR | SITE_PACK.tar.xz]
+#   bash examples/gpu_checks.sh tests|micro|e2e|before|video|annotated|processes|painters|streams|setup-cost|nvdec|module[,...] [WHEEL_DIR | SITE_PACK.tar.xz]
 # The wheelhouse (inference + inference-models for Python 3.12, built by the team's make-wheelhouse
 # script, plus pytest; or its site pack from pack_gpu_site.sh, which fits the carry limit beside
 # the repository) is installed once per machine into /tmp/site. Logs and JSON go to $OUT (or ./out).
@@ -99,6 +99,20 @@ f=read_frames('${VIDEO_SRC:-examples/data/shapes_clip.mp4}', count=${VIDEO_FRAME
       --video examples/data/shapes_clip.mp4 --start-method spawn \
       --config "rle-d2:mask_output=rle,pipeline_depth=2,preprocess=auto,engine=auto,cuda_graphs=true,postprocess=auto" \
       --out "$out/stream-manager.json" 2>&1 | grep -v -i "warn" | grep -v "INFO:httpx" | tee "$out/stream-manager.log" | tail -8
+    ;;
+  setup-cost)  # run_video's setup against the benchmark's, one difference at a time (the 360-frame 1080p shapes clip)
+    python3 -c "import cv2; from inference_fastpath.workflows.video_files import read_frames, write_clip; \
+f=read_frames('examples/data/shapes_clip.mp4'); write_clip('/tmp/shapes-1080-x3.mp4', [cv2.resize(x, (1920, 1080)) for x in f] * 3, fps=25)"
+    model="$(timeout 120 python3 -m inference_fastpath.examples.trained_demo 2>/dev/null | tail -1)"
+    timeout "${SETUP_COST_TIMEOUT:-300}" python3 -m inference_fastpath.examples.benchmarks.pipeline_setup_cost \
+      --video /tmp/shapes-1080-x3.mp4 --model "$model" --timeout 50 --out "$out/pipeline-setup-cost.json" 2>&1 \
+      | grep -v -i "warn" | tee "$out/pipeline-setup-cost.log" | tail -8
+    ;;
+  nvdec)  # what streamvision's NVDEC producer needs here: PyNvVideoCodec and the driver's video capability
+    { python3 -c "import PyNvVideoCodec as n; print('PyNvVideoCodec', n.__version__)" 2>&1 | tail -1
+      ls /usr/lib/x86_64-linux-gnu/libnvcuvid.so* /usr/lib64/libnvcuvid.so* 2>&1
+      echo "NVIDIA_DRIVER_CAPABILITIES=${NVIDIA_DRIVER_CAPABILITIES:-unset}"
+      nvidia-smi -q | grep -i -A2 "decoder" | head -6; } 2>&1 | tee "$out/nvdec-probe.log"
     ;;
   module)  # MODULE="package.module args[; package.module args ...]": extra scripts (diagnostics)
     IFS=';' read -ra modules <<< "${MODULE}"
