@@ -337,3 +337,26 @@ def test_the_pipeline_setup_diagnostic_names_an_unknown_variant(capsys):
     with pytest.raises(SystemExit):
         main(["--video", "clip.mp4", "--model", "m", "--variants", "plain,fast"])
     assert "unknown variants ['fast']" in capsys.readouterr().err
+
+
+def test_a_warm_pass_runs_before_the_live_run_and_stays_out_of_its_figures(demo_model_dir, tiny_clip, tmp_path):
+    from inference_fastpath.examples.benchmarks import many_sources
+
+    options, workflow = _reference_workflow()
+    variants = many_sources.source_variants(tiny_clip, tmp_path)
+    expected = _one_source_results(workflow, variants, demo_model_dir, options)
+    calls = []
+    result = many_sources.run_sources("live", workflow, variants, demo_model_dir, 0, 3, options, expected,
+                                      realtime_fps=10, warm_results=2, before_run=lambda: calls.append(1))
+    assert calls == [1] and result["warm_pass_results"] >= 2 * len(variants)
+    assert result["results_mispaired"] == 0
+    for stream in result["streams"]:
+        assert 1 <= stream["delivered"] <= 3 and stream["in_order"]  # the live run's frames only
+
+
+def test_warm_before_live_needs_the_live_mode(capsys):
+    from inference_fastpath.examples.benchmarks.many_sources import main
+
+    with pytest.raises(SystemExit):
+        main(["--sources", "1", "--warm-before-live", "5"])
+    assert "goes with --realtime" in capsys.readouterr().err

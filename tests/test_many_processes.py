@@ -88,6 +88,18 @@ def test_two_processes_deliver_every_frame_in_order_and_write_json_and_plot(demo
 
 
 @pytest.mark.slow
+def test_live_processes_warm_up_before_the_start_barrier(demo_model_dir, tiny_clip, tmp_path):
+    out = tmp_path / "live.json"
+    assert mp.main(["--video", tiny_clip, "--model", demo_model_dir, "--frames", "3", "--warmup", "0",
+                    "--processes", "2", "--sources-per-process", "1", "--stock-sources", "0", "--realtime", "10",
+                    "--warm-before-live", "2", "--config", REFERENCE, "--out", str(out)]) == 0
+    (record,) = json.loads(out.read_text())["results"]
+    assert not record["failed"] and record["results_mispaired"] == 0
+    assert all(p["warm_pass_results"] >= 2 for p in record["per_process"])
+    assert all(1 <= s["delivered"] <= 3 for p in record["per_process"] for s in p["streams"])
+
+
+@pytest.mark.slow
 def test_a_failing_worker_is_reported_and_the_others_stop_waiting(tiny_clip, tmp_path):
     """Process 1 cannot load its model before the start; process 0, already at the barrier (it
     builds no references), is released by the broken barrier long before its timeout."""

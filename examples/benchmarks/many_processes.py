@@ -59,6 +59,7 @@ class WorkerSpec:
     options: Optional[Dict[str, Any]]
     realtime_fps: Optional[float] = None
     barrier_timeout_s: float = 900.0
+    warm_results: int = 0  # live runs: results per source of a full-speed pass first (many_sources.run_sources)
 
 
 def warm_bounds(stream_times: Sequence[Sequence[float]],
@@ -155,12 +156,18 @@ def measure(spec: WorkerSpec, barrier: Any) -> Dict[str, Any]:
             expected[video] = {}
             run_sources(f"{spec.name}-reference", workflow, [video], spec.model, spec.warmup, spec.frames, spec.options,
                         keep=expected[video])
-    try:
-        barrier.wait(spec.barrier_timeout_s)
-    except threading.BrokenBarrierError:
-        raise RuntimeError("the start barrier broke: another process failed, or the start timed out") from None
+    def start_together() -> None:
+        try:
+            barrier.wait(spec.barrier_timeout_s)
+        except threading.BrokenBarrierError:
+            raise RuntimeError("the start barrier broke: another process failed, or the start timed out") from None
+
+    # with a warm pass, the processes meet at the barrier after it, so the measured runs still start together
+    if not spec.warm_results:
+        start_together()
     result = run_sources(spec.name, workflow, list(spec.videos), spec.model, spec.warmup, spec.frames, spec.options,
-                         expected, realtime_fps=spec.realtime_fps, with_times=True)
+                         expected, realtime_fps=spec.realtime_fps, with_times=True, warm_results=spec.warm_results,
+                         before_run=start_together if spec.warm_results else None)
     times = result.pop("times")
     result.pop("timeline", None)  # large, and per process: not sent
     playing = len(spec.videos) - len(result["unusable_sources"])
@@ -296,11 +303,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="sources of the stock v3 run, one process (default: N; 0: no stock run)")
     parser.add_argument("--realtime", type=float, default=None, metavar="FPS",
                         help="play every source like a camera at FPS with live-stream buffering (drops counted)")
+    parser.add_argument("--warm-before-live", type=int, default=0, metavar="R",
+                        help="with --realtime: each process first runs its sources at full speed for R results "
+                             "each, so the cameras meet a warm service (default 0: they start with it)")
     parser.add_argument("--timeout", type=float, default=900.0, metavar="S",
                         help="seconds one K may take, process start to last result; stragglers are terminated")
     args, counts, name, options = parse_scaling_args(parser, argv, "--processes")
     if args.sources_per_process < 1:
         parser.error(f"--sources-per-process must be >= 1, got {args.sources_per_process}")
+    if args.warm_before_live < 0 or (args.warm_before_live and not args.realtime):
+        parser.error("--warm-before-live takes a count >= 0 and goes with --realtime")
 
     from inference_fastpath.examples.benchmarks.benchmark import truncated_clip
     from inference_fastpath.examples.benchmarks.many_sources import source_variants
@@ -318,7 +330,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         runs += [(name, count, per, options) for count in counts]
         for run_name, count, sources, run_options in runs:
             specs = [WorkerSpec(run_name, tuple(variants[(k * sources + i) % 2] for i in range(sources)),
-                                variants, model, args.warmup, args.frames, run_options, args.realtime, args.timeout)
+                                variants, model, args.warmup, args.frames, run_options, args.realtime, args.timeout,
+                                warm_results=args.warm_before_live if run_options is not None else 0)
                      for k in range(count)]
             reports = run_processes(specs, args.timeout)
             reports_seen += [r for r in reports if "error" not in r]

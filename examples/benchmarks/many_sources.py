@@ -24,7 +24,7 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from inference_fastpath.workflows.running import configure_environment
 
@@ -129,6 +129,8 @@ def run_sources(
     stalls: Optional[Dict[int, Tuple[int, float]]] = None,
     batch_timeout: Optional[float] = None,
     with_times: bool = False,
+    warm_results: int = 0,
+    before_run: Optional[Callable[[], None]] = None,
 ) -> Dict[str, Any]:
     """One pipeline over ``videos``; ``expected[video][frame_id]`` are the one-source detections
     each result must equal; ``keep`` collects a one-source run's detections by frame id.
@@ -136,7 +138,11 @@ def run_sources(
     (frames the pipeline cannot take in time are dropped and counted). ``stalls[index] = (frames,
     seconds)`` freezes that source once; ``batch_timeout`` is how long a batch waits for a source.
     ``with_times`` adds ``times``: each stream's result times (``perf_counter``) and the latencies
-    after the warm-up of all streams, to line up runs of several processes."""
+    after the warm-up of all streams, to line up runs of several processes.
+    ``warm_results``: before a live run, the same sources run at full speed until that many results per
+    source came back (graphs of the run's batch size captured), as a service warms up before it takes
+    cameras; the live run's figures then describe the warm service. ``before_run`` is called just
+    before the measured run (after that pass), e.g. a start barrier shared by several processes."""
     from inference_fastpath.adapters.options import FastpathOptions
     from inference_fastpath.adapters.runner import RUNNERS
     from inference_fastpath.adapters.timeline import Timeline
@@ -165,6 +171,14 @@ def run_sources(
 
     if not playing:
         raise ValueError(f"no source of {list(videos)} can be played: {list(reasons.values())}")
+    warmed = 0
+    if warm_results > 0:
+        warm_run = run_pipeline([TimedSource(videos[i]) for i in playing], workflow, {"model_id": model},
+                                warmup_frames=0, keep_results=False, stop_after=warm_results * len(playing),
+                                batch_collection_timeout=batch_timeout)
+        warmed = len(warm_run.results)
+    if before_run is not None:
+        before_run()
     run = run_pipeline([sources[i] for i in playing], workflow, {"model_id": model},
                        warmup_frames=warmup * len(playing), on_result=on_result, keep_results=False,
                        buffering="live" if realtime_fps else "wait", batch_collection_timeout=batch_timeout)
@@ -218,6 +232,7 @@ def run_sources(
         "peak_gpu_memory_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
         "errors": run.errors,
         "wall_s": round(run.finished_at - run.started_at, 3),
+        "warm_pass_results": warmed,
     }
     if realtime_fps:
         steady = [s for s in streams if s["dropped_after_warmup"] is not None]
@@ -258,7 +273,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="play every source like a camera at FPS with live-stream buffering (drops counted)")
     parser.add_argument("--batch-timeout", type=float, default=None, metavar="S",
                         help="how long a batch waits for each source's frame (default: wait)")
+    parser.add_argument("--warm-before-live", type=int, default=0, metavar="R",
+                        help="with --realtime: first run the same sources at full speed for R results each, so "
+                             "the cameras meet a warm service (default 0: they start with it)")
     args, counts, name, options = parse_scaling_args(parser, argv, "--sources")
+    if args.warm_before_live < 0 or (args.warm_before_live and not args.realtime):
+        parser.error("--warm-before-live takes a count >= 0 and goes with --realtime")
 
     from inference_fastpath.examples.demo_model import build_demo_model, default_clip_path
     from inference_fastpath.workflows import FASTPATH, STOCK_V3, load_workflow
@@ -282,7 +302,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for count in counts:
             videos = [variants[i % 2] for i in range(count)]
             results.append(run_sources(name, workflow, videos, model, args.warmup, args.frames, options, expected,
-                                       realtime_fps=args.realtime, batch_timeout=args.batch_timeout))
+                                       realtime_fps=args.realtime, batch_timeout=args.batch_timeout,
+                                       warm_results=args.warm_before_live))
     largest = max((r for r in results if "timeline" in r), key=lambda r: r["sources"], default=None)
     report = {
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
