@@ -165,16 +165,12 @@ class FrameEncoder:
             self._writer, self.description = _open_encoder(self.path, self.fps, self._size, self.fourcc)
         if (frame.shape[1], frame.shape[0]) != self._size:
             frame = cv2.resize(frame, self._size)  # OpenCV's writer would drop it without a word
-        prepared = self._writer.prepare(frame) if isinstance(self._writer, _PyAvEncoder) else np.array(frame)
-        return prepared, time.perf_counter() - started
+        return self._writer.prepare(frame), time.perf_counter() - started
 
     def encode(self, prepared: Any) -> float:
         """The second half of ``write``: encode what ``prepare`` returned; returns the seconds it took."""
         started = time.perf_counter()
-        if isinstance(self._writer, _PyAvEncoder):
-            self._writer.encode(prepared)
-        else:
-            self._writer.write(prepared)
+        self._writer.encode(prepared)
         self.frames += 1
         return time.perf_counter() - started
 
@@ -263,5 +259,21 @@ def _open_encoder(path: str, fps: float, size: Tuple[int, int], fourcc: str):
     writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*fourcc), fps, size)
     if not writer.isOpened():
         raise RuntimeError(f"OpenCV cannot open {path} for writing")
-    return writer, f"opencv-{fourcc} ({reason})"
+    return _OpenCvEncoder(writer), f"opencv-{fourcc} ({reason})"
+
+
+class _OpenCvEncoder:
+    """OpenCV's writer behind the same prepare/encode halves as the PyAV encoder."""
+
+    def __init__(self, writer: "cv2.VideoWriter") -> None:
+        self._writer = writer
+
+    def prepare(self, frame: np.ndarray) -> np.ndarray:
+        return np.array(frame)  # a copy: the caller may reuse the frame's buffer before the encode
+
+    def encode(self, frame: np.ndarray) -> None:
+        self._writer.write(frame)
+
+    def release(self) -> None:
+        self._writer.release()
 
