@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 from torchvision.transforms import functional as tvf
 
-from inference_fastpath.kernels.postprocess_select import FrameGeometry
+from inference_fastpath.kernels.frame_geometry import FrameGeometry
 
 # Accumulation recipes for ``acc = t0*w0; acc += t1*w1 (+ t2*w2)``.
 ACC_FMA_SEQUENTIAL = 0  # acc = fma(t1, w1, round(t0*w0))       (x86 PyTorch, nvcc loop form)

@@ -39,12 +39,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 import triton
 import triton.language as tl
+
+from inference_fastpath.kernels.frame_geometry import FrameGeometry, geometry_params
 
 # Row layout of the packed selection output (int32 words per detection).
 ROW_WORDS = 8
@@ -53,118 +55,6 @@ COL_SCORE, COL_CLASS, COL_QUERY, COL_X1, COL_Y1, COL_X2, COL_Y2, COL_FLAT = rang
 HEADER_WORDS = 8
 _NO_RANK = tl.constexpr(2**31 - 1)  # kernels may only read constexpr globals
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_PARAM_WORDS = 12
-
-
-@dataclass(frozen=True)
-class FrameGeometry:
-    """How network outputs of one frame map onto its final mask canvas.
-
-    Mirrors the arithmetic of inference-models' ``align_instance_segmentation_results``
-    with ``masks_resolution_factor=1.0``.
-    """
-
-    denorm_h: int  # network size the normalised boxes refer to
-    denorm_w: int
-    pad_left: int
-    pad_top: int
-    scale_w: float
-    scale_h: float
-    crop_top: int  # rows/cols of the mask grid left after removing the padding band
-    crop_left: int
-    crop_h: int
-    crop_w: int
-    target_h: int  # size the cropped grid is resized to (= size after pre-processing)
-    target_w: int
-    canvas_h: int  # final mask size
-    canvas_w: int
-    offset_y: int  # where the resized grid sits on the canvas (static crop)
-    offset_x: int
-    image_h: int
-    image_w: int
-
-    @property
-    def round_boxes(self) -> bool:
-        # finalize_instance_segmentation_boxes rounds only when mask grid == image grid
-        return (self.canvas_h, self.canvas_w) == (self.image_h, self.image_w)
-
-    @property
-    def mask_size(self) -> Tuple[int, int]:
-        return self.canvas_h, self.canvas_w
-
-
-def frame_geometry(metadata, mask_h: int, mask_w: int) -> FrameGeometry:
-    """Build the geometry of one frame from its ``PreProcessingMetadata``.
-
-    Raises ``ValueError`` for layouts the reference itself cannot handle the usual way
-    (negative padding, a padding band covering the whole mask grid).
-    """
-    denorm = metadata.nonsquare_intermediate_size or metadata.inference_size
-    h_scale = mask_h / denorm.height
-    w_scale = mask_w / denorm.width
-    # Python round() == the reference's round(): half to even on doubles
-    pt, pb = round(h_scale * metadata.pad_top), round(h_scale * metadata.pad_bottom)
-    pl, pr = round(w_scale * metadata.pad_left), round(w_scale * metadata.pad_right)
-    if min(pt, pb, pl, pr) < 0:
-        raise ValueError("negative letterbox padding is not supported")
-    crop_h, crop_w = mask_h - pt - pb, mask_w - pl - pr
-    if crop_h < 1 or crop_w < 1:
-        raise ValueError("letterbox padding covers the whole mask grid")
-    sap = metadata.size_after_pre_processing
-    orig = metadata.original_size
-    crop = metadata.static_crop_offset
-    target_h, target_w = int(sap.height), int(sap.width)
-    canvas_h, canvas_w, off_y, off_x = target_h, target_w, 0, 0
-    if crop.offset_x > 0 or crop.offset_y > 0 or tuple(sap) != tuple(orig):
-        ch_scale = target_h / sap.height
-        cw_scale = target_w / sap.width
-        off_y = round(crop.offset_y * ch_scale)
-        off_x = round(crop.offset_x * cw_scale)
-        canvas_h = max(1, round(orig.height * ch_scale), off_y + target_h)
-        canvas_w = max(1, round(orig.width * cw_scale), off_x + target_w)
-    return FrameGeometry(
-        denorm_h=int(denorm.height),
-        denorm_w=int(denorm.width),
-        pad_left=int(metadata.pad_left),
-        pad_top=int(metadata.pad_top),
-        scale_w=float(metadata.scale_width),
-        scale_h=float(metadata.scale_height),
-        crop_top=pt,
-        crop_left=pl,
-        crop_h=crop_h,
-        crop_w=crop_w,
-        target_h=target_h,
-        target_w=target_w,
-        canvas_h=int(canvas_h),
-        canvas_w=int(canvas_w),
-        offset_y=int(off_y),
-        offset_x=int(off_x),
-        image_h=int(orig.height),
-        image_w=int(orig.width),
-    )
-
-
-def _geometry_params(geometries: Sequence[FrameGeometry]) -> np.ndarray:
-    """Per-image float32 parameters of the box decode (values the reference casts to f32)."""
-    rows = []
-    for g in geometries:
-        rows.append(
-            [
-                g.denorm_w,
-                g.denorm_h,
-                g.pad_left,
-                g.pad_top,
-                g.scale_w,
-                g.scale_h,
-                g.offset_x,
-                g.offset_y,
-                g.canvas_w,
-                g.canvas_h,
-                1.0 if g.round_boxes else 0.0,
-                0.0,
-            ]
-        )
-    return np.asarray(rows, dtype=np.float32).reshape(-1, _PARAM_WORDS)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -485,7 +375,7 @@ def select_detections(
         num_classes: ids ``>= num_classes`` are dropped when ``class_mapping`` is None.
         class_mapping: ``ClassesReMapping.class_mapping`` (-1 = removed) or None.
         max_detections: cap applied after the sort (None = no cap).
-        params: optional pre-uploaded ``_geometry_params`` tensor (saves an H2D copy).
+        params: optional pre-uploaded ``geometry_params`` tensor (saves an H2D copy).
     """
     B, Q, C = logits.shape
     device = logits.device
@@ -510,7 +400,7 @@ def select_detections(
         map_tensor = torch.zeros(1, dtype=torch.int32, device=device)
         map_len = 0
     if params is None:
-        params = torch.from_numpy(_geometry_params(geometries)).to(device)
+        params = torch.from_numpy(geometry_params(geometries)).to(device)
     ranks = torch.empty((B, QC), dtype=torch.int32, device=device)
     # the interpreter (CPU tests) pays per program and per op, the GPU per element
     CB, EB = (256, 2048) if _INTERPRET else (32, 256)

@@ -34,7 +34,7 @@ from inference_fastpath.kernels.mask_resize import (
     AccumulationRecipe,
     calibrate_accumulation,
 )
-from inference_fastpath.kernels.postprocess_select import frame_geometry
+from inference_fastpath.kernels.frame_geometry import frame_geometry
 from support.postprocess_cases import reference_detections
 from support.recorded_outputs import load_recorded_outputs
 

@@ -54,7 +54,7 @@ from inference_fastpath.kernels.mask_resize import (
     AccumulationRecipe,
     calibrate_accumulation,
 )
-from inference_fastpath.kernels.postprocess_select import FrameGeometry, frame_geometry
+from inference_fastpath.kernels.frame_geometry import FrameGeometry, frame_geometry
 from inference_fastpath.kernels.triton_runtime import unavailable_reason
 
 LOGGER = logging.getLogger("inference_fastpath")

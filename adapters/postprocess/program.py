@@ -37,12 +37,11 @@ from inference_fastpath.kernels.postprocess_mask_rle import (
     launch_rle_emit,
 )
 from inference_fastpath.kernels.postprocess_rle_string import launch_rle_strings
+from inference_fastpath.kernels.frame_geometry import FrameGeometry, geometry_params
 from inference_fastpath.kernels.postprocess_select import (
     HEADER_WORDS,
     ROW_WORDS,
-    FrameGeometry,
     FrameSelection,
-    _geometry_params,
     decode_selection,
     select_detections,
     selection_capacity,
@@ -104,7 +103,7 @@ class PostprocessProgram:
             torch.zeros(spec.per_class_len, dtype=torch.float32, device=device) if spec.per_class_len else None
         )
         self.plans = [make_mask_plan(g, mh, mw, device) for g in spec.geometries]
-        self.params = torch.from_numpy(_geometry_params(spec.geometries)).to(device)
+        self.params = torch.from_numpy(geometry_params(spec.geometries)).to(device)
         cap = spec.capacity
         self.selection_words = HEADER_WORDS + cap * ROW_WORDS
         extra = cap * {DENSE: LAYOUT_WORDS, STRINGS: 2, RUNS: 1}[spec.output]

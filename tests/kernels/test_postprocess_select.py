@@ -18,11 +18,8 @@ from inference_models.models.rfdetr.class_remapping import prepare_class_remappi
 
 from inference_fastpath.adapters.contracts import PostprocessRequest, RawOutputs
 from support.postprocess_cases import make_metadata, reference_detections, synthetic_outputs
-from inference_fastpath.kernels.postprocess_select import (
-    decode_selection,
-    frame_geometry,
-    select_detections,
-)
+from inference_fastpath.kernels.frame_geometry import frame_geometry
+from inference_fastpath.kernels.postprocess_select import decode_selection, select_detections
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
