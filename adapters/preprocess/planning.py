@@ -23,7 +23,8 @@ from inference_models.models.common.roboflow.model_packages import (
     TrainingInputSize,
 )
 
-from inference_fastpath.kernels.preprocess_resize_normalize import Box, normalization_lut
+from inference_fastpath.kernels.preprocess_resize_normalize import Box
+from inference_fastpath.kernels.resize_coefficients import normalization_lut
 
 class PlanningError(ValueError):
     """The frame cannot be preprocessed (the reference would fail on it too)."""

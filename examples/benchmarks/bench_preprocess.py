@@ -203,7 +203,8 @@ def bench_size(
 
 def kernel_block_sweep(size: Tuple[int, int], target: int, iters: int, device: torch.device) -> List[dict]:
     """Kernel-only time of the fused resize+normalise for a few tile shapes (CUDA-event timed)."""
-    from inference_fastpath.kernels.preprocess_resize_normalize import ResizeNormalizeOp, normalization_lut
+    from inference_fastpath.kernels.preprocess_resize_normalize import ResizeNormalizeOp
+    from inference_fastpath.kernels.resize_coefficients import normalization_lut
 
     width, height = size
     src = torch.randint(0, 256, (height, width, 3), dtype=torch.uint8, device=device)

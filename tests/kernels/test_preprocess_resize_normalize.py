@@ -38,11 +38,8 @@ from PIL import Image  # noqa: E402
 
 from inference_fastpath.adapters.preprocess.planning import PlanningError, plan_frame  # noqa: E402
 from inference_fastpath.adapters.preprocess.triton import TritonPreprocess  # noqa: E402
-from inference_fastpath.kernels.preprocess_resize_normalize import (  # noqa: E402
-    ResizeNormalizeOp,
-    interpreter_active,
-    normalization_lut,
-)
+from inference_fastpath.kernels.preprocess_resize_normalize import ResizeNormalizeOp, interpreter_active  # noqa: E402
+from inference_fastpath.kernels.resize_coefficients import normalization_lut  # noqa: E402
 
 DEVICE = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 pytestmark = pytest.mark.skipif(
