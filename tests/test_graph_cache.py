@@ -1,6 +1,6 @@
 """GraphCache as the fast stages use it (no held outputs), with a fake capture (no GPU needed).
 
-The engine's use (held instances, release events) is covered in test_engines_cpu.py; here: capture
+The engine's use (held instances, release events) is covered in test_engine_graph_bookkeeping.py; here: capture
 on the second sighting, the capture bound, the warm-up computing the first call's result, binding
 changes, eviction hooks and discard/peek.
 """

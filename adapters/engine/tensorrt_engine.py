@@ -7,7 +7,7 @@ Everything else - reading the I/O tensors (``num_io_tensors`` / ``get_tensor_nam
 package's ``trt_config.json``), padding and chunking batches to that profile, concrete input shapes,
 and binding torch buffers to a context (``set_input_shape`` + ``set_tensor_address``) - lives in
 pure functions that only talk to duck-typed engine/context objects, so they are unit tested on the
-CPU with fakes (tests/test_engines_cpu.py). ``tensorrt`` is imported lazily.
+CPU with fakes (tests/test_engine_tensorrt_onnx_selection.py). ``tensorrt`` is imported lazily.
 
 CUDA graphs go through ``graphs.py``'s shared cache: one execution context per captured graph, because a context
 reallocates its internal scratch when its input shape changes, which would invalidate the addresses

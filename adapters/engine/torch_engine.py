@@ -8,7 +8,7 @@ level (every change is an instance attribute of the copy):
    takes a plain tensor and returns ``(boxes, logits, masks)`` of the last decoder layer, the
    backbone emits all-false padding masks without reading the input, and DINOv2's position
    embeddings are interpolated to the training size once. On CPU this is bitwise equal to the
-   model's non-export ``forward`` (checked in tests/test_engines_cpu.py).
+   model's non-export ``forward`` (checked in tests/test_engine_torch.py).
 2. The copy's ``Transformer.forward`` is replaced by :func:`_capture_safe_transformer_forward`, the
    same inference computation (two-stage proposals, top-k query selection, decoder) with three
    capture breakers of the original removed:
