@@ -114,3 +114,11 @@ def tiny_onnx_bytes():
         return model.SerializeToString()
 
     return build
+
+
+@pytest.fixture(scope="session")
+def seg_model():
+    """One randomly initialised rfdetr-seg-nano for the engine tests (building it costs seconds on a CPU)."""
+    from inference_fastpath.adapters.engine.torch_engine import build_random_model
+
+    return build_random_model("rfdetr-seg-nano", device="cpu", seed=0)
