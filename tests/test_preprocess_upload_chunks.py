@@ -275,6 +275,20 @@ def test_staging_upload_matches_frames(chunks, threads):
             np.testing.assert_array_equal(view.numpy(), frame)
 
 
+@pytest.mark.parametrize("chunks, threads", [(None, None), (4, 0), (4, 2)])
+def test_staging_fill_never_uses_torchs_cpu_copy(monkeypatch, chunks, threads):
+    # torch's CPU copy splits over its OpenMP pool, one spinning team per calling thread; inside a
+    # pipeline, whose pool threads take turns running the step, that halved the frame rate on a GPU host
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("the staging fill called torch's CPU copy_")
+
+    monkeypatch.setattr(torch.Tensor, "copy_", refuse)
+    staging = _Staging(CPU, chunks=chunks, threads=threads)
+    frames = [_image(90, 64, seed=18), _image(90, 64, seed=19)[::-1]]
+    for frame, view in zip(frames, staging.upload(frames)):
+        np.testing.assert_array_equal(view.numpy(), frame)
+
+
 def test_staging_plan_cache_is_per_batch_shape():
     staging = _Staging(CPU, chunks=4, threads=0)
     a = [_image(40, 30, seed=15)]
