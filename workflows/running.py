@@ -36,8 +36,11 @@ def configure_environment(allow_local_packages: bool = True) -> None:
         os.environ["WORKFLOWS_PLUGINS"] = ",".join(plugins + ["inference_fastpath"])
 
 
-def execution_engine(workflow_definition: dict, max_concurrent_steps: int = 1):
-    """An ``ExecutionEngine`` with the stock model manager, so stock model blocks run beside ours."""
+def execution_engine(workflow_definition: dict, max_concurrent_steps: int = 1, executor: Any = None):
+    """An ``ExecutionEngine`` with the stock model manager, so stock model blocks run beside ours.
+
+    ``executor``: a ``ThreadPoolExecutor`` the engine runs every step on, as ``InferencePipeline`` hands
+    it one (None: the engine makes a pool per run)."""
     configure_environment()
     from inference.core.managers.base import ModelManager
     from inference.core.registries.roboflow import RoboflowModelRegistry
@@ -54,6 +57,7 @@ def execution_engine(workflow_definition: dict, max_concurrent_steps: int = 1):
             "workflows_core.step_execution_mode": StepExecutionMode.LOCAL,
         },
         max_concurrent_steps=max_concurrent_steps,
+        executor=executor,
     )
 
 

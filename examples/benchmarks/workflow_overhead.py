@@ -20,12 +20,15 @@ import json
 import pstats
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 from inference_fastpath.workflows.running import configure_environment
 
 configure_environment()
+
+PIPELINE_STEP_WORKERS = 4  # streamvision's InferencePipeline: execution_engine_thread_pool_workers
 
 
 @contextmanager
@@ -57,7 +60,9 @@ def measure(workflow_name: str, model: str, frames: Sequence[Any], passes: int =
     from inference_fastpath.workflows.running import execution_engine
 
     workflows = {"plain": FASTPATH, "annotated": FASTPATH_ANNOTATED}
-    engine = execution_engine(load_workflow(workflows[workflow_name]))
+    # a persistent pool, as InferencePipeline gives the engine (without one, each run starts its own threads)
+    pool = ThreadPoolExecutor(max_workers=PIPELINE_STEP_WORKERS, thread_name_prefix="workflow-steps")
+    engine = execution_engine(load_workflow(workflows[workflow_name]), executor=pool)
 
     def run_all() -> None:
         for frame in frames:
@@ -76,6 +81,7 @@ def measure(workflow_name: str, model: str, frames: Sequence[Any], passes: int =
             run_all()
             profiler.disable()
             pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+    pool.shutdown(wait=True)
     return {"workflow": workflow_name, "frames": len(frames), "passes": passes,
             "ms_per_frame_median": statistics.median(per_frame), "ms_per_frame_min": min(per_frame)}
 
