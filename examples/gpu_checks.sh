@@ -100,12 +100,12 @@ f=read_frames('${VIDEO_SRC:-examples/data/shapes_clip.mp4}', count=${VIDEO_FRAME
       --config "rle-d2:mask_output=rle,pipeline_depth=2,preprocess=auto,engine=auto,cuda_graphs=true,postprocess=auto" \
       --out "$out/stream-manager.json" 2>&1 | grep -v -i "warn" | grep -v "INFO:httpx" | tee "$out/stream-manager.log" | tail -8
     ;;
-  setup-cost)  # run_video's setup against the benchmark's, one difference at a time (the 360-frame 1080p shapes clip)
+  setup-cost)  # run_video's setup against the benchmark's, one difference at a time (the 360-frame 1080p shapes clip; SETUP_VARIANTS)
     python3 -c "import cv2; from inference_fastpath.workflows.video_files import read_frames, write_clip; \
 f=read_frames('examples/data/shapes_clip.mp4'); write_clip('/tmp/shapes-1080-x3.mp4', [cv2.resize(x, (1920, 1080)) for x in f] * 3, fps=25)"
     model="$(timeout 120 python3 -m inference_fastpath.examples.trained_demo 2>/dev/null | tail -1)"
     timeout "${SETUP_COST_TIMEOUT:-300}" python3 -m inference_fastpath.examples.benchmarks.pipeline_setup_cost \
-      --video /tmp/shapes-1080-x3.mp4 --model "$model" --timeout 50 --out "$out/pipeline-setup-cost.json" 2>&1 \
+      --video /tmp/shapes-1080-x3.mp4 --model "$model" --variants "${SETUP_VARIANTS:-plain,pre,threads1}" --timeout 50 --out "$out/pipeline-setup-cost.json" 2>&1 \
       | grep -v -i "warn" | tee "$out/pipeline-setup-cost.log" | tail -8
     ;;
   nvdec)  # what streamvision's NVDEC producer needs here: PyNvVideoCodec and the driver's video capability
