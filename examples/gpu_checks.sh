@@ -105,7 +105,7 @@ f=read_frames('${VIDEO_SRC:-examples/data/shapes_clip.mp4}', count=${VIDEO_FRAME
 f=read_frames('examples/data/shapes_clip.mp4'); write_clip('/tmp/shapes-1080-x3.mp4', [cv2.resize(x, (1920, 1080)) for x in f] * 3, fps=25)"
     model="$(timeout 120 python3 -m inference_fastpath.examples.trained_demo 2>/dev/null | tail -1)"
     timeout "${SETUP_COST_TIMEOUT:-300}" python3 -m inference_fastpath.examples.benchmarks.pipeline_setup_cost \
-      --video /tmp/shapes-1080-x3.mp4 --model "$model" --variants "${SETUP_VARIANTS:-plain,pre,threads1}" --timeout 50 --out "$out/pipeline-setup-cost.json" 2>&1 \
+      --video /tmp/shapes-1080-x3.mp4 --model "$model" --variants "${SETUP_VARIANTS:-plain,pre,threads1,cv-threads1}" --timeout 50 --out "$out/pipeline-setup-cost.json" 2>&1 \
       | grep -v -i "warn" | tee "$out/pipeline-setup-cost.log" | tail -8
     ;;
   nvdec)  # what streamvision's NVDEC producer needs here: PyNvVideoCodec and the driver's video capability

@@ -8,7 +8,8 @@ process and changes one thing against the plain run::
 
 ``log``: the root logger at INFO (as ``run_video`` sets it); ``pre``: the step's runner built before the
 pipeline starts (as the benchmark does); ``pre-thread``: built before it on a thread of its own that then
-ends; ``threads1``: torch's intra-op pool cut to one thread (``torch.set_num_threads(1)``); ``keep``: every
+ends; ``threads1``: torch's intra-op pool cut to one thread (``torch.set_num_threads(1)``); ``cv-threads1``:
+the same for OpenCV's pool (``cv2.setNumThreads(1)``: the painters and annotators call OpenCV); ``keep``: every
 result kept (as the benchmark does); ``sink``: a sink callback that reads each result's predictions (as
 ``run_video`` does). Each variant also reports the medians of our step's host stage times.
 """
@@ -23,7 +24,7 @@ import sys
 import threading
 from typing import Any, Dict, Optional, Sequence
 
-VARIANTS = ("plain", "log", "pre", "pre-thread", "threads1", "keep", "sink", "log-sink")
+VARIANTS = ("plain", "log", "pre", "pre-thread", "threads1", "cv-threads1", "keep", "sink", "log-sink")
 OPTIONS = dict(preprocess="auto", engine="auto", postprocess="auto", precision="fp32", mask_output="compact",
                cuda_graphs=True, pipeline_depth=2, downstream_overlap=True)
 
@@ -59,6 +60,10 @@ def run_variant(variant: str, model: str, video: str, warmup: int, replay: bool 
         import torch
 
         torch.set_num_threads(1)
+    if variant == "cv-threads1":
+        import cv2
+
+        cv2.setNumThreads(1)
     seen = [0]
 
     def on_result(prediction, frame) -> None:
