@@ -48,9 +48,9 @@ def auto_fill_threads() -> int:
     """Worker threads filling the chunks of a chunked upload: two when the host has the cores for them.
 
     The fills never go through torch's CPU copy. Its intra-op pool (OpenMP) keeps one spinning thread
-    team per calling thread, and a workflow calls the step from several pool threads in turn. Inside
-    ``InferencePipeline`` those teams outnumbered the cores and took the fill from about 1.5 ms to 3.3 ms
-    per 1080p frame (results README, 2026-12-07 third session)."""
+    team per calling thread, and a workflow calls the step from several pool threads in turn: inside
+    ``InferencePipeline`` those teams outnumbered the cores and slowed the fill (results README,
+    2026-12-07 third session)."""
     return 2 if (os.cpu_count() or 1) >= 4 else 0
 
 
