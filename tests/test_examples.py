@@ -162,6 +162,40 @@ def test_many_sources_of_different_resolutions_in_one_batch(demo_model_dir, tiny
     assert result["results_compared"] == 6
 
 
+def test_many_sources_with_pinned_decode_pair_every_result_with_its_own_frame(demo_model_dir, tiny_clip, tmp_path):
+    """``--pinned-decode``: the sources decode into the pinned frame pool (ordinary buffers without CUDA),
+    every frame is counted there, and each result still equals its one-source run."""
+    from inference_fastpath.examples.benchmarks import many_sources
+
+    options, workflow = _reference_workflow()
+    variants = many_sources.source_variants(tiny_clip, tmp_path)
+    expected = _one_source_results(workflow, variants, demo_model_dir, options)
+    result = many_sources.run_sources("pinned", workflow, variants, demo_model_dir, 0, 3, options, expected,
+                                      pinned_decode=True)
+    assert result["pinned_decode"] and result["decoded_pinned"] == 6 and result["decoded_unpinned"] == 0
+    assert result["all_frames_delivered_in_order"] and result["results_mispaired"] == 0
+    assert result["results_compared"] == 6 and result["results_equal_to_one_source"] == 6
+
+
+def test_a_pinned_timed_source_decodes_what_opencv_decodes_and_records_its_grabs(tiny_clip):
+    from inference_fastpath.adapters.cuda.pinned_video_source import PinnedVideoFrameProducer
+    from inference_fastpath.examples.benchmarks.camera_sources import TimedSource
+
+    camera = TimedSource(tiny_clip, fps=50, pinned=True)
+    producer = camera()
+    assert isinstance(producer, PinnedVideoFrameProducer) and repr(camera).startswith("pinned-timed:")
+    frames = []
+    while producer.grab():
+        ok, frame = producer.retrieve()
+        assert ok
+        frames.append(frame.copy())
+    producer.release()
+    expected = read_frames(tiny_clip)
+    assert len(frames) == len(expected) == len(producer.grabbed_at) == producer.pooled_frames
+    assert all(np.array_equal(a, b) for a, b in zip(frames, expected))
+    assert not producer.discover_source_properties().is_file  # paced like a camera
+
+
 def test_timed_source_paces_grabs_like_a_camera(tiny_clip):
     import time
 

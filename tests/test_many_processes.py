@@ -92,10 +92,14 @@ def test_live_processes_warm_up_before_the_start_barrier(demo_model_dir, tiny_cl
     out = tmp_path / "live.json"
     assert mp.main(["--video", tiny_clip, "--model", demo_model_dir, "--frames", "3", "--warmup", "0",
                     "--processes", "2", "--sources-per-process", "1", "--stock-sources", "0", "--realtime", "10",
-                    "--warm-before-live", "2", "--config", REFERENCE, "--out", str(out)]) == 0
-    (record,) = json.loads(out.read_text())["results"]
+                    "--warm-before-live", "2", "--pinned-decode", "--config", REFERENCE, "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    (record,) = report["results"]
     assert not record["failed"] and record["results_mispaired"] == 0
     assert all(p["warm_pass_results"] >= 2 for p in record["per_process"])
+    # --pinned-decode reaches every worker: its live run's frames came from the pinned frame pool
+    assert report["pinned_decode"] and all(p["pinned_decode"] and p["decoded_unpinned"] == 0
+                                           and p["decoded_pinned"] >= 1 for p in record["per_process"])
     assert all(1 <= s["delivered"] <= 3 for p in record["per_process"] for s in p["streams"])
 
 

@@ -8,6 +8,10 @@ the k-th grab). With ``fps`` set, grabs are paced to that rate from the first on
 reports itself as a live, non-reconnectable stream, so the pipeline applies its stream buffering
 (frames it cannot take in time are dropped) and stops at the file's end.
 
+``pinned=True`` decodes every frame into a recycled page-locked buffer as ``pinned_video_source`` does,
+so the preprocess sends it by one async copy without its staging fill (the staging copy taken out of a
+many-camera run, to measure what it costs).
+
     >>> from inference_fastpath.examples.benchmarks.camera_sources import TimedSource
     >>> camera = TimedSource("clip.mp4", fps=30)  # pass it where the path would go  # doctest: +SKIP
 """
@@ -19,6 +23,8 @@ import time
 from typing import List, Optional, Tuple
 
 from inference.core.interfaces.camera.video_source import CV2VideoFrameProducer
+
+from inference_fastpath.adapters.cuda.pinned_video_source import PinnedVideoFrameProducer
 
 
 class TimedVideoProducer(CV2VideoFrameProducer):
@@ -60,18 +66,26 @@ class TimedVideoProducer(CV2VideoFrameProducer):
         return dataclasses.replace(properties, is_file=False, is_reconnectable=False, timestamp_created=None)
 
 
+class PinnedTimedVideoProducer(TimedVideoProducer, PinnedVideoFrameProducer):
+    """Grabs timed and paced as :class:`TimedVideoProducer`, frames decoded into pinned buffers as
+    :class:`PinnedVideoFrameProducer` (its own pool: pinned with CUDA, ordinary memory without)."""
+
+
 class TimedSource:
     """A ``video_reference``: opens a :class:`TimedVideoProducer` for ``video`` (the latest one is
-    kept in ``producer`` to read its grab times)."""
+    kept in ``producer`` to read its grab times); ``pinned``: a :class:`PinnedTimedVideoProducer`."""
 
-    def __init__(self, video: str, fps: Optional[float] = None, stall: Optional[Tuple[int, float]] = None) -> None:
+    def __init__(self, video: str, fps: Optional[float] = None, stall: Optional[Tuple[int, float]] = None,
+                 pinned: bool = False) -> None:
         self.video = video
         self.fps = fps
         self.stall = stall
+        self.pinned = bool(pinned)
         self.producer: Optional[TimedVideoProducer] = None
 
     def __call__(self) -> TimedVideoProducer:
-        self.producer = TimedVideoProducer(self.video, self.fps, self.stall)
+        producer_class = PinnedTimedVideoProducer if self.pinned else TimedVideoProducer
+        self.producer = producer_class(self.video, self.fps, self.stall)
         return self.producer
 
     def grabbed_at(self, frame_id: int) -> Optional[float]:
@@ -85,4 +99,4 @@ class TimedSource:
         return len(self.producer.grabbed_at) if self.producer is not None else 0
 
     def __repr__(self) -> str:  # the pipeline's logs name the source by str()
-        return f"timed:{self.video}" + (f"@{self.fps}fps" if self.fps else "")
+        return ("pinned-timed:" if self.pinned else "timed:") + str(self.video) + (f"@{self.fps}fps" if self.fps else "")

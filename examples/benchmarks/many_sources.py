@@ -131,6 +131,7 @@ def run_sources(
     with_times: bool = False,
     warm_results: int = 0,
     before_run: Optional[Callable[[], None]] = None,
+    pinned_decode: bool = False,
 ) -> Dict[str, Any]:
     """One pipeline over ``videos``; ``expected[video][frame_id]`` are the one-source detections
     each result must equal; ``keep`` collects a one-source run's detections by frame id.
@@ -142,7 +143,9 @@ def run_sources(
     ``warm_results``: before a live run, the same sources run at full speed until that many results per
     source came back (graphs of the run's batch size captured), as a service warms up before it takes
     cameras; the live run's figures then describe the warm service. ``before_run`` is called just
-    before the measured run (after that pass), e.g. a start barrier shared by several processes."""
+    before the measured run (after that pass), e.g. a start barrier shared by several processes.
+    ``pinned_decode``: every source decodes into pinned frames (``camera_sources.py``), so our preprocess
+    sends them without its staging fill."""
     from inference_fastpath.adapters.options import FastpathOptions
     from inference_fastpath.adapters.runner import RUNNERS
     from inference_fastpath.adapters.timeline import Timeline
@@ -161,7 +164,8 @@ def run_sources(
     for index, reason in reasons.items():
         if reason is not None:
             print(f"source {index} left out of the run: {reason}", flush=True)
-    sources = {index: TimedSource(videos[index], realtime_fps, (stalls or {}).get(index)) for index in playing}
+    sources = {index: TimedSource(videos[index], realtime_fps, (stalls or {}).get(index), pinned=pinned_decode)
+               for index in playing}
 
     def on_result(prediction, frame) -> None:
         # only record: comparing inside the sink would slow the run being timed; the pipeline
@@ -173,7 +177,7 @@ def run_sources(
         raise ValueError(f"no source of {list(videos)} can be played: {list(reasons.values())}")
     warmed = 0
     if warm_results > 0:
-        warm_run = run_pipeline([TimedSource(videos[i]) for i in playing], workflow, {"model_id": model},
+        warm_run = run_pipeline([TimedSource(videos[i], pinned=pinned_decode) for i in playing], workflow, {"model_id": model},
                                 warmup_frames=0, keep_results=False, stop_after=warm_results * len(playing),
                                 batch_collection_timeout=batch_timeout)
         warmed = len(warm_run.results)
@@ -213,9 +217,14 @@ def run_sources(
         streams[-1]["dropped_after_warmup_fraction"] = (
             None if steady_drops is None else steady_drops / max(1, steady_drops + len(rows) - warmup))
     fps = run.fps_after_warmup()
+    producers = [source.producer for source in sources.values() if pinned_decode and source.producer is not None]
     result: Dict[str, Any] = {
         "name": name,
         "sources": len(videos),
+        # pinned decode: frames decoded into pinned buffers / into ordinary memory (past the budget, no CUDA)
+        "pinned_decode": pinned_decode,
+        "decoded_pinned": sum(p.pooled_frames for p in producers) if pinned_decode else None,
+        "decoded_unpinned": sum(p.other_frames for p in producers) if pinned_decode else None,
         "frames": sum(s["delivered"] for s in streams),
         "fps": fps,
         "fps_per_stream": fps / len(playing) if fps else None,
@@ -276,6 +285,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--warm-before-live", type=int, default=0, metavar="R",
                         help="with --realtime: first run the same sources at full speed for R results each, so "
                              "the cameras meet a warm service (default 0: they start with it)")
+    parser.add_argument("--pinned-decode", action="store_true",
+                        help="our runs decode every source into pinned frames: no staging fill in our preprocess")
     args, counts, name, options = parse_scaling_args(parser, argv, "--sources")
     if args.warm_before_live < 0 or (args.warm_before_live and not args.realtime):
         parser.error("--warm-before-live takes a count >= 0 and goes with --realtime")
@@ -303,7 +314,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             videos = [variants[i % 2] for i in range(count)]
             results.append(run_sources(name, workflow, videos, model, args.warmup, args.frames, options, expected,
                                        realtime_fps=args.realtime, batch_timeout=args.batch_timeout,
-                                       warm_results=args.warm_before_live))
+                                       warm_results=args.warm_before_live, pinned_decode=args.pinned_decode))
     largest = max((r for r in results if "timeline" in r), key=lambda r: r["sources"], default=None)
     report = {
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -312,6 +323,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "frames_per_source": args.frames,
         "resolution": args.resolution or "native",
         "realtime_fps": args.realtime,
+        "pinned_decode": args.pinned_decode,
         "options": options,
         "results": [{k: v for k, v in r.items() if k != "timeline"} for r in results],
     }
