@@ -47,10 +47,9 @@ def auto_upload_chunks(total_bytes: int) -> int:
 def auto_fill_threads() -> int:
     """Worker threads filling the chunks of a chunked upload: two when the host has the cores for them.
 
-    The fills never go through torch's CPU copy. Its intra-op pool (OpenMP) keeps one spinning thread
-    team per calling thread, and a workflow calls the step from several pool threads in turn: inside
-    ``InferencePipeline`` those teams outnumbered the cores and slowed the fill (results README,
-    2026-12-07 third session)."""
+    The fills never go through torch's CPU copy: it runs on torch's intra-op pool (OpenMP), and inside
+    ``InferencePipeline``, which calls the step from several pool threads in turn, that copy slowed the
+    fill and the whole run (results README, 2026-12-07 third session)."""
     return 2 if (os.cpu_count() or 1) >= 4 else 0
 
 
