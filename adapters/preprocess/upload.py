@@ -150,8 +150,8 @@ def fill_chunks(
     """Fill ``chunks`` in order and call ``send(chunk)`` as soon as each one is complete (the
     H2D enqueue), so the copy of chunk k overlaps the fill of the chunks after it.
 
-    With ``pool`` the fills run on its workers while
-    this thread sends completed chunks in order. Returns only when no fill is running."""
+    With ``pool`` the fills run on its workers while this thread sends completed chunks in order.
+    Returns only when no fill is running."""
     if pool is None or len(chunks) < 2:
         for chunk in chunks:
             fill_chunk(host, frames, offsets, chunk)

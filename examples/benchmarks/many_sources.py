@@ -177,9 +177,9 @@ def run_sources(
         raise ValueError(f"no source of {list(videos)} can be played: {list(reasons.values())}")
     warmed = 0
     if warm_results > 0:
-        warm_run = run_pipeline([TimedSource(videos[i], pinned=pinned_decode) for i in playing], workflow, {"model_id": model},
-                                warmup_frames=0, keep_results=False, stop_after=warm_results * len(playing),
-                                batch_collection_timeout=batch_timeout)
+        warm_sources = [TimedSource(videos[i], pinned=pinned_decode) for i in playing]
+        warm_run = run_pipeline(warm_sources, workflow, {"model_id": model}, warmup_frames=0, keep_results=False,
+                                stop_after=warm_results * len(playing), batch_collection_timeout=batch_timeout)
         warmed = len(warm_run.results)
     if before_run is not None:
         before_run()
@@ -217,7 +217,7 @@ def run_sources(
         streams[-1]["dropped_after_warmup_fraction"] = (
             None if steady_drops is None else steady_drops / max(1, steady_drops + len(rows) - warmup))
     fps = run.fps_after_warmup()
-    producers = [source.producer for source in sources.values() if pinned_decode and source.producer is not None]
+    producers = [source.producer for source in sources.values() if source.producer is not None]
     result: Dict[str, Any] = {
         "name": name,
         "sources": len(videos),
