@@ -214,6 +214,27 @@ def test_timed_source_paces_grabs_like_a_camera(tiny_clip):
     assert TimedSource(tiny_clip)().discover_source_properties().is_file  # no fps: still a file
 
 
+def test_timed_source_pacing_tells_a_camera_that_kept_its_schedule_from_one_that_fell_behind(tiny_clip):
+    import time
+
+    from inference_fastpath.examples.benchmarks.camera_sources import TimedSource
+
+    def play(camera, pause_s):
+        producer = camera()
+        while producer.grab():
+            producer.retrieve()
+            time.sleep(pause_s)  # the consumer (or a starved decode thread) holding the grab loop up
+        producer.release()
+        return camera.pacing()
+
+    on_time = play(TimedSource(tiny_clip, fps=20), 0.0)
+    assert on_time["camera_fps"] is not None and abs(on_time["camera_fps"] - 20) < 2
+    assert on_time["late_ms_max"] < 25
+    behind = play(TimedSource(tiny_clip, fps=20), 0.15)  # each grab comes 0.1 s after its due time
+    assert behind["camera_fps"] < 0.95 * 20 and behind["late_ms_max"] >= 90
+    assert TimedSource(tiny_clip)().grab() and TimedSource(tiny_clip).pacing()["camera_fps"] is None  # unpaced
+
+
 def test_many_sources_realtime_counts_drops_and_keeps_pairing(demo_model_dir, tiny_clip, tmp_path):
     from inference_fastpath.examples.benchmarks import many_sources
 
@@ -228,6 +249,8 @@ def test_many_sources_realtime_counts_drops_and_keeps_pairing(demo_model_dir, ti
         assert 0 <= stream["dropped_after_warmup"] <= stream["dropped"]
     assert 0 <= result["dropped_after_warmup_fraction"] <= 1
     assert 0 <= result["streams_holding_rate"] <= 2 and result["latency_ms_p50"] > 0
+    assert 0 <= result["cameras_behind_schedule"] <= 2 and result["camera_late_ms_max"] >= 0
+    assert all(stream["camera_fps"] > 0 for stream in result["streams"])
 
 
 def test_drops_after_warmup_count_grabbed_frames_missing_after_the_first_counted_result():

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
 
 from inference.core.interfaces.camera.video_source import CV2VideoFrameProducer
 
@@ -40,6 +42,9 @@ class TimedVideoProducer(CV2VideoFrameProducer):
         self.fps = fps
         self.stall = stall
         self.grabbed_at: List[float] = []
+        # when each grab was due by the camera's schedule (paced sources only): a grab later than its due
+        # time means the source's own thread fell behind, not the pipeline
+        self.due_at: List[float] = []
         self._started: Optional[float] = None
 
     def grab(self) -> bool:
@@ -57,6 +62,8 @@ class TimedVideoProducer(CV2VideoFrameProducer):
         ok = super().grab()
         if ok:
             self.grabbed_at.append(time.perf_counter())
+            if self.fps is not None:
+                self.due_at.append(due)
         return ok
 
     def discover_source_properties(self):
@@ -97,6 +104,23 @@ class TimedSource:
     def grabbed(self) -> int:
         """How many frames the latest producer has grabbed."""
         return len(self.producer.grabbed_at) if self.producer is not None else 0
+
+    def pacing(self) -> Dict[str, Optional[float]]:
+        """How well the latest producer kept its camera's schedule: ``camera_fps``, its grab rate from first
+        to last grab (a stall's pause included), and ``late_ms_p99`` / ``late_ms_max``, how long after their
+        due time grabs came (``None`` for an unpaced source or fewer than two grabs).
+
+        Example:
+            >>> TimedSource("clip.mp4", fps=30).pacing()["camera_fps"] is None  # nothing grabbed yet
+            True
+        """
+        producer = self.producer
+        if producer is None or self.fps is None or len(producer.grabbed_at) < 2:
+            return {"camera_fps": None, "late_ms_p99": None, "late_ms_max": None}
+        grabbed = producer.grabbed_at
+        late = np.maximum(0.0, np.subtract(grabbed[:len(producer.due_at)], producer.due_at)) * 1e3
+        return {"camera_fps": (len(grabbed) - 1) / (grabbed[-1] - grabbed[0]) if grabbed[-1] > grabbed[0] else None,
+                "late_ms_p99": float(np.percentile(late, 99)), "late_ms_max": float(late.max())}
 
     def __repr__(self) -> str:  # the pipeline's logs name the source by str()
         return ("pinned-timed:" if self.pinned else "timed:") + str(self.video) + (f"@{self.fps}fps" if self.fps else "")

@@ -272,6 +272,7 @@ def aggregate(name: str, reports: Sequence[Dict[str, Any]], sources_per_process:
         record["streams_holding_rate"] = sum(result["streams_holding_rate"] for result in results)
         record["streams_holding_rate_including_warmup"] = sum(
             result.get("streams_holding_rate_including_warmup", 0) for result in results)
+        record["cameras_behind_schedule"] = sum(result.get("cameras_behind_schedule", 0) for result in results)
     return record
 
 
@@ -292,7 +293,8 @@ def describe(record: Dict[str, Any]) -> str:
             f"GPU MiB per process {[m if m is None else round(m) for m in record['peak_gpu_memory_mib_per_process']]}")
     if record["realtime_fps"]:
         line += (f", streams holding {record['realtime_fps']} FPS: {record['streams_holding_rate']} of {record['sources']} "
-                 f"after warm-up ({record['streams_holding_rate_including_warmup']} counting the warm-up's drops)")
+                 f"after warm-up ({record['streams_holding_rate_including_warmup']} counting the warm-up's drops), "
+                 f"cameras behind their schedule {record.get('cameras_behind_schedule')}")
     return line
 
 

@@ -212,7 +212,8 @@ def run_sources(
                                 ids, sources[source_id].grabbed, warmup),
                             in_order=ids == sorted(ids) and len(set(ids)) == len(ids),
                             fps=(len(rows) - 1 - warmup) / span if span > 0 else None,
-                            latency_ms_p50=percentile(own, 50), latency_ms_p99=percentile(own, 99)))
+                            latency_ms_p50=percentile(own, 50), latency_ms_p99=percentile(own, 99),
+                            **(sources[source_id].pacing() if source_id in sources else {})))
         steady_drops = streams[-1]["dropped_after_warmup"]
         streams[-1]["dropped_after_warmup_fraction"] = (
             None if steady_drops is None else steady_drops / max(1, steady_drops + len(rows) - warmup))
@@ -254,6 +255,12 @@ def run_sources(
                                              for s in streams)
         result["streams_holding_rate_including_warmup"] = sum(holds_rate(s, realtime_fps, s["dropped_fraction"])
                                                               for s in streams)
+        # a stream can miss the rate because its camera's own thread (decode) fell behind the schedule:
+        # counted apart, so the shortfall is laid at the right stage
+        result["cameras_behind_schedule"] = sum(1 for s in streams if s.get("camera_fps") is not None
+                                                and s["camera_fps"] < 0.95 * realtime_fps)
+        late = [s["late_ms_max"] for s in streams if s.get("late_ms_max") is not None]
+        result["camera_late_ms_max"] = max(late) if late else None
     if with_times:
         result["times"] = {"at": [[r["at"] for r in by_source.get(i, [])] for i in range(len(videos))],
                            "latency_ms": latencies}
@@ -270,7 +277,9 @@ def run_sources(
         print(f"{'':>14} live at {realtime_fps} FPS: {sum(st['dropped'] for st in streams)} frames dropped in all, "
               f"fraction after warm-up {result['dropped_after_warmup_fraction']}, streams holding the rate "
               f"{result['streams_holding_rate']} of {len(streams)} after warm-up "
-              f"({result['streams_holding_rate_including_warmup']} counting the warm-up's drops)", flush=True)
+              f"({result['streams_holding_rate_including_warmup']} counting the warm-up's drops); cameras behind "
+              f"their schedule {result['cameras_behind_schedule']} (latest grab {result['camera_late_ms_max']} ms late)",
+              flush=True)
     return result
 
 
