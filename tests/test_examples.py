@@ -251,6 +251,7 @@ def test_many_sources_realtime_counts_drops_and_keeps_pairing(demo_model_dir, ti
     assert 0 <= result["streams_holding_rate"] <= 2 and result["latency_ms_p50"] > 0
     assert 0 <= result["cameras_behind_schedule"] <= 2 and result["camera_late_ms_max"] >= 0
     assert all(stream["camera_fps"] > 0 for stream in result["streams"])
+    assert 0 <= result["streams_holding_rate_results_clock"] <= 2 and result["last_result_latency_ms_max"] > 0
 
 
 def test_drops_after_warmup_count_grabbed_frames_missing_after_the_first_counted_result():

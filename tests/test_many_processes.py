@@ -57,8 +57,13 @@ def _report(index, at, warm, last, **streams):
 
 
 def test_aggregate_sums_the_processes_and_reports_a_failure():
-    reports = [_report(0, [[0, 2, 4], [1, 3, 5]], 1, 5), _report(1, [[2, 3, 4]], 2, 4)]
+    reports = [_report(0, [[0, 2, 4], [1, 3, 5]], 1, 5, streams_holding_rate_results_clock=1,
+                       last_result_latency_ms_max=640.0, cameras_behind_schedule=0),
+               _report(1, [[2, 3, 4]], 2, 4, streams_holding_rate_results_clock=0,
+                       last_result_latency_ms_max=35.0, cameras_behind_schedule=1)]
     record = mp.aggregate("ours", reports, 2, realtime_fps=30)
+    assert record["streams_holding_rate_results_clock"] == 1 and record["last_result_latency_ms_max"] == 640.0
+    assert record["cameras_behind_schedule"] == 1 and "up to 640.0 ms late" in mp.describe(record)
     assert record["fps"] == 2.0 and record["stream_fps_in_window"] == [0.5, 0.5, 1.0]
     assert record["frames"] == 9 and record["results_mispaired"] == 0 and record["streams_holding_rate"] == 3
     assert record["latency_ms_p50"] == 15.0 and not record["failed"] and "K=2" in mp.describe(record)

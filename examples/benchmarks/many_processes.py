@@ -273,6 +273,11 @@ def aggregate(name: str, reports: Sequence[Dict[str, Any]], sources_per_process:
         record["streams_holding_rate_including_warmup"] = sum(
             result.get("streams_holding_rate_including_warmup", 0) for result in results)
         record["cameras_behind_schedule"] = sum(result.get("cameras_behind_schedule", 0) for result in results)
+        record["streams_holding_rate_results_clock"] = sum(
+            result.get("streams_holding_rate_results_clock", 0) for result in results)
+        tails = [result["last_result_latency_ms_max"] for result in results
+                 if result.get("last_result_latency_ms_max") is not None]
+        record["last_result_latency_ms_max"] = max(tails) if tails else None
     return record
 
 
@@ -294,7 +299,9 @@ def describe(record: Dict[str, Any]) -> str:
     if record["realtime_fps"]:
         line += (f", streams holding {record['realtime_fps']} FPS: {record['streams_holding_rate']} of {record['sources']} "
                  f"after warm-up ({record['streams_holding_rate_including_warmup']} counting the warm-up's drops), "
-                 f"cameras behind their schedule {record.get('cameras_behind_schedule')}")
+                 f"cameras behind their schedule {record.get('cameras_behind_schedule')}; on the results' clock "
+                 f"{record.get('streams_holding_rate_results_clock')} hold, the last results up to "
+                 f"{shown(record.get('last_result_latency_ms_max'))} ms late")
     return line
 
 
