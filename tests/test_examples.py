@@ -378,6 +378,35 @@ def test_workflow_overhead_times_the_engine_with_our_step_replayed(demo_model_di
     assert result["frames"] == 2 and 0 < result["ms_per_frame_min"] <= result["ms_per_frame_median"]
 
 
+def test_workflow_overhead_runs_frames_as_batches_of_several_sources(demo_model_dir, clip_frames, monkeypatch):
+    from inference_fastpath.adapters.runner import SegmentationRunner
+    from inference_fastpath.examples.benchmarks import workflow_overhead
+
+    real = SegmentationRunner.submit
+    batches = []
+
+    def counting_submit(self, images, inputs, scheduler, step_name=""):
+        batches.append(len(images))
+        return real(self, images, inputs, scheduler, step_name)
+
+    monkeypatch.setattr(SegmentationRunner, "submit", counting_submit)
+    result = workflow_overhead.measure("plain", demo_model_dir, clip_frames[:2], passes=2, batch=3,
+                                       options={"mask_output": "rle"})
+    assert batches == [3]  # one run of three frames (the clip played again to fill it), computed once
+    assert result["frames"] == 3 and result["batch"] == 3 and result["options"] == {"mask_output": "rle"}
+    assert result["ms_per_batch_median"] == pytest.approx(3 * result["ms_per_frame_median"])
+    with pytest.raises(ValueError, match="batch must be at least 1"):
+        workflow_overhead.measure("plain", demo_model_dir, clip_frames[:2], batch=0)
+
+
+def test_workflow_overhead_names_bad_batch_sizes(capsys):
+    from inference_fastpath.examples.benchmarks.workflow_overhead import main
+
+    with pytest.raises(SystemExit):
+        main(["--batches", "1,x"])
+    assert "--batches must be a comma list of integers" in capsys.readouterr().err
+
+
 def test_a_live_stream_that_dropped_frames_only_while_warming_up_holds_the_rate_in_steady_state():
     from inference_fastpath.examples.benchmarks.many_sources import holds_rate
 

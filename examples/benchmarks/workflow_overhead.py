@@ -2,6 +2,7 @@
 
     python -m inference_fastpath.examples.benchmarks.workflow_overhead --workflow annotated --resolution 1920x1080
     python -m inference_fastpath.examples.benchmarks.workflow_overhead --workflow plain --profile
+    python -m inference_fastpath.examples.benchmarks.workflow_overhead --workflow plain --batches 1,8,16 --options mask_output=rle
 
 Runs the workflow through ``ExecutionEngine.run`` frame by frame on one thread. Each frame's detections
 are computed once first; in the timed passes our step hands those back at once, so what is timed is what
@@ -9,7 +10,8 @@ every frame costs besides the model: the engine's own scheduling of each step (a
 per wave of steps), input assembly, the visualizations and the output construction. With the Python
 threads of a running pipeline this time competes for the interpreter lock, so it bounds the frame rate
 of a workflow whatever the GPU does. Runs anywhere (CPU or GPU); ``--profile`` adds cProfile's top
-functions of the calling thread.
+functions of the calling thread. ``--batches`` runs the frames N at a time, as one pipeline over N
+sources does, and gives the engine's cost per batch and per frame.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from inference_fastpath.examples.benchmarks.benchmark import parse_config
 from inference_fastpath.workflows.running import configure_environment
 
 configure_environment()
@@ -32,16 +35,16 @@ PIPELINE_STEP_WORKERS = 4  # streamvision's InferencePipeline: execution_engine_
 
 
 @contextmanager
-def replayed_step_outputs() -> Iterator[Dict[int, List[Dict[str, Any]]]]:
-    """While active, a runner's ``submit`` computes each frame's outputs once (keyed by the frame's
-    pixel buffer) and afterwards returns copies of them at once."""
+def replayed_step_outputs() -> Iterator[Dict[Tuple[int, ...], List[Dict[str, Any]]]]:
+    """While active, a runner's ``submit`` computes each batch's outputs once (keyed by its frames'
+    pixel buffers) and afterwards returns copies of them at once."""
     from inference_fastpath.adapters.runner import SegmentationRunner
 
     real = SegmentationRunner.submit
-    computed: Dict[int, List[Dict[str, Any]]] = {}
+    computed: Dict[Tuple[int, ...], List[Dict[str, Any]]] = {}
 
     def submit(self, images, inputs, scheduler, step_name=""):
-        key = images[0].numpy_image.__array_interface__["data"][0]
+        key = tuple(image.numpy_image.__array_interface__["data"][0] for image in images)
         if key not in computed:
             computed[key] = real(self, images, inputs, scheduler, step_name)
         return [dict(outputs) for outputs in computed[key]]
@@ -54,19 +57,33 @@ def replayed_step_outputs() -> Iterator[Dict[int, List[Dict[str, Any]]]]:
 
 
 def measure(workflow_name: str, model: str, frames: Sequence[Any], passes: int = 3,
-            profile: bool = False) -> Dict[str, Any]:
-    """Median ms per frame of ``ExecutionEngine.run`` with our step's outputs replayed."""
+            profile: bool = False, batch: int = 1, options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Median ms per frame of ``ExecutionEngine.run`` with our step's outputs replayed; ``batch`` frames
+    go into each run (the clip is played again from its start to fill the last batch); ``options`` are
+    our step's options in the workflow.
+
+    Example:
+        >>> measure("plain", "path/to/package", frames, batch=16)["ms_per_batch_median"]  # doctest: +SKIP
+        4.1
+    """
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1, got {batch}")
+    if not frames:
+        raise ValueError("no frames to run")
     from inference_fastpath.workflows import FASTPATH, FASTPATH_ANNOTATED, load_workflow
     from inference_fastpath.workflows.running import execution_engine
 
     workflows = {"plain": FASTPATH, "annotated": FASTPATH_ANNOTATED}
     # a persistent pool, as InferencePipeline gives the engine (without one, each run starts its own threads)
     pool = ThreadPoolExecutor(max_workers=PIPELINE_STEP_WORKERS, thread_name_prefix="workflow-steps")
-    engine = execution_engine(load_workflow(workflows[workflow_name]), executor=pool)
+    engine = execution_engine(load_workflow(workflows[workflow_name], **(options or {})), executor=pool)
+    runs = -(-len(frames) // batch)
+    played = [frames[i % len(frames)] for i in range(runs * batch)]
+    batches = [played[i:i + batch] for i in range(0, len(played), batch)]
 
     def run_all() -> None:
-        for frame in frames:
-            engine.run(runtime_parameters={"image": [frame], "model_id": model})
+        for images in batches:
+            engine.run(runtime_parameters={"image": list(images), "model_id": model})
 
     with replayed_step_outputs():
         run_all()  # computes the detections
@@ -74,7 +91,7 @@ def measure(workflow_name: str, model: str, frames: Sequence[Any], passes: int =
         for _ in range(passes):
             started = time.perf_counter()
             run_all()
-            per_frame.append((time.perf_counter() - started) / len(frames) * 1e3)
+            per_frame.append((time.perf_counter() - started) / len(played) * 1e3)
         if profile:
             profiler = cProfile.Profile()
             profiler.enable()
@@ -82,8 +99,10 @@ def measure(workflow_name: str, model: str, frames: Sequence[Any], passes: int =
             profiler.disable()
             pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
     pool.shutdown(wait=True)
-    return {"workflow": workflow_name, "frames": len(frames), "passes": passes,
-            "ms_per_frame_median": statistics.median(per_frame), "ms_per_frame_min": min(per_frame)}
+    median = statistics.median(per_frame)
+    return {"workflow": workflow_name, "frames": len(played), "batch": batch, "options": dict(options or {}),
+            "passes": passes, "ms_per_frame_median": median, "ms_per_frame_min": min(per_frame),
+            "ms_per_batch_median": median * batch}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -95,8 +114,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--video", help="video file (default: the trained demo's shapes clip)")
     parser.add_argument("--model", help="package dir (default: the trained demo model)")
     parser.add_argument("--profile", action="store_true", help="print cProfile's top functions of the last pass")
+    parser.add_argument("--batches", default="1", help="comma list of frames per run, e.g. 1,8,16 (N sources)")
+    parser.add_argument("--options", default="", help="our step's options, e.g. mask_output=rle,precision=fp16")
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     args = parser.parse_args(argv)
+    try:
+        batches = [int(b) for b in args.batches.split(",") if b]
+    except ValueError:
+        parser.error(f"--batches must be a comma list of integers, got {args.batches!r}")
+    if not batches or min(batches) < 1:
+        parser.error(f"--batches must list sizes of at least 1, got {args.batches!r}")
+    options = parse_config(":" + args.options)[1]
 
     import cv2
 
@@ -110,11 +138,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.resolution:
         width, height = (int(v) for v in args.resolution.lower().split("x"))
         frames = [cv2.resize(frame, (width, height)) for frame in frames]
-    results = [measure(name, model, frames, args.passes, args.profile) for name in args.workflow.split(",") if name]
+    results = [measure(name, model, frames, args.passes, args.profile, batch, options)
+               for name in args.workflow.split(",") if name for batch in batches]
     for result in results:
-        print(f"{result['workflow']:>10}: ExecutionEngine.run {result['ms_per_frame_median']:.2f} ms/frame "
-              f"(min {result['ms_per_frame_min']:.2f}) with our step's outputs replayed, {result['frames']} frames "
-              f"of {frames[0].shape[1]}x{frames[0].shape[0]}", flush=True)
+        print(f"{result['workflow']:>10} batch {result['batch']:>3}: ExecutionEngine.run {result['ms_per_frame_median']:.2f} "
+              f"ms/frame (min {result['ms_per_frame_min']:.2f}), {result['ms_per_batch_median']:.2f} ms/batch, with our "
+              f"step's outputs replayed, {result['frames']} frames of {frames[0].shape[1]}x{frames[0].shape[0]}", flush=True)
     if args.out:
         with open(args.out, "w") as handle:
             json.dump({"resolution": f"{frames[0].shape[1]}x{frames[0].shape[0]}", "results": results}, handle, indent=1)
