@@ -359,54 +359,6 @@ def test_a_stalled_source_stalls_every_stream_unless_batches_time_out(demo_model
     assert abs(frozen["last_result_at"] - steady["last_result_at"]) < stall / 4  # it waited for the frozen one
 
 
-def test_workflow_overhead_times_the_engine_with_our_step_replayed(demo_model_dir, clip_frames, monkeypatch):
-    from inference_fastpath.adapters.runner import SegmentationRunner
-    from inference_fastpath.examples.benchmarks import workflow_overhead
-
-    real = SegmentationRunner.submit
-    calls = []
-
-    def counting_submit(self, images, inputs, scheduler, step_name=""):
-        calls.append(images[0].numpy_image.__array_interface__["data"][0])
-        return real(self, images, inputs, scheduler, step_name)
-
-    monkeypatch.setattr(SegmentationRunner, "submit", counting_submit)
-    frames = clip_frames[:2]
-    result = workflow_overhead.measure("annotated", demo_model_dir, frames, passes=2)
-    assert len(calls) == len(frames) == len(set(calls))  # the model ran once per frame, never in the timed passes
-    assert SegmentationRunner.submit is counting_submit  # the replay is undone on exit
-    assert result["frames"] == 2 and 0 < result["ms_per_frame_min"] <= result["ms_per_frame_median"]
-
-
-def test_workflow_overhead_runs_frames_as_batches_of_several_sources(demo_model_dir, clip_frames, monkeypatch):
-    from inference_fastpath.adapters.runner import SegmentationRunner
-    from inference_fastpath.examples.benchmarks import workflow_overhead
-
-    real = SegmentationRunner.submit
-    batches = []
-
-    def counting_submit(self, images, inputs, scheduler, step_name=""):
-        batches.append(len(images))
-        return real(self, images, inputs, scheduler, step_name)
-
-    monkeypatch.setattr(SegmentationRunner, "submit", counting_submit)
-    result = workflow_overhead.measure("plain", demo_model_dir, clip_frames[:2], passes=2, batch=3,
-                                       options={"mask_output": "rle"})
-    assert batches == [3]  # one run of three frames (the clip played again to fill it), computed once
-    assert result["frames"] == 3 and result["batch"] == 3 and result["options"] == {"mask_output": "rle"}
-    assert result["ms_per_batch_median"] == pytest.approx(3 * result["ms_per_frame_median"])
-    with pytest.raises(ValueError, match="batch must be at least 1"):
-        workflow_overhead.measure("plain", demo_model_dir, clip_frames[:2], batch=0)
-
-
-def test_workflow_overhead_names_bad_batch_sizes(capsys):
-    from inference_fastpath.examples.benchmarks.workflow_overhead import main
-
-    with pytest.raises(SystemExit):
-        main(["--batches", "1,x"])
-    assert "--batches must be a comma list of integers" in capsys.readouterr().err
-
-
 def test_a_live_stream_that_dropped_frames_only_while_warming_up_holds_the_rate_in_steady_state():
     from inference_fastpath.examples.benchmarks.many_sources import holds_rate
 

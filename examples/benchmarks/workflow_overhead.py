@@ -22,7 +22,7 @@ import json
 import pstats
 import statistics
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -32,6 +32,22 @@ from inference_fastpath.workflows.running import configure_environment
 configure_environment()
 
 PIPELINE_STEP_WORKERS = 4  # streamvision's InferencePipeline: execution_engine_thread_pool_workers
+
+
+class InlineExecutor(Executor):
+    """Runs each submitted step at once on the calling thread. Not something InferencePipeline offers: it
+    stands beside the pool to show what the engine's hand-over of every wave of steps to a pool thread costs."""
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as error:  # noqa: BLE001 - handed to the caller through the future, as a pool would
+            future.set_exception(error)
+        return future
+
+    def map(self, fn, *iterables, timeout=None, chunksize=1):
+        return [fn(*args) for args in zip(*iterables)]
 
 
 @contextmanager
@@ -57,10 +73,12 @@ def replayed_step_outputs() -> Iterator[Dict[Tuple[int, ...], List[Dict[str, Any
 
 
 def measure(workflow_name: str, model: str, frames: Sequence[Any], passes: int = 3,
-            profile: bool = False, batch: int = 1, options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+            profile: bool = False, batch: int = 1, options: Optional[Dict[str, Any]] = None,
+            steps: str = "pool") -> Dict[str, Any]:
     """Median ms per frame of ``ExecutionEngine.run`` with our step's outputs replayed; ``batch`` frames
     go into each run (the clip is played again from its start to fill the last batch); ``options`` are
-    our step's options in the workflow.
+    our step's options in the workflow; ``steps="inline"`` runs every step on the calling thread instead of
+    InferencePipeline's pool of four (the difference is the engine's hand-over cost).
 
     Example:
         >>> measure("plain", "path/to/package", frames, batch=16)["ms_per_batch_median"]  # doctest: +SKIP
@@ -70,12 +88,15 @@ def measure(workflow_name: str, model: str, frames: Sequence[Any], passes: int =
         raise ValueError(f"batch must be at least 1, got {batch}")
     if not frames:
         raise ValueError("no frames to run")
+    if steps not in ("pool", "inline"):
+        raise ValueError(f"steps must be 'pool' or 'inline', got {steps!r}")
     from inference_fastpath.workflows import FASTPATH, FASTPATH_ANNOTATED, load_workflow
     from inference_fastpath.workflows.running import execution_engine
 
     workflows = {"plain": FASTPATH, "annotated": FASTPATH_ANNOTATED}
     # a persistent pool, as InferencePipeline gives the engine (without one, each run starts its own threads)
-    pool = ThreadPoolExecutor(max_workers=PIPELINE_STEP_WORKERS, thread_name_prefix="workflow-steps")
+    pool = (ThreadPoolExecutor(max_workers=PIPELINE_STEP_WORKERS, thread_name_prefix="workflow-steps")
+            if steps == "pool" else InlineExecutor())
     engine = execution_engine(load_workflow(workflows[workflow_name], **(options or {})), executor=pool)
     runs = -(-len(frames) // batch)
     played = [frames[i % len(frames)] for i in range(runs * batch)]
@@ -101,6 +122,7 @@ def measure(workflow_name: str, model: str, frames: Sequence[Any], passes: int =
     pool.shutdown(wait=True)
     median = statistics.median(per_frame)
     return {"workflow": workflow_name, "frames": len(played), "batch": batch, "options": dict(options or {}),
+            "steps": steps,
             "passes": passes, "ms_per_frame_median": median, "ms_per_frame_min": min(per_frame),
             "ms_per_batch_median": median * batch}
 
@@ -115,6 +137,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--model", help="package dir (default: the trained demo model)")
     parser.add_argument("--profile", action="store_true", help="print cProfile's top functions of the last pass")
     parser.add_argument("--batches", default="1", help="comma list of frames per run, e.g. 1,8,16 (N sources)")
+    parser.add_argument("--steps", default="pool", help="comma list of pool (InferencePipeline's) and inline "
+                        "(every step on the calling thread: shows the hand-over's cost)")
     parser.add_argument("--options", default="", help="our step's options, e.g. mask_output=rle,precision=fp16")
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     args = parser.parse_args(argv)
@@ -125,6 +149,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not batches or min(batches) < 1:
         parser.error(f"--batches must list sizes of at least 1, got {args.batches!r}")
     options = parse_config(":" + args.options)[1]
+    step_modes = [mode for mode in args.steps.split(",") if mode]
+    if not step_modes or set(step_modes) - {"pool", "inline"}:
+        parser.error(f"--steps must be a comma list of pool and inline, got {args.steps!r}")
 
     import cv2
 
@@ -138,12 +165,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.resolution:
         width, height = (int(v) for v in args.resolution.lower().split("x"))
         frames = [cv2.resize(frame, (width, height)) for frame in frames]
-    results = [measure(name, model, frames, args.passes, args.profile, batch, options)
-               for name in args.workflow.split(",") if name for batch in batches]
+    results = [measure(name, model, frames, args.passes, args.profile, batch, options, mode)
+               for name in args.workflow.split(",") if name for batch in batches for mode in step_modes]
     for result in results:
-        print(f"{result['workflow']:>10} batch {result['batch']:>3}: ExecutionEngine.run {result['ms_per_frame_median']:.2f} "
-              f"ms/frame (min {result['ms_per_frame_min']:.2f}), {result['ms_per_batch_median']:.2f} ms/batch, with our "
-              f"step's outputs replayed, {result['frames']} frames of {frames[0].shape[1]}x{frames[0].shape[0]}", flush=True)
+        print(f"{result['workflow']:>10} batch {result['batch']:>3} steps {result['steps']:>6}: ExecutionEngine.run "
+              f"{result['ms_per_frame_median']:.2f} ms/frame (min {result['ms_per_frame_min']:.2f}), "
+              f"{result['ms_per_batch_median']:.2f} ms/batch, with our step's outputs replayed, {result['frames']} "
+              f"frames of {frames[0].shape[1]}x{frames[0].shape[0]}", flush=True)
     if args.out:
         with open(args.out, "w") as handle:
             json.dump({"resolution": f"{frames[0].shape[1]}x{frames[0].shape[0]}", "results": results}, handle, indent=1)
