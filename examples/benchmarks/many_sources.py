@@ -217,7 +217,8 @@ def run_sources(
                 worst_px = max(worst_px, verdict["own_distance_px"])
         span = rows[-1]["at"] - rows[min(warmup, len(rows) - 1)]["at"] if len(rows) > warmup + 1 else 0.0
         # the same count on the camera's clock (grab times of the first counted and the last delivered frame):
-        # a result held back at the end of the clip stretches `span` but says nothing of the rate while live
+        # one late result at either end stretches `span` without any frame lost; drops and late results
+        # are judged by the drop fraction and the p99 latency
         grabs = [sources[source_id].grabbed_at(rows[i]["frame_id"]) for i in (warmup, -1)] \
             if source_id in sources and len(rows) > warmup + 1 else [None, None]
         camera_span = grabs[1] - grabs[0] if None not in grabs else 0.0
@@ -277,7 +278,8 @@ def run_sources(
                                                               for s in streams)
         # the earlier rule, the rate on the results' clock, kept beside it to show what the end of a clip costs
         result["streams_holding_rate_results_clock"] = sum(
-            holds_rate({**s, "fps_camera_clock": None}, realtime_fps, s["dropped_after_warmup_fraction"]) for s in streams)
+            holds_rate({**s, "fps_camera_clock": None}, realtime_fps, s["dropped_after_warmup_fraction"])
+            for s in streams)
         tails = [s["last_result_latency_ms"] for s in streams if s.get("last_result_latency_ms") is not None]
         result["last_result_latency_ms_max"] = max(tails) if tails else None
         # a stream can miss the rate because its camera's own thread (decode) fell behind the schedule:
@@ -303,7 +305,8 @@ def run_sources(
               f"fraction after warm-up {result['dropped_after_warmup_fraction']}, streams holding the rate "
               f"{result['streams_holding_rate']} of {len(streams)} after warm-up "
               f"({result['streams_holding_rate_including_warmup']} counting the warm-up's drops); cameras behind "
-              f"their schedule {result['cameras_behind_schedule']} (latest grab {result['camera_late_ms_max']} ms late); "
+              f"their schedule {result['cameras_behind_schedule']} "
+              f"(latest grab {result['camera_late_ms_max']} ms late); "
               f"on the results' clock {result['streams_holding_rate_results_clock']} hold, the last results up to "
               f"{result['last_result_latency_ms_max']} ms late",
               flush=True)
