@@ -393,38 +393,6 @@ def test_a_warm_pass_runs_before_the_live_run_and_stays_out_of_its_figures(demo_
         assert 1 <= stream["delivered"] <= 3 and stream["in_order"]  # the live run's frames only
 
 
-def test_a_live_warm_pass_plays_its_sources_as_cameras(demo_model_dir, tiny_clip, tmp_path, monkeypatch):
-    from inference_fastpath.examples.benchmarks import many_sources
-    from inference_fastpath.workflows import running
-
-    real = running.run_pipeline
-    seen = []
-
-    def recording_run_pipeline(sources, *args, **kwargs):
-        seen.append(([source.fps for source in sources], kwargs.get("buffering", "wait"), kwargs.get("stop_after")))
-        return real(sources, *args, **kwargs)
-
-    monkeypatch.setattr(running, "run_pipeline", recording_run_pipeline)
-    options, workflow = _reference_workflow()
-    variants = many_sources.source_variants(tiny_clip, tmp_path)
-    for warm_live in (False, True):
-        seen.clear()
-        result = many_sources.run_sources("live", workflow, variants, demo_model_dir, 0, 3, options,
-                                          realtime_fps=10, warm_results=1, warm_live=warm_live)
-        (warm_fps, warm_buffering, stop_after), (live_fps, live_buffering, _) = seen
-        assert live_fps == [10, 10] and live_buffering == "live" and stop_after == len(variants)
-        assert (warm_fps, warm_buffering) == (([10, 10], "live") if warm_live else ([None, None], "wait"))
-        assert result["warm_pass_live"] is warm_live
-
-
-def test_warm_live_needs_a_warm_pass(capsys):
-    from inference_fastpath.examples.benchmarks.many_processes import main
-
-    with pytest.raises(SystemExit):
-        main(["--processes", "1", "--realtime", "30", "--warm-live"])
-    assert "--warm-live goes with --warm-before-live" in capsys.readouterr().err
-
-
 def test_warm_before_live_needs_the_live_mode(capsys):
     from inference_fastpath.examples.benchmarks.many_sources import main
 

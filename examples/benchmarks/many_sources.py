@@ -137,7 +137,6 @@ def run_sources(
     warm_results: int = 0,
     before_run: Optional[Callable[[], None]] = None,
     pinned_decode: bool = False,
-    warm_live: bool = False,
 ) -> Dict[str, Any]:
     """One pipeline over ``videos``; ``expected[video][frame_id]`` are the one-source detections
     each result must equal; ``keep`` collects a one-source run's detections by frame id.
@@ -151,9 +150,7 @@ def run_sources(
     cameras; the live run's figures then describe the warm service. ``before_run`` is called just
     before the measured run (after that pass), e.g. a start barrier shared by several processes.
     ``pinned_decode``: every source decodes into pinned frames (``camera_sources.py``), so our preprocess
-    sends them without its staging fill. ``warm_live``: the warm pass plays the sources as cameras too, so it
-    meets the partial batches a live run brings (each batch size captures its own graphs on first sight),
-    not only full ones."""
+    sends them without its staging fill."""
     from inference_fastpath.adapters.options import FastpathOptions
     from inference_fastpath.adapters.runner import RUNNERS
     from inference_fastpath.adapters.timeline import Timeline
@@ -185,12 +182,9 @@ def run_sources(
         raise ValueError(f"no source of {list(videos)} can be played: {list(reasons.values())}")
     warmed = 0
     if warm_results > 0:
-        live_warm = bool(warm_live and realtime_fps)
-        warm_sources = [TimedSource(videos[i], realtime_fps if live_warm else None, pinned=pinned_decode)
-                        for i in playing]
+        warm_sources = [TimedSource(videos[i], pinned=pinned_decode) for i in playing]
         warm_run = run_pipeline(warm_sources, workflow, {"model_id": model}, warmup_frames=0, keep_results=False,
-                                stop_after=warm_results * len(playing), batch_collection_timeout=batch_timeout,
-                                buffering="live" if live_warm else "wait")
+                                stop_after=warm_results * len(playing), batch_collection_timeout=batch_timeout)
         warmed = len(warm_run.results)
     if before_run is not None:
         before_run()
@@ -263,7 +257,6 @@ def run_sources(
         "errors": run.errors,
         "wall_s": round(run.finished_at - run.started_at, 3),
         "warm_pass_results": warmed,
-        "warm_pass_live": bool(warm_results > 0 and warm_live and realtime_fps),
     }
     if realtime_fps:
         steady = [s for s in streams if s["dropped_after_warmup"] is not None]
@@ -324,16 +317,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--warm-before-live", type=int, default=0, metavar="R",
                         help="with --realtime: first run the same sources at full speed for R results each, so "
                              "the cameras meet a warm service (default 0: they start with it)")
-    parser.add_argument("--warm-live", action="store_true",
-                        help="with --warm-before-live: the warm pass plays the cameras live too, so it meets the "
-                             "partial batches of a live run")
     parser.add_argument("--pinned-decode", action="store_true",
                         help="our runs decode every source into pinned frames: no staging fill in our preprocess")
     args, counts, name, options = parse_scaling_args(parser, argv, "--sources")
     if args.warm_before_live < 0 or (args.warm_before_live and not args.realtime):
         parser.error("--warm-before-live takes a count >= 0 and goes with --realtime")
-    if args.warm_live and not args.warm_before_live:
-        parser.error("--warm-live goes with --warm-before-live R")
 
     from inference_fastpath.examples.demo_model import build_demo_model, default_clip_path
     from inference_fastpath.workflows import FASTPATH, STOCK_V3, load_workflow
@@ -358,8 +346,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             videos = [variants[i % 2] for i in range(count)]
             results.append(run_sources(name, workflow, videos, model, args.warmup, args.frames, options, expected,
                                        realtime_fps=args.realtime, batch_timeout=args.batch_timeout,
-                                       warm_results=args.warm_before_live, pinned_decode=args.pinned_decode,
-                                       warm_live=args.warm_live))
+                                       warm_results=args.warm_before_live, pinned_decode=args.pinned_decode))
     largest = max((r for r in results if "timeline" in r), key=lambda r: r["sources"], default=None)
     report = {
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
