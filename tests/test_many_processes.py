@@ -92,6 +92,30 @@ def test_two_processes_deliver_every_frame_in_order_and_write_json_and_plot(demo
     assert out.with_suffix(".png").is_file()
 
 
+def test_a_worker_hands_the_batch_timeout_to_its_pipeline(monkeypatch):
+    import threading
+
+    from inference_fastpath.examples.benchmarks import many_sources
+
+    seen = {}
+
+    def fake_run_sources(name, workflow, videos, model, warmup, frames, options, expected, **kwargs):
+        seen.update(kwargs)
+        return {"times": {"at": [[1.0, 2.0]], "latency_ms": [5.0]}, "unusable_sources": [],
+                "peak_gpu_memory_mib": None}
+
+    monkeypatch.setattr(many_sources, "run_sources", fake_run_sources)
+    spec = mp.WorkerSpec("stock", ("a.mp4",), (), "model", 0, 2, None, realtime_fps=30.0, batch_timeout=0.02)
+    report = mp.measure(spec, threading.Barrier(1))
+    assert seen["batch_timeout"] == 0.02 and seen["realtime_fps"] == 30.0 and report["last_result_at"] == 2.0
+
+
+def test_a_negative_batch_timeout_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        mp.main(["--processes", "1", "--batch-timeout", "-1"])
+    assert "--batch-timeout takes seconds >= 0" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_live_processes_warm_up_before_the_start_barrier(demo_model_dir, tiny_clip, tmp_path):
     out = tmp_path / "live.json"

@@ -61,6 +61,7 @@ class WorkerSpec:
     barrier_timeout_s: float = 900.0
     warm_results: int = 0  # live runs: results per source of a full-speed pass first (many_sources.run_sources)
     pinned_decode: bool = False  # sources decode into pinned frames (many_sources.run_sources)
+    batch_timeout: Optional[float] = None  # how long a batch waits for each source (None: for all of them)
 
 
 def warm_bounds(stream_times: Sequence[Sequence[float]],
@@ -157,6 +158,7 @@ def measure(spec: WorkerSpec, barrier: Any) -> Dict[str, Any]:
             expected[video] = {}
             run_sources(f"{spec.name}-reference", workflow, [video], spec.model, spec.warmup, spec.frames, spec.options,
                         keep=expected[video])
+
     def start_together() -> None:
         try:
             barrier.wait(spec.barrier_timeout_s)
@@ -168,7 +170,8 @@ def measure(spec: WorkerSpec, barrier: Any) -> Dict[str, Any]:
         start_together()
     result = run_sources(spec.name, workflow, list(spec.videos), spec.model, spec.warmup, spec.frames, spec.options,
                          expected, realtime_fps=spec.realtime_fps, with_times=True, warm_results=spec.warm_results,
-                         before_run=start_together if spec.warm_results else None, pinned_decode=spec.pinned_decode)
+                         before_run=start_together if spec.warm_results else None, pinned_decode=spec.pinned_decode,
+                         batch_timeout=spec.batch_timeout)
     times = result.pop("times")
     result.pop("timeline", None)  # large, and per process: not sent
     playing = len(spec.videos) - len(result["unusable_sources"])
@@ -316,6 +319,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--warm-before-live", type=int, default=0, metavar="R",
                         help="with --realtime: each process first runs its sources at full speed for R results "
                              "each, so the cameras meet a warm service (default 0: they start with it)")
+    parser.add_argument("--batch-timeout", type=float, default=None, metavar="S",
+                        help="how long a batch waits for each source's frame (default: wait for every source); "
+                             "with --realtime, batches then come partial, as live deployments set them")
     parser.add_argument("--pinned-decode", action="store_true",
                         help="our runs decode every source into pinned frames: no staging fill in our preprocess")
     parser.add_argument("--timeout", type=float, default=900.0, metavar="S",
@@ -325,6 +331,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--sources-per-process must be >= 1, got {args.sources_per_process}")
     if args.warm_before_live < 0 or (args.warm_before_live and not args.realtime):
         parser.error("--warm-before-live takes a count >= 0 and goes with --realtime")
+    if args.batch_timeout is not None and args.batch_timeout < 0:
+        parser.error(f"--batch-timeout takes seconds >= 0, got {args.batch_timeout}")
 
     from inference_fastpath.examples.benchmarks.benchmark import truncated_clip
     from inference_fastpath.examples.benchmarks.many_sources import source_variants
@@ -344,7 +352,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             specs = [WorkerSpec(run_name, tuple(variants[(k * sources + i) % 2] for i in range(sources)),
                                 variants, model, args.warmup, args.frames, run_options, args.realtime, args.timeout,
                                 warm_results=args.warm_before_live if run_options is not None else 0,
-                                pinned_decode=args.pinned_decode and run_options is not None)
+                                pinned_decode=args.pinned_decode and run_options is not None,
+                                batch_timeout=args.batch_timeout)
                      for k in range(count)]
             reports = run_processes(specs, args.timeout)
             reports_seen += [r for r in reports if "error" not in r]
@@ -353,7 +362,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     first = reports_seen[0] if reports_seen else {}  # the parent stays off the GPU: the workers name it
     report = dict(created=datetime.datetime.now().isoformat(timespec="seconds"), device=first.get("device"),
                   torch=first.get("torch"), frames_per_source=args.frames, resolution=args.resolution or "native",
-                  realtime_fps=args.realtime, pinned_decode=args.pinned_decode, options=options, results=records)
+                  realtime_fps=args.realtime, pinned_decode=args.pinned_decode,
+                  batch_timeout_s=args.batch_timeout, options=options, results=records)
     Path(args.out).write_text(json.dumps(report, indent=1, default=str))
     print(f"results: {args.out}")
     plot_scaling(records, "processes", f"processes, each one InferencePipeline over {per} sources",
