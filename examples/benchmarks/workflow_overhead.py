@@ -46,9 +46,6 @@ class InlineExecutor(Executor):
             future.set_exception(error)
         return future
 
-    def map(self, fn, *iterables, timeout=None, chunksize=1):
-        return [fn(*args) for args in zip(*iterables)]
-
 
 @contextmanager
 def replayed_step_outputs() -> Iterator[Dict[Tuple[int, ...], List[Dict[str, Any]]]]:
