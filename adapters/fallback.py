@@ -9,7 +9,7 @@ same arguments, so :class:`FallbackStage` is a drop-in for either.
 from __future__ import annotations
 
 import logging
-from typing import Any, Set
+from typing import Any, Dict, Optional, Set
 
 LOGGER = logging.getLogger("inference_fastpath")
 
@@ -39,3 +39,8 @@ class FallbackStage:
                                self.stage, self.fast.name, verdict.reason)
             return self.reference(*args, **kwargs)
         return self.fast.run_checked(verdict, *args, **kwargs)
+
+    def graph_summary(self) -> Optional[Dict[str, Any]]:
+        """The fast twin's CUDA-graph summary (None when it keeps no graphs)."""
+        summary = getattr(self.fast, "graph_summary", None)
+        return summary() if summary is not None else None

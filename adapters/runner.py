@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 
@@ -71,6 +71,7 @@ class SegmentationRunner:
         self.timings: Deque[StageTimings] = deque(maxlen=10_000)
         self.timeline: Optional[Timeline] = None  # benchmarks switch it on (adapters/timeline.py)
         self._last_submit_finished: Optional[float] = None
+        self.batch_sizes: Counter = Counter()  # launches per batch size, for graph_report()
 
     @property
     def class_names(self) -> Tuple[str, ...]:
@@ -140,6 +141,23 @@ class SegmentationRunner:
                 self.timeline.mark(launched.trace, "result_ready")
         self._last_submit_finished = finished
 
+    def graph_report(self) -> Dict[str, Any]:
+        """Launches per batch size and each stage's CUDA-graph summary (None for a stage without graphs).
+
+        A live pipeline with a batch collection timeout hands over partial batches; this shows how
+        many sizes came and what they cost each stage in captures.
+
+        Example:
+            >>> runner.graph_report()  # doctest: +SKIP
+            {'batch_sizes': {16: 120}, 'preprocess': {...}, 'engine': {'captures': 2, ...}, 'postprocess': {...}}
+        """
+        report: Dict[str, Any] = {"batch_sizes": dict(sorted(self.batch_sizes.items()))}
+        for stage_name, stage in (("preprocess", self.preprocess), ("engine", self.engine),
+                                  ("postprocess", self.postprocess)):
+            summary = getattr(stage, "graph_summary", None)
+            report[stage_name] = summary() if summary is not None else None
+        return report
+
     # ------------------------------------------------------------------ the stages
 
     def launch(self, frames: Sequence[Frame]) -> Launched:
@@ -148,6 +166,7 @@ class SegmentationRunner:
         timeline = self.timeline
         trace = timeline.start() if timeline is not None else None
         with self._launch_lock, on_device(self.device):
+            self.batch_sizes[len(frames)] += 1
             started = time.perf_counter()
             batch = self.preprocess(frames, input_buffer=self.engine.input_buffer)
             after_preprocess = time.perf_counter()

@@ -365,3 +365,46 @@ def test_engine_flow_eager_parks_released_outputs(fake_cuda):
     assert len(engine._parked) == 1
     engine(PreprocessedBatch(tensor=x, metadata=[]))  # the completed event lets them go
     assert len(engine._parked) == 0
+
+
+class BucketingToyEngine(ToyEngine):
+    """The toy network with EngineBase's own batch policy (no profile minimum)."""
+
+    _physical_batch = base.EngineBase._physical_batch
+    _batch_chunks = base.EngineBase._batch_chunks
+
+
+@pytest.mark.parametrize("largest", [1, 2, 5, 8, 12, 16, 33])
+def test_graph_batch_size_grid(largest):
+    for n in range(1, 40):
+        phys = base.graph_batch_size(n, largest)
+        if n >= largest:
+            assert phys == n
+        else:
+            assert n <= phys <= largest and (phys == largest or phys & (phys - 1) == 0), (n, largest, phys)
+            assert phys < 2 * n  # never more than double the rows
+    sizes = {base.graph_batch_size(n, largest) for n in range(1, largest + 1)}
+    assert len(sizes) <= (largest - 1).bit_length() + 1  # powers of two below largest, and largest
+    with pytest.raises(ValueError, match="batch size must be >= 1"):
+        base.graph_batch_size(0, largest)
+
+
+def test_engine_flow_partial_batches_replay_a_few_bucketed_graphs(fake_cuda):
+    engine = _as_cuda_engine(BucketingToyEngine(cuda_graphs=False))
+    full = torch.randn(8, 3, 4, 4)
+    engine(PreprocessedBatch(tensor=full, metadata=[])).release(None)
+    for n in (5, 3, 8, 6, 1, 2, 7, 4, 3, 5):
+        x = torch.randn(n, 3, 4, 4)
+        buffer = engine.input_buffer(n)
+        assert buffer.shape[0] == n  # the producer writes n rows of the bucket's buffer
+        buffer.copy_(x)
+        raw = engine(PreprocessedBatch(tensor=buffer, metadata=[]))
+        assert raw.boxes.shape[0] == n and torch.equal(raw.boxes[:, 0, 0], _expected(x)[0]), n
+        raw.release(None)
+    assert sorted(k[0] for k in engine.cached_graph_keys()) == [1, 2, 4, 8]
+    assert sorted(b for b, _, _ in engine._input_buffers) == [1, 2, 4, 8]
+    assert engine.graph_summary() == {"captures": 4, "evictions": 0, "live_keys": 4, "off_reason": None}
+    assert engine.stats.input_copies == 1 and engine.stats.eager_runs == 0  # only `full` came from elsewhere
+    # a batch above the largest becomes the new largest and runs unpadded
+    raw = engine(PreprocessedBatch(tensor=torch.randn(11, 3, 4, 4), metadata=[]))
+    assert raw.boxes.shape[0] == 11 and engine.cached_graph_keys()[-1][0] == 11

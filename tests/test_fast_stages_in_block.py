@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from inference_fastpath.workflows.comparison import compare_detections
 from inference_fastpath.workflows.running import execution_engine
@@ -20,8 +21,6 @@ def test_triton_preprocess_and_fused_postprocess_match_the_reference(
     from inference_fastpath.adapters.runner import RUNNERS
 
     if os.environ.get("TRITON_INTERPRET") != "1":
-        import torch
-
         if not torch.cuda.is_available():
             pytest.skip("needs CUDA or TRITON_INTERPRET=1 (set by .ci/run)")
     frame = clip_frames[0]
@@ -36,6 +35,16 @@ def test_triton_preprocess_and_fused_postprocess_match_the_reference(
     assert [c.selected for c in fast_runner.choices if c.stage != "engine"] == ["triton", "fused"]
     assert [c.fallback_reason for c in fast_runner.choices if c.stage != "engine"] == [None, None]
     assert fast_runner.postprocess.fast.accumulation().exact  # no near-exact note either
+    report = fast_runner.graph_report()  # what the many-camera benchmarks print after a run
+    assert set(report["batch_sizes"]) == {1}  # one frame a run (the runner is shared by both mask outputs)
+    assert set(report) == {"batch_sizes", "preprocess", "engine", "postprocess"}
+    for stage in ("preprocess", "engine", "postprocess"):
+        summary = report[stage]
+        assert summary is not None and summary["evictions"] == 0, (stage, summary)
+        if not torch.cuda.is_available():
+            assert summary["captures"] == 0 and summary["live_keys"] == 0, (stage, summary)
+    if not torch.cuda.is_available():  # the engine was asked for graphs and says why it has none
+        assert "CUDA" in report["engine"]["off_reason"]
     if mask_output == "rle":
         assert list(fast.data["rle_mask"]) == list(reference.data["rle_mask"])
         assert len(fast) == len(reference) > 0

@@ -44,6 +44,7 @@ import torch
 from inference_fastpath.adapters.cuda.streams import stream_made_current
 from inference_fastpath.adapters.engine.graphs import (
     CapturedGraph,
+    GraphCaptureStats,
     GraphKey,
     GraphCache,
     capture_cuda_graph,
@@ -94,6 +95,25 @@ def plan_batch_chunks(
             run = min_batch
         chunks.append((start, stop, run))
     return chunks
+
+
+def graph_batch_size(batch_size: int, largest: int) -> int:
+    """Rows a graph replay runs for ``batch_size`` frames when ``largest`` is the biggest batch seen.
+
+    Batches of the largest size (or larger, which become the new largest) run as they are; smaller,
+    partial ones, as a batch collection timeout hands over, run in the graph of the next power of
+    two, never above the largest. A pipeline of N sources then keeps at most log2(N) + 2 graphs,
+    whatever sizes its partial batches take, instead of one capture per size.
+
+    Example:
+        >>> [graph_batch_size(n, 12) for n in (1, 3, 5, 8, 9, 12, 13)]
+        [1, 4, 8, 8, 12, 12, 13]
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    if batch_size >= largest:
+        return batch_size
+    return min(1 << (batch_size - 1).bit_length(), largest)
 
 
 def order_output_names(names: Sequence[str]) -> Tuple[str, str, str]:
@@ -152,7 +172,7 @@ def materialize_outputs(raw: RawOutputs) -> OutputTriple:
     return result
 
 
-class EngineBase(abc.ABC):
+class EngineBase(GraphCaptureStats, abc.ABC):
     """Shared machinery of every engine; subclasses implement :meth:`_forward` (and graph hooks)."""
 
     name: str = "engine"
@@ -165,7 +185,7 @@ class EngineBase(abc.ABC):
         input_hw: Tuple[int, int],
         input_dtype: torch.dtype = torch.float32,
         cuda_graphs: bool = False,
-        graph_cache_size: int = 4,
+        graph_cache_size: int = 8,
         max_inflight: int = 2,
         warmup_iters: int = 2,
         output_mode: str = "borrow",
@@ -191,6 +211,7 @@ class EngineBase(abc.ABC):
         self._parked: Deque[Tuple[Any, Tuple[torch.Tensor, ...]]] = deque()
         self._parked_lock = threading.Lock()  # consumers release without waiting for a running call
         self._warmup_iters = max(1, int(warmup_iters))
+        self._largest_batch = 0  # the biggest batch seen, which partial batches are bucketed under
         self.cuda_graphs_requested = bool(cuda_graphs)
         self.cuda_graphs_unavailable_reason: Optional[str] = None
         self._graphs: Optional[GraphCache] = None
@@ -222,8 +243,18 @@ class EngineBase(abc.ABC):
         return None
 
     def _physical_batch(self, batch_size: int) -> int:
-        """Rows the model actually runs for a batch (TensorRT pads to its profile minimum)."""
-        return batch_size
+        """Rows the model actually runs for a batch; called with the lock held.
+
+        With graphs on, partial batches are padded to a few sizes (:func:`graph_batch_size`), so
+        changing sizes replay a handful of graphs instead of capturing one per size. The padded
+        rows hold whatever the static buffer held; each image is computed on its own in the network,
+        and only the first ``batch_size`` rows of the outputs are handed on. (TensorRT pads to its
+        profile instead.)
+        """
+        if not self.cuda_graphs_active:
+            return batch_size
+        self._largest_batch = max(self._largest_batch, batch_size)
+        return graph_batch_size(batch_size, self._largest_batch)
 
     def _cuda_graphs_unavailable(self) -> Optional[str]:
         if not self.supports_cuda_graphs:

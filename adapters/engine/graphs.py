@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -387,3 +387,16 @@ class GraphCaptureStats:
     def captures(self) -> int:
         """Graphs captured so far."""
         return self._graphs.captures if self._graphs is not None else 0
+
+    def graph_summary(self) -> Dict[str, Any]:
+        """Captures, evictions and live keys so far, and why graphs are off (None: on or never asked).
+
+        Benchmarks report it after a run: captures that keep growing mean keys that keep changing.
+
+        Example:
+            >>> stage.graph_summary()  # doctest: +SKIP
+            {'captures': 2, 'evictions': 0, 'live_keys': 2, 'off_reason': None}
+        """
+        graphs = self._graphs
+        return {"captures": self.captures, "evictions": 0 if graphs is None else graphs.evictions,
+                "live_keys": 0 if graphs is None else len(graphs), "off_reason": self.graph_fallback_reason}

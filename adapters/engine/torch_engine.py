@@ -243,7 +243,7 @@ class TorchEngine(EngineBase):
         cuda_graphs: bool = True,
         device: Optional[torch.device] = None,
         input_hw: Optional[Tuple[int, int]] = None,
-        graph_cache_size: int = 4,
+        graph_cache_size: int = 8,
         max_inflight: int = 2,
         warmup_iters: int = 2,
         output_mode: str = "borrow",

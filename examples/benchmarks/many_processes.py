@@ -38,7 +38,7 @@ from inference_fastpath.workflows.running import configure_environment
 
 configure_environment()
 
-from inference_fastpath.examples.benchmarks.many_sources import percentile  # noqa: E402
+from inference_fastpath.examples.benchmarks.many_sources import graph_line, percentile  # noqa: E402
 from inference_fastpath.examples.benchmarks.scaling import parse_scaling_args, plot_scaling, scaling_parser  # noqa: E402
 
 EXIT_GRACE_S = 5.0  # a process that has exited may still have its report in the pipe
@@ -305,6 +305,9 @@ def describe(record: Dict[str, Any]) -> str:
                  f"cameras behind their schedule {record.get('cameras_behind_schedule')}; on the results' clock "
                  f"{record.get('streams_holding_rate_results_clock')} hold, the last results up to "
                  f"{shown(record.get('last_result_latency_ms_max'))} ms late")
+    graphs = [result.get("graphs") for result in record["per_process"]]
+    if any(graphs):
+        line += "; per process: " + " | ".join(graph_line(g) for g in graphs if g)
     return line
 
 

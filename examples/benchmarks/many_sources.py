@@ -96,6 +96,18 @@ def dropped_after_warmup(delivered_ids: Sequence[int], grabbed: int, warmup: int
     return max(0, expected - (len(delivered_ids) - warmup))
 
 
+def graph_line(report: Dict[str, Any]) -> str:
+    """One line of a runner's graph report: the measured run's batch sizes, each stage's captures."""
+    sizes = report.get("batch_sizes_measured_run", report["batch_sizes"])
+    stages = []
+    for stage in ("preprocess", "engine", "postprocess"):
+        summary = report.get(stage)
+        if summary is not None:
+            off = f", off: {summary['off_reason']}" if summary["off_reason"] else ""
+            stages.append(f"{stage} {summary['captures']} captures/{summary['evictions']} evictions{off}")
+    return f"batch sizes {sizes}; " + "; ".join(stages)
+
+
 def holds_rate(stream: Dict[str, Any], realtime_fps: float, dropped_fraction: Optional[float],
                camera_clock: bool = True) -> bool:
     """Whether a live stream held ``realtime_fps``: under 1% of its frames dropped (``dropped_fraction``),
@@ -190,6 +202,7 @@ def run_sources(
         warmed = len(warm_run.results)
     if before_run is not None:
         before_run()
+    warm_batches = dict(runner.batch_sizes) if runner is not None else {}
     run = run_pipeline([sources[i] for i in playing], workflow, {"model_id": model},
                        warmup_frames=warmup * len(playing), on_result=on_result, keep_results=False,
                        buffering="live" if realtime_fps else "wait", batch_collection_timeout=batch_timeout)
@@ -285,8 +298,16 @@ def run_sources(
     if with_times:
         result["times"] = {"at": [[r["at"] for r in by_source.get(i, [])] for i in range(len(videos))],
                            "latency_ms": latencies}
-    if runner is not None and runner.timeline is not None:
-        result["timeline"] = runner.timeline.resolve()
+    if runner is not None:
+        # batch sizes of the measured run, and each stage's graph captures over the whole process: with a
+        # batch collection timeout, partial batches of changing sizes show up here as captures
+        report = runner.graph_report()
+        report["batch_sizes_measured_run"] = {size: count - warm_batches.get(size, 0)
+                                              for size, count in report["batch_sizes"].items()
+                                              if count > warm_batches.get(size, 0)}
+        result["graphs"] = report
+        if runner.timeline is not None:
+            result["timeline"] = runner.timeline.resolve()
     shown = f"{fps:.1f}" if fps else "n/a"
     p50, p99 = result["latency_ms_p50"], result["latency_ms_p99"]
     print(f"{name:>14} N={len(videos):<3} {shown:>8} fps aggregate, {result['frames']} results, "
@@ -294,6 +315,8 @@ def run_sources(
           f"mispaired {result['results_mispaired']}, equal to one-source {result['results_equal_to_one_source']} "
           f"(largest distance {result['largest_distance_to_own_one_source_px']} px), all delivered in order {result['all_frames_delivered_in_order']}",
           flush=True)
+    if "graphs" in result:
+        print(f"{'':>14} {graph_line(result['graphs'])}", flush=True)
     if realtime_fps:
         print(f"{'':>14} live at {realtime_fps} FPS: {sum(st['dropped'] for st in streams)} frames dropped in all, "
               f"fraction after warm-up {result['dropped_after_warmup_fraction']}, streams holding the rate "

@@ -232,6 +232,20 @@ def test_capture_cache_eviction_bounds_graphs_and_memory(model, eager):
     assert engine.cached_graph_keys() == []
 
 
+def test_partial_batches_replay_bucketed_graphs(model, eager):
+    # a batch collection timeout hands over partial batches of changing sizes: they replay the graphs
+    # of a few padded sizes, and the padding never leaks into the real rows
+    engine = TorchEngine(model, cuda_graphs=True)
+    _run(engine, _input(16, seed=60))
+    for n in (13, 9, 5, 3, 16, 11, 6, 2, 1, 7):
+        x = _input(n, seed=70 + n)
+        _assert_same(_run(engine, x), _run(eager, x), atol=1e-4, what=f"batch {n}")
+    assert sorted(k[0] for k in engine.cached_graph_keys()) == [1, 2, 4, 8, 16]
+    summary = engine.graph_summary()
+    assert summary["captures"] == 5 and summary["evictions"] == 0, summary
+    assert engine.stats.eager_runs == 0, engine.describe()
+
+
 # ----------------------------------------------------------------------------- concurrency
 
 
