@@ -377,16 +377,16 @@ class BucketingToyEngine(ToyEngine):
 @pytest.mark.parametrize("largest", [1, 2, 5, 8, 12, 16, 33])
 def test_graph_batch_size_grid(largest):
     for n in range(1, 40):
-        phys = base.graph_batch_size(n, largest)
+        phys = cuda_graphs.graph_batch_size(n, largest)
         if n >= largest:
             assert phys == n
         else:
             assert n <= phys <= largest and (phys == largest or phys & (phys - 1) == 0), (n, largest, phys)
             assert phys < 2 * n  # never more than double the rows
-    sizes = {base.graph_batch_size(n, largest) for n in range(1, largest + 1)}
+    sizes = {cuda_graphs.graph_batch_size(n, largest) for n in range(1, largest + 1)}
     assert len(sizes) <= (largest - 1).bit_length() + 1  # powers of two below largest, and largest
     with pytest.raises(ValueError, match="batch size must be >= 1"):
-        base.graph_batch_size(0, largest)
+        cuda_graphs.graph_batch_size(0, largest)
 
 
 def test_engine_flow_partial_batches_replay_a_few_bucketed_graphs(fake_cuda):

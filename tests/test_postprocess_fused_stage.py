@@ -260,3 +260,20 @@ def test_dense_masks_held_by_the_caller_are_never_reused(stage):
     del first, later
     stage(_device(synthetic_outputs(n_confident=4, seed=45)), meta, request)
     assert stage._mask_pool.allocations == allocations
+
+
+@pytest.mark.parametrize("fmt", ["compact", "dense", "rle"])
+def test_partial_batches_run_in_padded_programs(fmt):
+    """Batches of changing sizes (a batch collection timeout) run in programs of a few padded sizes;
+    the padding frames select nothing and every real frame still equals the reference."""
+    stage = FusedPostprocess(NUM_CLASSES, None, DEVICE, cuda_graphs=CUDA, pad_partial_batches=True)
+    shapes = [(72, 96), (64, 48), (48, 64), (96, 72), (60, 80)]
+    request = PostprocessRequest(0.5, None, fmt)
+    for seed, batch in enumerate((4, 3, 1, 2, 4, 3)):
+        raw = _device(synthetic_outputs(batch=batch, n_confident=3, seed=60 + seed))
+        meta = [make_metadata(shapes[(seed + b) % len(shapes)]) for b in range(batch)]
+        ours = _assert_equal(stage, raw, meta, request)
+        assert len(ours) == batch
+    assert sorted({spec.batch for spec in stage._programs.keys()}) == [1, 2, 4]  # 3 ran padded to 4
+    padded = stage._programs.peek(stage._last_spec)  # the last call: 3 frames in a program of 4
+    assert (padded.rows, padded.spec.batch) == (3, 4)

@@ -48,6 +48,7 @@ from inference_fastpath.adapters.engine.graphs import (
     GraphKey,
     GraphCache,
     capture_cuda_graph,
+    graph_batch_size,
     make_graph_key,
 )
 from inference_fastpath.adapters.contracts import PreprocessedBatch, RawOutputs
@@ -95,25 +96,6 @@ def plan_batch_chunks(
             run = min_batch
         chunks.append((start, stop, run))
     return chunks
-
-
-def graph_batch_size(batch_size: int, largest: int) -> int:
-    """Rows a graph replay runs for ``batch_size`` frames when ``largest`` is the biggest batch seen.
-
-    Batches of the largest size (or larger, which become the new largest) run as they are; smaller,
-    partial ones, as a batch collection timeout hands over, run in the graph of the next power of
-    two, never above the largest. A pipeline of N sources then keeps at most log2(N) + 2 graphs,
-    whatever sizes its partial batches take, instead of one capture per size.
-
-    Example:
-        >>> [graph_batch_size(n, 12) for n in (1, 3, 5, 8, 9, 12, 13)]
-        [1, 4, 8, 8, 12, 12, 13]
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
-    if batch_size >= largest:
-        return batch_size
-    return min(1 << (batch_size - 1).bit_length(), largest)
 
 
 def order_output_names(names: Sequence[str]) -> Tuple[str, str, str]:

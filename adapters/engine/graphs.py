@@ -43,6 +43,25 @@ def make_graph_key(batch_size: int, sample_shape: Sequence[int], dtype: torch.dt
     return (int(batch_size), tuple(int(s) for s in sample_shape), str(dtype).replace("torch.", ""))
 
 
+def graph_batch_size(batch_size: int, largest: int) -> int:
+    """Rows a graph replay runs for ``batch_size`` frames when ``largest`` is the biggest batch seen.
+
+    Batches of the largest size (or larger, which become the new largest) run as they are; smaller,
+    partial ones, as a batch collection timeout hands over, run in the graph of the next power of
+    two, never above the largest. A pipeline of N sources then keeps at most ceil(log2 N) + 1 graphs,
+    whatever sizes its partial batches take, instead of one capture per size.
+
+    Example:
+        >>> [graph_batch_size(n, 12) for n in (1, 3, 5, 8, 9, 12, 13)]
+        [1, 4, 8, 8, 12, 12, 13]
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    if batch_size >= largest:
+        return batch_size
+    return min(1 << (batch_size - 1).bit_length(), largest)
+
+
 @dataclass
 class CapturedGraph:
     """One captured graph instance: ``replay()`` refills ``outputs`` from the static input."""

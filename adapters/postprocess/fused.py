@@ -31,6 +31,7 @@ from inference_fastpath.adapters.engine.graphs import (
     CapturedGraph,
     GraphCache,
     GraphCaptureStats,
+    graph_batch_size,
     side_stream_capture,
 )
 from inference_fastpath.adapters.contracts import (
@@ -83,7 +84,11 @@ class FusedPostprocess(GraphCaptureStats):
     name = "fused_postprocess"
 
     def __init__(self, num_classes: int, classes_re_mapping: Optional[Any], device: Union[str, torch.device],
-                 cuda_graphs: bool = True, accumulation: Optional[AccumulationRecipe] = None):
+                 cuda_graphs: bool = True, accumulation: Optional[AccumulationRecipe] = None,
+                 pad_partial_batches: Optional[bool] = None):
+        """``pad_partial_batches``: run a partial batch in the program of a padded size
+        (:func:`graph_batch_size`), so changing batch sizes reuse a few programs and graphs; None:
+        when graphs are on."""
         self.num_classes = int(num_classes)
         self.classes_re_mapping = classes_re_mapping
         self.device = torch.device(device)
@@ -114,6 +119,8 @@ class FusedPostprocess(GraphCaptureStats):
                     before_evict=lambda _spec: self._stream.synchronize(),  # a replay may be queued
                 )
             self.accumulation_mode()  # one-off kernel compile + check at build time, not mid-stream
+        self._pad_partial_batches = self._graphs is not None if pad_partial_batches is None else pad_partial_batches
+        self._largest_batch = 0
 
     # ------------------------------------------------------------------ capability checks
 
@@ -288,10 +295,12 @@ class FusedPostprocess(GraphCaptureStats):
             mh, mw = int(raw.masks.shape[-2]), int(raw.masks.shape[-1])
             geoms = tuple(frame_geometry(m, mh, mw) for m in metadata)
         output = _OUTPUTS[request.mask_format]
+        batch = self._program_batch(len(geoms))
+        geoms = geoms + (geoms[-1],) * (batch - len(geoms))  # the padding frames' geometry: any valid one
         sizes_key = (output, geoms)
         capacity, prefix = self._sizes.get(sizes_key, _DEFAULT_SIZES[output])
         spec = spec_for(raw, geoms, output, request.max_detections, request.threshold, capacity, prefix,
-                        self.accumulation_mode())
+                        self.accumulation_mode(), batch=batch)
         program = self._program(spec)
         self._last_spec = spec
         program.load(raw, request.threshold)
@@ -312,6 +321,13 @@ class FusedPostprocess(GraphCaptureStats):
             prefix = grown(spec.prefix, int(program.payload_total * 1.25), _MAX_PREFIX[output])
         self._sizes[sizes_key] = (spec.payload_capacity, max(prefix, spec.prefix))
         return results
+
+    def _program_batch(self, frames: int) -> int:
+        """Frames the program of a batch runs: partial batches padded (see ``pad_partial_batches``)."""
+        if not self._pad_partial_batches:
+            return frames
+        self._largest_batch = max(self._largest_batch, frames)
+        return graph_batch_size(frames, self._largest_batch)
 
     def _execute(self, program: PostprocessProgram, fmt: str) -> Optional[List[FrameDetections]]:
         """Run the device program (graph replay when captured) and decode its host copies."""

@@ -51,6 +51,7 @@ DENSE = "dense"
 STRINGS = "strings"  # compressed COCO RLE strings (bytes) plus their transition positions: the RLE output
 RUNS = "runs"  # int32 transition positions alone: the compact output
 LAYOUT_WORDS = 5  # [offset, y0, first_byte, rows, bytes] of one dense crop
+_NO_SCORE = torch.finfo(torch.float32).min  # a logit whose score (sigmoid: 0) passes no threshold
 
 
 @dataclass(frozen=True)
@@ -134,20 +135,33 @@ class PostprocessProgram:
         )
         self.row_index = torch.arange(cap, dtype=torch.int32, device=device).repeat(b)
         self.payload_total = 0  # set by finish(): payload elements the last run produced
+        self.rows = spec.batch  # frames of the last load (fewer than the batch in a padded program)
 
     # ------------------------------------------------------------------ device half
 
     def load(self, raw: RawOutputs, threshold: Union[float, torch.Tensor]) -> None:
-        """Copy the engine outputs (and a per-class threshold table) into the static inputs."""
-        self.logits.copy_(raw.logits, non_blocking=True)
-        self.boxes.copy_(raw.boxes, non_blocking=True)
-        self.masks.copy_(raw.masks, non_blocking=True)
+        """Copy the engine outputs (and a per-class threshold table) into the static inputs.
+
+        ``raw`` may hold fewer frames than the program (a partial batch in a padded program): the
+        rows past them get logits no score passes, so they select nothing, and :meth:`finish`
+        decodes only the loaded frames.
+        """
+        rows = int(raw.logits.shape[0])
+        if rows > self.spec.batch:
+            raise ValueError(f"{rows} frames do not fit a program of batch {self.spec.batch}")
+        self.rows = rows
+        self.logits[:rows].copy_(raw.logits, non_blocking=True)
+        self.boxes[:rows].copy_(raw.boxes, non_blocking=True)
+        self.masks[:rows].copy_(raw.masks, non_blocking=True)
+        if rows < self.spec.batch:
+            self.logits[rows:].fill_(_NO_SCORE)
         if self.thresholds is not None:
             table = torch.as_tensor(threshold, dtype=torch.float32).reshape(-1)
             self.thresholds.copy_(table[: self.spec.per_class_len], non_blocking=True)
 
     def load_from(self, other: "PostprocessProgram") -> None:
         """Same inputs as another program (used when a run has to be repeated with more room)."""
+        self.rows = other.rows
         self.logits.copy_(other.logits)
         self.boxes.copy_(other.boxes)
         self.masks.copy_(other.masks)
@@ -258,7 +272,8 @@ class PostprocessProgram:
                                            int(sum(int(r.sum()) for r in runs))).copy()
         results = []
         cursor = position_cursor = 0
-        for b, (frame, plan, n) in enumerate(zip(frames, self.plans, counts)):
+        # the padding frames come last in the payload and selected nothing: decoding stops before them
+        for b, (frame, plan, n) in enumerate(zip(frames[: self.rows], self.plans, counts)):
             height, width = plan.canvas
             if spec.output == DENSE:
                 out = mask_pool.take(n, height, width) if mask_pool is not None else None
@@ -316,8 +331,12 @@ def spec_for(
     payload_capacity: int,
     prefix: int,
     acc_mode: int,
+    batch: Optional[int] = None,
 ) -> ProgramSpec:
+    """The spec of a program for ``raw``; ``batch``: its frames when padded above ``raw``'s (then
+    ``geometries`` has one per padded frame)."""
     b, q, c = (int(s) for s in raw.logits.shape)
+    b = b if batch is None else int(batch)
     per_class = isinstance(threshold, torch.Tensor)
     return ProgramSpec(
         batch=b,
