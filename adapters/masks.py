@@ -47,9 +47,22 @@ def survives_polygon_step(masks: Any, xyxy: np.ndarray) -> np.ndarray:
     return keep
 
 
+_FIRST_RUNS = 128  # foreground runs tried first: a large mask shows an L-shape in its first columns
+
+
 def _runs_have_l_shape(counts: np.ndarray, crop_h: int) -> bool:
     """Whether 3 pixels of some 2x2 window are foreground, from column-major run lengths (background
-    first): a run of 2+ pixels within one column whose rows meet foreground in a neighbouring column."""
+    first): a run of 2+ pixels within one column whose rows meet foreground in a neighbouring column.
+
+    The first runs are tried alone before all of them: their pixels are the mask's own, so an L-shape
+    among them is one of the mask, and a large mask need not be read to its end."""
+    counts = np.asarray(counts)
+    if counts.size > 2 * _FIRST_RUNS and _l_shape_in_runs(counts[: 2 * _FIRST_RUNS], crop_h):
+        return True
+    return _l_shape_in_runs(counts, crop_h)
+
+
+def _l_shape_in_runs(counts: np.ndarray, crop_h: int) -> bool:
     edges = np.cumsum(np.asarray(counts, dtype=np.int64))
     foreground = len(edges) // 2
     starts, ends = edges[0 : 2 * foreground : 2], edges[1 : 2 * foreground : 2] - 1  # first / last pixel

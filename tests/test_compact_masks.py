@@ -50,7 +50,11 @@ def test_runs_from_transitions_equal_supervisions_encoder():
         np.testing.assert_array_equal(ours._crop_shapes, theirs._crop_shapes)
 
 
-def test_polygon_step_rule_on_compact_and_dense_masks_equals_the_contour_rule():
+@pytest.mark.parametrize("first_runs", [128, 2, 1])  # 2 and 1: the first-runs shortcut on most masks
+def test_polygon_step_rule_on_compact_and_dense_masks_equals_the_contour_rule(monkeypatch, first_runs):
+    from inference_fastpath.adapters import masks as mask_rules
+
+    monkeypatch.setattr(mask_rules, "_FIRST_RUNS", first_runs)
     rng = np.random.default_rng(1)
     for _ in range(1500):
         masks = _random_masks(rng)

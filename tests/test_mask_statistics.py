@@ -36,3 +36,15 @@ def test_statistics_over_frames():
     assert stats["mask_area_fraction_mean"] == pytest.approx(0.1)
     assert stats["rle_runs_per_mask_median"] == rle_runs(blob) == 5
     assert mask_statistics([])["mask_area_fraction_mean"] is None
+
+
+def test_polygon_rule_timing_gives_both_verdicts_alike():
+    from inference_fastpath.examples.benchmarks.mask_statistics import polygon_rule_ms
+
+    line = np.zeros((1, 12, 12), bool)
+    line[0, 5, :] = True  # a straight line: the stock polygon step drops it
+    blob = np.zeros((1, 12, 12), bool)
+    blob[0, 2:9, 3:10] = True
+    timings = polygon_rule_ms([np.concatenate([line, blob]), np.zeros((0, 12, 12), bool)], repeats=2)
+    assert timings["polygon_rule_kept_first_runs"] == timings["polygon_rule_kept_all_runs"] == 1
+    assert timings["polygon_rule_ms_first_runs"] > 0 and timings["polygon_rule_ms_all_runs"] > 0

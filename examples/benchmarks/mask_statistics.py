@@ -9,6 +9,10 @@ counts them), mean and median.
 
     python -m inference_fastpath.examples.benchmarks.mask_statistics --frames 24 --out masks.json
         # the random demo on the pedestrian clip vs the trained demo on the shapes clip
+
+It also times, per frame, the stock v3 polygon-step rule the block applies to compact masks
+(``adapters/masks.py``): as the block runs it (the first runs tried alone first) and reading every run.
+``--resolution 1920x1080`` resizes the frames first, as the 1080p benchmarks do.
 """
 
 from __future__ import annotations
@@ -58,7 +62,31 @@ def mask_statistics(masks_per_frame: Sequence[np.ndarray]) -> Dict[str, Any]:
     }
 
 
-def model_masks(package: Path, video: Path, frames: int, device: torch.device) -> List[np.ndarray]:
+def polygon_rule_ms(masks_per_frame: Sequence[np.ndarray], repeats: int = 5) -> Dict[str, float]:
+    """Host ms per frame of the polygon-step rule's run test on compact masks: as the block runs it
+    (``first_runs``) and reading all of every mask's runs (``all_runs``)."""
+    import time
+
+    from inference_fastpath.adapters.masks import _l_shape_in_runs, _runs_have_l_shape
+    from inference_fastpath.adapters.postprocess.compact import compact_from_dense
+
+    crops = []
+    for masks in masks_per_frame:
+        compact = compact_from_dense(masks) if len(masks) else None
+        crops.append([] if compact is None else
+                     [(compact._rles[i], int(compact._crop_shapes[i][0])) for i in range(len(masks))])
+    timings = {}
+    for name, rule in (("first_runs", _runs_have_l_shape), ("all_runs", _l_shape_in_runs)):
+        started = time.perf_counter()
+        for _ in range(repeats):
+            verdicts = [[rule(runs, height) for runs, height in frame] for frame in crops]
+        timings[f"polygon_rule_ms_{name}"] = (time.perf_counter() - started) * 1e3 / repeats / max(1, len(crops))
+        timings[f"polygon_rule_kept_{name}"] = sum(sum(v) for v in verdicts)
+    return timings
+
+
+def model_masks(package: Path, video: Path, frames: int, device: torch.device,
+                resolution: Optional[Tuple[int, int]] = None) -> List[np.ndarray]:
     from inference_models import AutoModel
 
     from inference_fastpath.workflows.video_files import frame_count, read_frames
@@ -68,6 +96,10 @@ def model_masks(package: Path, video: Path, frames: int, device: torch.device) -
     picked = read_frames(str(video), count=total, step=max(1, frame_count(video) // total))
     out = []
     for image in picked:  # BGR, as InferencePipeline passes frames
+        if resolution is not None:
+            import cv2
+
+            image = cv2.resize(image, resolution)
         x, meta = model.pre_process(image)
         with torch.no_grad():
             detections = model.post_process(model.forward(x), meta, confidence=CONFIDENCE)[0]
@@ -89,18 +121,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames", type=int, default=24, help="frames per clip, evenly spaced")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--resolution", default=None, help="resize the frames to WxH first, e.g. 1920x1080")
     parser.add_argument("--out", default="mask_statistics.json")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    resolution = None
+    if args.resolution:
+        try:
+            width, height = (int(v) for v in args.resolution.lower().split("x"))
+        except ValueError:
+            parser.error(f"--resolution takes WxH, e.g. 1920x1080, got {args.resolution!r}")
+        resolution = (width, height)
     report = []
     for name, package, video in default_cases():
-        stats = mask_statistics(model_masks(package, video, args.frames, device))
+        masks = model_masks(package, video, args.frames, device, resolution)
+        stats = {**mask_statistics(masks), **polygon_rule_ms(masks)}
         report.append({"name": name, "package": str(package), "video": str(video), **stats})
         print(f"{name:<32} {stats['detections_per_frame']:6.2f} detections/frame, mask area "
               f"{stats['mask_area_fraction_mean']:.4f} of the frame (median {stats['mask_area_fraction_median']:.4f}), "
-              f"RLE runs per mask {stats['rle_runs_per_mask_mean']:.1f} (median {stats['rle_runs_per_mask_median']:.0f})",
-              flush=True)
-    Path(args.out).write_text(json.dumps({"device": str(device), "confidence": CONFIDENCE, "cases": report}, indent=1))
+              f"RLE runs per mask {stats['rle_runs_per_mask_mean']:.1f} (median {stats['rle_runs_per_mask_median']:.0f}); "
+              f"polygon rule {stats['polygon_rule_ms_first_runs']:.2f} ms per frame "
+              f"(all runs read: {stats['polygon_rule_ms_all_runs']:.2f} ms; kept {stats['polygon_rule_kept_first_runs']} "
+              f"and {stats['polygon_rule_kept_all_runs']})", flush=True)
+    Path(args.out).write_text(json.dumps({"device": str(device), "confidence": CONFIDENCE, "resolution": args.resolution,
+                                          "cases": report}, indent=1))
     print(f"results: {args.out}")
     return 0
 
