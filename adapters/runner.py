@@ -151,7 +151,9 @@ class SegmentationRunner:
             >>> runner.graph_report()  # doctest: +SKIP
             {'batch_sizes': {16: 120}, 'preprocess': {...}, 'engine': {'captures': 2, ...}, 'postprocess': {...}}
         """
-        report: Dict[str, Any] = {"batch_sizes": dict(sorted(self.batch_sizes.items()))}
+        with self._launch_lock:  # a launch may add a size meanwhile
+            sizes = dict(self.batch_sizes)
+        report: Dict[str, Any] = {"batch_sizes": dict(sorted(sizes.items()))}
         for stage_name, stage in (("preprocess", self.preprocess), ("engine", self.engine),
                                   ("postprocess", self.postprocess)):
             summary = getattr(stage, "graph_summary", None)

@@ -24,7 +24,7 @@ from typing import Any, List, Optional, Tuple, Union
 import torch
 
 from inference_fastpath.adapters.contracts import PostprocessRequest
-from inference_fastpath.adapters.engine.base import EngineBase
+from inference_fastpath.adapters.engine.base import GRAPH_CACHE_SIZE, EngineBase
 from inference_fastpath.adapters.engine.onnx_engine import OnnxEngine
 from inference_fastpath.adapters.engine.reference import ReferenceEngine
 from inference_fastpath.adapters.engine.tensorrt_engine import TensorRTEngine
@@ -195,7 +195,7 @@ def build_engine(
     *,
     precision: str = "fp32",
     device: Optional[Union[str, torch.device]] = None,
-    graph_cache_size: int = 4,
+    graph_cache_size: int = GRAPH_CACHE_SIZE,
     max_inflight: int = 2,
     output_mode: str = "borrow",
 ) -> Tuple[EngineBase, Optional[str]]:

@@ -180,7 +180,7 @@ class BlockManifest(WorkflowBlockManifest):
         default=True,
         description="Capture the engine, the fused postprocess and the Triton preprocess launches in CUDA graphs "
         "once per shape and replay them per frame (GPU only; falls back to eager execution with a logged reason "
-        "when capture is impossible). Partial batches replay the graph of a padded size.",
+        "when capture is impossible). With the torch engine, partial batches replay the graph of a padded size.",
         json_schema_extra={
             "relevant_for": {"engine": {"values": ["auto", "tensorrt", "torch"], "required": False}},
             **ADDITIONAL,

@@ -85,3 +85,14 @@ def test_input_buffer_is_static_per_batch_size(torch_engine):
     assert torch_engine.input_buffer(1).data_ptr() != first.data_ptr()
     assert base.is_same_buffer(again, first)
     assert not base.is_same_buffer(first.clone(), first)
+
+
+def test_the_block_builds_engines_with_a_graph_for_every_padded_batch_size(seg_model):
+    # the block's engines come from build_engine: its cache must hold the padded sizes of 64 sources
+    from inference_fastpath.adapters.engine.graphs import graph_batch_size
+    from inference_fastpath.adapters.selection import build_engine
+
+    engine, _ = build_engine("auto", True, seg_model)
+    padded = {graph_batch_size(n, 64) for n in range(1, 65)}
+    assert engine.name == "torch" and engine.graph_cache_size >= len(padded) == 7
+    assert engine.describe()["graph_cache_size"] == engine.graph_cache_size

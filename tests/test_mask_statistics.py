@@ -41,10 +41,12 @@ def test_statistics_over_frames():
 def test_polygon_rule_timing_gives_both_verdicts_alike():
     from inference_fastpath.examples.benchmarks.mask_statistics import polygon_rule_ms
 
-    line = np.zeros((1, 12, 12), bool)
-    line[0, 5, :] = True  # a straight line: the stock polygon step drops it
-    blob = np.zeros((1, 12, 12), bool)
-    blob[0, 2:9, 3:10] = True
-    timings = polygon_rule_ms([np.concatenate([line, blob]), np.zeros((0, 12, 12), bool)], repeats=2)
-    assert timings["polygon_rule_kept_first_runs"] == timings["polygon_rule_kept_all_runs"] == 1
+    stripes = np.zeros((300, 300), bool)
+    stripes[::2, :150] = True  # 150 one-pixel runs a column: straight lines, dropped by the stock rule
+    masks = np.stack([stripes, stripes.copy(), stripes[:, ::-1].copy()])
+    masks[1, 100:140, 200:260] = True  # a blob after 150 columns of stripes: the shortcut reads on
+    masks[2, 100:140, 20:80] = True  # a blob before the stripes: the first runs decide
+    assert all(len(np.flatnonzero(np.diff(m.ravel(order="F").astype(np.int8)))) > 2 * 128 for m in masks)
+    timings = polygon_rule_ms([masks, np.zeros((0, 300, 300), bool)], repeats=2)
+    assert timings["polygon_rule_kept_first_runs"] == timings["polygon_rule_kept_all_runs"] == 2
     assert timings["polygon_rule_ms_first_runs"] > 0 and timings["polygon_rule_ms_all_runs"] > 0

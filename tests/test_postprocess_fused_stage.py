@@ -277,3 +277,16 @@ def test_partial_batches_run_in_padded_programs(fmt):
     assert sorted({spec.batch for spec in stage._programs.keys()}) == [1, 2, 4]  # 3 ran padded to 4
     padded = stage._programs.peek(stage._last_spec)  # the last call: 3 frames in a program of 4
     assert (padded.rows, padded.spec.batch) == (3, 4)
+
+
+def test_padded_programs_of_sixteen_sources_all_stay_live():
+    """16 sources: partial batches of any size use 5 padded programs (1, 2, 4, 8, 16), and the stage
+    keeps them all, so nothing is evicted and captured again."""
+    stage = FusedPostprocess(NUM_CLASSES, None, DEVICE, cuda_graphs=CUDA, pad_partial_batches=True)
+    request = PostprocessRequest(0.5, None, "compact")
+    for seed, batch in enumerate((16, 9, 5, 3, 2, 1, 11, 6)):
+        raw = _device(synthetic_outputs(batch=batch, queries=40, mask_hw=(16, 16), n_confident=1, seed=80 + seed))
+        _assert_equal(stage, raw, [make_metadata((24, 32))] * batch, request)
+    assert sorted(spec.batch for spec in stage._programs.keys()) == [1, 2, 4, 8, 16]
+    if CUDA:
+        assert stage.graph_summary()["evictions"] == 0, stage.graph_summary()

@@ -56,6 +56,8 @@ from inference_fastpath.adapters.contracts import PreprocessedBatch, RawOutputs
 LOGGER = logging.getLogger(__name__)
 
 OutputTriple = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+# Graph keys an engine keeps: the padded batch sizes of up to 64 sources (1, 2, 4, ..., 64) and a spare
+GRAPH_CACHE_SIZE = 8
 OUTPUT_MODES = ("borrow", "copy")
 
 
@@ -167,7 +169,7 @@ class EngineBase(GraphCaptureStats, abc.ABC):
         input_hw: Tuple[int, int],
         input_dtype: torch.dtype = torch.float32,
         cuda_graphs: bool = False,
-        graph_cache_size: int = 8,
+        graph_cache_size: int = GRAPH_CACHE_SIZE,
         max_inflight: int = 2,
         warmup_iters: int = 2,
         output_mode: str = "borrow",
@@ -180,6 +182,7 @@ class EngineBase(GraphCaptureStats, abc.ABC):
         self.input_hw = (int(input_hw[0]), int(input_hw[1]))
         self.input_dtype = input_dtype
         self.output_mode = output_mode
+        self.graph_cache_size = int(graph_cache_size)
         self.stats = EngineStats()
         self._lock = threading.RLock()
         self._is_cuda = self.device.type == "cuda"
@@ -230,8 +233,11 @@ class EngineBase(GraphCaptureStats, abc.ABC):
         With graphs on, partial batches are padded to a few sizes (:func:`graph_batch_size`), so
         changing sizes replay a handful of graphs instead of capturing one per size. The padded
         rows hold whatever the static buffer held; each image is computed on its own in the network,
-        and only the first ``batch_size`` rows of the outputs are handed on. (TensorRT pads to its
-        profile instead.)
+        and only the first ``batch_size`` rows of the outputs are handed on. The largest batch seen
+        never shrinks: after a source leaves, batches still run at the old size. ``input_buffer(n)``
+        and the call that follows agree as long as no larger batch comes between them (the runner
+        holds its launch lock across both; otherwise the call copies the input once). TensorRT pads to
+        its profile instead.
         """
         if not self.cuda_graphs_active:
             return batch_size
@@ -335,6 +341,7 @@ class EngineBase(GraphCaptureStats, abc.ABC):
             "cuda_graphs": self.cuda_graphs_active,
             "graph_fallback_reason": self.graph_fallback_reason,
             "output_mode": self.output_mode,
+            "graph_cache_size": self.graph_cache_size,
             "stats": self.stats.as_dict(),
         }
 

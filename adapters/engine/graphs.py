@@ -48,8 +48,9 @@ def graph_batch_size(batch_size: int, largest: int) -> int:
 
     Batches of the largest size (or larger, which become the new largest) run as they are; smaller,
     partial ones, as a batch collection timeout hands over, run in the graph of the next power of
-    two, never above the largest. A pipeline of N sources then keeps at most ceil(log2 N) + 1 graphs,
-    whatever sizes its partial batches take, instead of one capture per size.
+    two, never above the largest. Once a pipeline of N sources has delivered a full batch, its partial
+    batches take at most ceil(log2 N) + 1 sizes, whatever sizes they come in, instead of one capture
+    per size. Batches that grow one by one before that (sources coming online) still run unpadded.
 
     Example:
         >>> [graph_batch_size(n, 12) for n in (1, 3, 5, 8, 9, 12, 13)]
@@ -408,7 +409,8 @@ class GraphCaptureStats:
         return self._graphs.captures if self._graphs is not None else 0
 
     def graph_summary(self) -> Dict[str, Any]:
-        """Captures, evictions and live keys so far, and why graphs are off (None: on or never asked).
+        """Captures, evictions and live keys so far, and why graphs went off (None while they are on,
+        never asked for, or unavailable to a stage that does not say why: the engine says why).
 
         Benchmarks report it after a run: captures that keep growing mean keys that keep changing.
 

@@ -25,6 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from inference_fastpath.adapters.engine.base import (
+    GRAPH_CACHE_SIZE,
     EngineBase,
     OutputTriple,
     model_input_hw,
@@ -244,7 +245,7 @@ class TensorRTEngine(EngineBase):
         profile: Optional[BatchProfile] = None,
         input_hw: Optional[Tuple[int, int]] = None,
         cuda_graphs: bool = True,
-        graph_cache_size: int = 4,
+        graph_cache_size: int = GRAPH_CACHE_SIZE,
         max_inflight: int = 2,
         warmup_iters: int = 2,
         output_mode: str = "borrow",

@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inference_fastpath.adapters.engine.base import EngineBase, OutputTriple, model_input_hw
+from inference_fastpath.adapters.engine.base import GRAPH_CACHE_SIZE, EngineBase, OutputTriple, model_input_hw
 from inference_fastpath.adapters.contracts import PreprocessedBatch
 
 LOGGER = logging.getLogger(__name__)
@@ -243,7 +243,7 @@ class TorchEngine(EngineBase):
         cuda_graphs: bool = True,
         device: Optional[torch.device] = None,
         input_hw: Optional[Tuple[int, int]] = None,
-        graph_cache_size: int = 8,
+        graph_cache_size: int = GRAPH_CACHE_SIZE,
         max_inflight: int = 2,
         warmup_iters: int = 2,
         output_mode: str = "borrow",

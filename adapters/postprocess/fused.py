@@ -68,7 +68,8 @@ _MIN_QUERIES = 33  # torch.topk(k <= 32) orders ties with a bitonic sort we do n
 # All grow on demand, the copied prefix up to _MAX_PREFIX.
 _DEFAULT_SIZES = {RUNS: (1 << 20, 1 << 15), STRINGS: (1 << 21, 1 << 16), DENSE: (1 << 22, 1 << 17)}
 _MAX_PREFIX = {RUNS: 1 << 20, STRINGS: 1 << 22, DENSE: 1 << 22}
-_MAX_PROGRAMS = 4  # live programs (static buffers + graph) per stage, least recently used evicted
+_MAX_PROGRAMS = 8  # live programs (static buffers + graph) per stage, least recently used evicted: the padded
+# batch sizes of up to 64 sources (1, 2, 4, ..., 64) and a spare
 _MAX_CAPTURES = 16  # beyond this many captures (thresholds changing per frame?) run eagerly
 
 
@@ -88,7 +89,8 @@ class FusedPostprocess(GraphCaptureStats):
                  pad_partial_batches: Optional[bool] = None):
         """``pad_partial_batches``: run a partial batch in the program of a padded size
         (:func:`graph_batch_size`), so changing batch sizes reuse a few programs and graphs; None:
-        when graphs are on."""
+        when graphs are on. The padding frames select nothing for thresholds >= 0; under a negative
+        threshold they select detections that are computed and never decoded."""
         self.num_classes = int(num_classes)
         self.classes_re_mapping = classes_re_mapping
         self.device = torch.device(device)

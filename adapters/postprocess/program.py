@@ -51,7 +51,7 @@ DENSE = "dense"
 STRINGS = "strings"  # compressed COCO RLE strings (bytes) plus their transition positions: the RLE output
 RUNS = "runs"  # int32 transition positions alone: the compact output
 LAYOUT_WORDS = 5  # [offset, y0, first_byte, rows, bytes] of one dense crop
-_NO_SCORE = torch.finfo(torch.float32).min  # a logit whose score (sigmoid: 0) passes no threshold
+_NO_SCORE = torch.finfo(torch.float32).min  # a logit whose score (sigmoid: 0) passes no threshold >= 0
 
 
 @dataclass(frozen=True)
@@ -143,8 +143,8 @@ class PostprocessProgram:
         """Copy the engine outputs (and a per-class threshold table) into the static inputs.
 
         ``raw`` may hold fewer frames than the program (a partial batch in a padded program): the
-        rows past them get logits no score passes, so they select nothing, and :meth:`finish`
-        decodes only the loaded frames.
+        rows past them get logits whose score is 0, so they select nothing under a threshold >= 0,
+        and :meth:`finish` decodes only the loaded frames in any case.
         """
         rows = int(raw.logits.shape[0])
         if rows > self.spec.batch:

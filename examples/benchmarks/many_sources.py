@@ -299,8 +299,9 @@ def run_sources(
         result["times"] = {"at": [[r["at"] for r in by_source.get(i, [])] for i in range(len(videos))],
                            "latency_ms": latencies}
     if runner is not None:
-        # batch sizes of the measured run, and each stage's graph captures over the whole process: with a
-        # batch collection timeout, partial batches of changing sizes show up here as captures
+        # batch sizes of the measured run (its warm-up results' batches included), and each stage's graph
+        # captures over the whole process: with a batch collection timeout, partial batches of changing
+        # sizes show up here as captures
         report = runner.graph_report()
         report["batch_sizes_measured_run"] = {size: count - warm_batches.get(size, 0)
                                               for size, count in report["batch_sizes"].items()
