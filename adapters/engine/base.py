@@ -43,12 +43,12 @@ import torch
 
 from inference_fastpath.adapters.cuda.streams import stream_made_current
 from inference_fastpath.adapters.engine.graphs import (
+    BatchPadding,
     CapturedGraph,
     GraphCaptureStats,
     GraphKey,
     GraphCache,
     capture_cuda_graph,
-    graph_batch_size,
     make_graph_key,
 )
 from inference_fastpath.adapters.contracts import PreprocessedBatch, RawOutputs
@@ -196,7 +196,7 @@ class EngineBase(GraphCaptureStats, abc.ABC):
         self._parked: Deque[Tuple[Any, Tuple[torch.Tensor, ...]]] = deque()
         self._parked_lock = threading.Lock()  # consumers release without waiting for a running call
         self._warmup_iters = max(1, int(warmup_iters))
-        self._largest_batch = 0  # the biggest batch seen, which partial batches are bucketed under
+        self._padding = BatchPadding()
         self.cuda_graphs_requested = bool(cuda_graphs)
         self.cuda_graphs_unavailable_reason: Optional[str] = None
         self._graphs: Optional[GraphCache] = None
@@ -230,7 +230,7 @@ class EngineBase(GraphCaptureStats, abc.ABC):
     def _physical_batch(self, batch_size: int) -> int:
         """Rows the model actually runs for a batch; called with the lock held.
 
-        With graphs on, partial batches are padded to a few sizes (:func:`graph_batch_size`), so
+        With graphs on, partial batches are padded to a few sizes (:class:`BatchPadding`), so
         changing sizes replay a handful of graphs instead of capturing one per size. The padded
         rows hold whatever the static buffer held; each image is computed on its own in the network,
         and only the first ``batch_size`` rows of the outputs are handed on. The largest batch seen
@@ -239,10 +239,7 @@ class EngineBase(GraphCaptureStats, abc.ABC):
         holds its launch lock across both; otherwise the call copies the input once). TensorRT pads to
         its profile instead.
         """
-        if not self.cuda_graphs_active:
-            return batch_size
-        self._largest_batch = max(self._largest_batch, batch_size)
-        return graph_batch_size(batch_size, self._largest_batch)
+        return self._padding(batch_size) if self.cuda_graphs_active else batch_size
 
     def _cuda_graphs_unavailable(self) -> Optional[str]:
         if not self.supports_cuda_graphs:

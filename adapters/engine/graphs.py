@@ -63,6 +63,24 @@ def graph_batch_size(batch_size: int, largest: int) -> int:
     return min(1 << (batch_size - 1).bit_length(), largest)
 
 
+class BatchPadding:
+    """The padded size of each batch (:func:`graph_batch_size`) under the largest batch seen so far,
+    which never shrinks. One per stage, called with the stage's lock held.
+
+    Example:
+        >>> padding = BatchPadding()
+        >>> [padding(n) for n in (8, 3, 5, 8)]
+        [8, 4, 8, 8]
+    """
+
+    def __init__(self) -> None:
+        self.largest = 0
+
+    def __call__(self, batch_size: int) -> int:
+        self.largest = max(self.largest, batch_size)
+        return graph_batch_size(batch_size, self.largest)
+
+
 @dataclass
 class CapturedGraph:
     """One captured graph instance: ``replay()`` refills ``outputs`` from the static input."""

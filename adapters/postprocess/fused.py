@@ -30,8 +30,8 @@ from inference_fastpath.adapters.cuda.streams import stream_made_current
 from inference_fastpath.adapters.engine.graphs import (
     CapturedGraph,
     GraphCache,
+    BatchPadding,
     GraphCaptureStats,
-    graph_batch_size,
     side_stream_capture,
 )
 from inference_fastpath.adapters.contracts import (
@@ -88,7 +88,7 @@ class FusedPostprocess(GraphCaptureStats):
                  cuda_graphs: bool = True, accumulation: Optional[AccumulationRecipe] = None,
                  pad_partial_batches: Optional[bool] = None):
         """``pad_partial_batches``: run a partial batch in the program of a padded size
-        (:func:`graph_batch_size`), so changing batch sizes reuse a few programs and graphs; None:
+        (:class:`BatchPadding`), so changing batch sizes reuse a few programs and graphs; None:
         when graphs are on. The padding frames select nothing for thresholds >= 0; under a negative
         threshold they select detections that are computed and never decoded."""
         self.num_classes = int(num_classes)
@@ -121,8 +121,8 @@ class FusedPostprocess(GraphCaptureStats):
                     before_evict=lambda _spec: self._stream.synchronize(),  # a replay may be queued
                 )
             self.accumulation_mode()  # one-off kernel compile + check at build time, not mid-stream
-        self._pad_partial_batches = self._graphs is not None if pad_partial_batches is None else pad_partial_batches
-        self._largest_batch = 0
+        pad = self._graphs is not None if pad_partial_batches is None else pad_partial_batches
+        self._padding: Optional[BatchPadding] = BatchPadding() if pad else None
 
     # ------------------------------------------------------------------ capability checks
 
@@ -297,7 +297,7 @@ class FusedPostprocess(GraphCaptureStats):
             mh, mw = int(raw.masks.shape[-2]), int(raw.masks.shape[-1])
             geoms = tuple(frame_geometry(m, mh, mw) for m in metadata)
         output = _OUTPUTS[request.mask_format]
-        batch = self._program_batch(len(geoms))
+        batch = len(geoms) if self._padding is None else self._padding(len(geoms))
         geoms = geoms + (geoms[-1],) * (batch - len(geoms))  # the padding frames' geometry: any valid one
         sizes_key = (output, geoms)
         capacity, prefix = self._sizes.get(sizes_key, _DEFAULT_SIZES[output])
@@ -323,13 +323,6 @@ class FusedPostprocess(GraphCaptureStats):
             prefix = grown(spec.prefix, int(program.payload_total * 1.25), _MAX_PREFIX[output])
         self._sizes[sizes_key] = (spec.payload_capacity, max(prefix, spec.prefix))
         return results
-
-    def _program_batch(self, frames: int) -> int:
-        """Frames the program of a batch runs: partial batches padded (see ``pad_partial_batches``)."""
-        if not self._pad_partial_batches:
-            return frames
-        self._largest_batch = max(self._largest_batch, frames)
-        return graph_batch_size(frames, self._largest_batch)
 
     def _execute(self, program: PostprocessProgram, fmt: str) -> Optional[List[FrameDetections]]:
         """Run the device program (graph replay when captured) and decode its host copies."""
