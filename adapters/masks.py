@@ -36,10 +36,16 @@ def survives_polygon_step(masks: Any, xyxy: np.ndarray) -> np.ndarray:
     """
     keep = np.zeros(len(masks), dtype=bool)
     compact = not isinstance(masks, np.ndarray)
+    # lazy compact masks (the fused postprocess's) are read as the full frame's transition positions,
+    # so the rule builds no crop runs: a workflow that never reads the masks never pays for them
+    transitions_of = getattr(masks, "transitions_of", None)
     for index in range(len(masks)):
-        if compact:  # decided from the crop's runs; the crop is decoded for a contour only if needed
-            keep[index] = _runs_have_l_shape(masks._rles[index], int(masks._crop_shapes[index][0])) or len(
-                largest_external_contour(masks.crop(index))) >= 3
+        if compact:  # decided from the runs; the crop is decoded for a contour only if needed
+            if transitions_of is not None:
+                l_shape = _transitions_have_l_shape(transitions_of(index), masks.shape[1], masks.shape[2])
+            else:
+                l_shape = _runs_have_l_shape(masks._rles[index], int(masks._crop_shapes[index][0]))
+            keep[index] = l_shape or len(largest_external_contour(masks.crop(index))) >= 3
         else:
             mask = masks[index]
             row = int((xyxy[index, 1] + xyxy[index, 3]) / 2)
@@ -52,18 +58,31 @@ _FIRST_RUNS = 128  # foreground runs tried first: a large mask shows an L-shape 
 
 def _runs_have_l_shape(counts: np.ndarray, crop_h: int) -> bool:
     """Whether 3 pixels of some 2x2 window are foreground, from column-major run lengths (background
-    first): a run of 2+ pixels within one column whose rows meet foreground in a neighbouring column.
+    first): a run of 2+ pixels within one column whose rows meet foreground in a neighbouring column."""
+    return _edges_have_l_shape(np.cumsum(np.asarray(counts, dtype=np.int64)), crop_h)
+
+
+def _transitions_have_l_shape(transitions: np.ndarray, height: int, width: int) -> bool:
+    """The same rule on the full frame's column-major positions where the mask changes value (the
+    pixel before the first counts as background): the positions are the run edges of the full frame,
+    whose columns are ``height`` tall, and the 2x2 windows are the same as in the crop."""
+    edges = np.asarray(transitions, dtype=np.int64)
+    if edges.size % 2:
+        edges = np.append(edges, height * width)  # foreground up to the last pixel
+    return _edges_have_l_shape(edges, height)
+
+
+def _edges_have_l_shape(edges: np.ndarray, column_h: int) -> bool:
+    """The rule on run edges (cumulative run lengths, background first) in columns ``column_h`` tall.
 
     The first runs are tried alone before all of them: their pixels are the mask's own, so an L-shape
     among them is one of the mask, and a large mask need not be read to its end."""
-    counts = np.asarray(counts)
-    if counts.size > 2 * _FIRST_RUNS and _l_shape_in_runs(counts[: 2 * _FIRST_RUNS], crop_h):
+    if edges.size > 2 * _FIRST_RUNS and _l_shape_in_edges(edges[: 2 * _FIRST_RUNS], column_h):
         return True
-    return _l_shape_in_runs(counts, crop_h)
+    return _l_shape_in_edges(edges, column_h)
 
 
-def _l_shape_in_runs(counts: np.ndarray, crop_h: int) -> bool:
-    edges = np.cumsum(np.asarray(counts, dtype=np.int64))
+def _l_shape_in_edges(edges: np.ndarray, crop_h: int) -> bool:
     foreground = len(edges) // 2
     starts, ends = edges[0 : 2 * foreground : 2], edges[1 : 2 * foreground : 2] - 1  # first / last pixel
     if crop_h < 2 or starts.size == 0:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from inference_fastpath.adapters.masks import _runs_have_l_shape, largest_external_contour, survives_polygon_step
-from inference_fastpath.adapters.postprocess.compact import compact_from_dense, compact_from_transitions
+from inference_fastpath.adapters.postprocess.compact import LazyCompactMasks, compact_from_dense, compact_from_transitions
 
 
 def _random_masks(rng, count=3):
@@ -63,6 +63,9 @@ def test_polygon_step_rule_on_compact_and_dense_masks_equals_the_contour_rule(mo
         assert survives_polygon_step(masks, boxes).tolist() == truth
         compact = compact_from_dense(masks)
         assert survives_polygon_step(compact, boxes).tolist() == truth
+        lazy = LazyCompactMasks([_transitions(m) for m in masks], *masks.shape[1:])
+        assert survives_polygon_step(lazy, boxes).tolist() == truth
+        assert lazy._built is None  # decided on the transitions: no crop runs were built
         for index, crop in enumerate(compact.crop(i) for i in range(len(masks))):
             u = crop.astype(np.uint8)
             windows = u[:-1, :-1] + u[1:, :-1] + u[:-1, 1:] + u[1:, 1:] if min(crop.shape) > 1 else np.zeros(0)
@@ -100,3 +103,21 @@ def test_lazy_masks_survive_the_engines_deep_copy_and_pickle(count):
                    sv_detections_to_root_coordinates(detections)):
         assert isinstance(copied.mask, LazyCompactMasks)
         np.testing.assert_array_equal(copied.mask.to_dense(), masks)
+
+
+def test_lazy_masks_select_and_crop_without_building_all_and_equal_supervisions_encoder():
+    rng = np.random.default_rng(3)
+    for _ in range(300):
+        masks = _random_masks(rng, count=4)
+        lazy = LazyCompactMasks([_transitions(m) for m in masks], *masks.shape[1:])
+        theirs = compact_from_dense(masks)
+        for index in range(len(masks)):
+            np.testing.assert_array_equal(lazy.crop(index), theirs.crop(index))
+        for selector in (np.array([True, False, True, True]), [3, 1], slice(1, 3), np.array([], dtype=int)):
+            subset = lazy[selector]
+            assert isinstance(subset, LazyCompactMasks) and subset._built is None
+            np.testing.assert_array_equal(subset.to_dense(), masks[selector])
+            assert all(np.array_equal(a, b) for a, b in zip(subset._rles, theirs[selector]._rles))
+        assert lazy._built is None
+        np.testing.assert_array_equal(lazy[2], masks[2])  # one dense mask: now built, as supervision indexes
+        np.testing.assert_array_equal(lazy[[0, 3]].to_dense(), masks[[0, 3]])

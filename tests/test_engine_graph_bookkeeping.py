@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from inference_fastpath.adapters.engine import base
+from inference_fastpath.adapters.engine import batch_padding
 from inference_fastpath.adapters.engine import graphs as cuda_graphs
 from inference_fastpath.adapters.engine.base import (
     EngineStats,
@@ -377,16 +378,16 @@ class BucketingToyEngine(ToyEngine):
 @pytest.mark.parametrize("largest", [1, 2, 5, 8, 12, 16, 33])
 def test_graph_batch_size_grid(largest):
     for n in range(1, 40):
-        phys = cuda_graphs.graph_batch_size(n, largest)
+        phys = batch_padding.graph_batch_size(n, largest)
         if n >= largest:
             assert phys == n
         else:
             assert n <= phys <= largest and (phys == largest or phys & (phys - 1) == 0), (n, largest, phys)
             assert phys < 2 * n  # never more than double the rows
-    sizes = {cuda_graphs.graph_batch_size(n, largest) for n in range(1, largest + 1)}
+    sizes = {batch_padding.graph_batch_size(n, largest) for n in range(1, largest + 1)}
     assert len(sizes) <= (largest - 1).bit_length() + 1  # powers of two below largest, and largest
     with pytest.raises(ValueError, match="batch size must be >= 1"):
-        cuda_graphs.graph_batch_size(0, largest)
+        batch_padding.graph_batch_size(0, largest)
 
 
 def test_engine_flow_partial_batches_replay_a_few_bucketed_graphs(fake_cuda):
@@ -403,8 +404,51 @@ def test_engine_flow_partial_batches_replay_a_few_bucketed_graphs(fake_cuda):
         raw.release(None)
     assert sorted(k[0] for k in engine.cached_graph_keys()) == [1, 2, 4, 8]
     assert sorted(b for b, _, _ in engine._input_buffers) == [1, 2, 4, 8]
-    assert engine.graph_summary() == {"captures": 4, "evictions": 0, "live_keys": 4, "off_reason": None}
+    assert engine.graph_summary() == {"captures": 4, "captured_ahead": 0, "evictions": 0, "live_keys": 4,
+                                      "off_reason": None}
     assert engine.stats.input_copies == 1 and engine.stats.eager_runs == 0  # only `full` came from elsewhere
     # a batch above the largest becomes the new largest and runs unpadded
     raw = engine(PreprocessedBatch(tensor=torch.randn(11, 3, 4, 4), metadata=[]))
     assert raw.boxes.shape[0] == 11 and engine.cached_graph_keys()[-1][0] == 11
+
+
+def test_batch_padding_hands_out_the_smaller_sizes_once_the_largest_holds():
+    padding = batch_padding.BatchPadding(prepare_after=3)
+    for n in (1, 2, 3, 5, 6):  # sources coming online one by one: the largest keeps growing
+        assert padding(n) == n and padding.sizes_to_prepare() == []
+    assert padding(6) == 6 and padding.sizes_to_prepare() == []
+    assert padding(3) == 4 and padding.sizes_to_prepare() == [1, 2, 4]  # third batch since 6 came
+    assert padding(6) == 6 and padding.sizes_to_prepare() == []  # once per largest
+    assert padding(12) == 12 and [padding.sizes_to_prepare() for _ in range(3)] == [[], [], [1, 2, 4, 8]]
+    with pytest.raises(ValueError, match="prepare_after"):
+        batch_padding.BatchPadding(prepare_after=0)
+
+
+@pytest.mark.parametrize("largest", [1, 2, 3, 8, 12, 33, 64])
+def test_padded_sizes_below_cover_every_partial_batch(largest):
+    below = batch_padding.padded_sizes_below(largest)
+    assert below == sorted(set(below)) and all(size < largest for size in below)
+    assert {batch_padding.graph_batch_size(n, largest) for n in range(1, largest)} <= set(below) | {largest}
+
+
+def test_engine_captures_the_padded_sizes_ahead_once_the_largest_holds(fake_cuda):
+    engine = _as_cuda_engine(BucketingToyEngine(cuda_graphs=False))
+    engine._graphs = engine._graph_cache(8, 2)
+    engine._padding = batch_padding.BatchPadding(prepare_after=2)
+    for _ in range(2):
+        engine(PreprocessedBatch(tensor=torch.randn(8, 3, 4, 4), metadata=[])).release(None)
+    assert sorted(k[0] for k in engine.cached_graph_keys()) == [1, 2, 4, 8]
+    summary = engine.graph_summary()
+    assert (summary["captures"], summary["captured_ahead"]) == (4, 3)
+    replays = engine.stats.graph_replays
+    for n in (5, 3, 1, 2, 7):
+        buffer = engine.input_buffer(n)
+        x = torch.randn(n, 3, 4, 4)
+        buffer.copy_(x)
+        raw = engine(PreprocessedBatch(tensor=buffer, metadata=[]))
+        assert torch.equal(raw.boxes[:, 0, 0], _expected(x)[0]), n
+        raw.release(None)
+    assert engine.graph_summary()["captures"] == 4 and engine.stats.eager_runs == 0
+    assert engine.stats.graph_replays == replays + 5  # the captures ahead replayed nothing themselves
+    # the prepared buffers are guarded like any other: the producer waits for the capture's reads
+    assert (4, 4, 4) in engine._input_free_events

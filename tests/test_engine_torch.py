@@ -89,7 +89,7 @@ def test_input_buffer_is_static_per_batch_size(torch_engine):
 
 def test_the_block_builds_engines_with_a_graph_for_every_padded_batch_size(seg_model):
     # the block's engines come from build_engine: its cache must hold the padded sizes of 64 sources
-    from inference_fastpath.adapters.engine.graphs import graph_batch_size
+    from inference_fastpath.adapters.engine.batch_padding import graph_batch_size
     from inference_fastpath.adapters.selection import build_engine
 
     engine, _ = build_engine("auto", True, seg_model)

@@ -290,3 +290,52 @@ def test_padded_programs_of_sixteen_sources_all_stay_live():
     assert sorted(spec.batch for spec in stage._programs.keys()) == [1, 2, 4, 8, 16]
     if CUDA:
         assert stage.graph_summary()["evictions"] == 0, stage.graph_summary()
+
+
+def _graphs_on_the_cpu(stage):
+    """A graph cache whose 'capture' runs the program once and whose 'replay' runs it again, so the
+    stage's capture-ahead bookkeeping runs on the CPU as it does on CUDA."""
+    from inference_fastpath.adapters.engine.graphs import CapturedGraph, GraphCache
+
+    stage._graphs = GraphCache("cpu stand-in", capture=lambda fn, keep: CapturedGraph(replay=fn, outputs=tuple(fn())),
+                               capacity=8, max_captures=16, replay_after_capture=False)
+
+
+@pytest.mark.parametrize("per_class", [False, True])
+def test_padded_programs_are_captured_ahead_once_the_largest_batch_holds(per_class):
+    """After the full batch has held for `prepare_after` batches, the programs of the smaller padded
+    sizes are built and captured; later partial batches use them (no new program, no capture) and
+    still equal the reference. Mixed frame shapes capture nothing ahead."""
+    from inference_fastpath.adapters.engine.batch_padding import BatchPadding
+
+    stage = FusedPostprocess(NUM_CLASSES, None, DEVICE, cuda_graphs=CUDA, pad_partial_batches=True)
+    if not CUDA:
+        _graphs_on_the_cpu(stage)
+    stage._padding = BatchPadding(prepare_after=3)
+    threshold = torch.full((NUM_CLASSES,), 0.5) if per_class else 0.5
+    request = PostprocessRequest(threshold, None, "compact")
+    meta = [make_metadata((24, 32))] * 8
+
+    def run(batch, seed):
+        raw = _device(synthetic_outputs(batch=batch, queries=40, mask_hw=(16, 16), n_confident=2, seed=seed))
+        return _assert_equal(stage, raw, meta[:batch], request)
+
+    for seed in range(2):
+        run(8, 100 + seed)
+    assert sorted(spec.batch for spec in stage._programs.keys()) == [8] and stage.captures == 1
+    run(8, 102)  # the third batch at the largest size: 1, 2 and 4 are captured ahead
+    assert sorted(spec.batch for spec in stage._programs.keys()) == [1, 2, 4, 8]
+    summary = stage.graph_summary()
+    assert (summary["captures"], summary["captured_ahead"]) == (4, 3), summary
+    for seed, batch in enumerate((5, 3, 1, 2, 7, 4)):
+        assert len(run(batch, 110 + seed)) == batch
+    assert sorted(spec.batch for spec in stage._programs.keys()) == [1, 2, 4, 8]
+    assert stage.graph_summary()["captures"] == 4  # every partial batch replayed a graph made ahead
+
+    mixed = FusedPostprocess(NUM_CLASSES, None, DEVICE, cuda_graphs=CUDA, pad_partial_batches=True)
+    if not CUDA:
+        _graphs_on_the_cpu(mixed)
+    mixed._padding = BatchPadding(prepare_after=1)
+    raw = _device(synthetic_outputs(batch=2, queries=40, mask_hw=(16, 16), n_confident=2, seed=120))
+    _assert_equal(mixed, raw, [make_metadata((24, 32)), make_metadata((32, 24))], request)
+    assert mixed.graph_summary()["captured_ahead"] == 0 and len(mixed._programs) == 1

@@ -42,8 +42,8 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from inference_fastpath.adapters.cuda.streams import stream_made_current
+from inference_fastpath.adapters.engine.batch_padding import BatchPadding
 from inference_fastpath.adapters.engine.graphs import (
-    BatchPadding,
     CapturedGraph,
     GraphCaptureStats,
     GraphKey,
@@ -315,8 +315,10 @@ class EngineBase(GraphCaptureStats, abc.ABC):
                 boxes, logits, masks, release, buffer_key = self._run_on_stream(x, stream)
                 done = torch.cuda.Event()
                 done.record(stream)
-            if buffer_key is not None:
-                self._input_free_events[buffer_key] = done
+                if buffer_key is not None:
+                    self._input_free_events[buffer_key] = done
+                    # after `done`: the outputs handed on do not wait for these captures
+                    self._capture_padded_sizes(tuple(x.shape[1:]))
             return RawOutputs(boxes=boxes, logits=logits, masks=masks, done_event=done, release=release)
 
     def close(self) -> None:
@@ -391,6 +393,23 @@ class EngineBase(GraphCaptureStats, abc.ABC):
                 _record_stream(src, stream)
         outs = self._run_eager(src, n)
         return (*outs, self._parking_release(outs), buffer_key)
+
+    def _capture_padded_sizes(self, sample_shape: Tuple[int, ...]) -> None:
+        """Captures the graphs of the smaller padded batch sizes once the largest batch has held
+        (:meth:`BatchPadding.sizes_to_prepare`), so partial batches later (a clip's sources ending,
+        a camera stalling) replay instead of capturing mid-stream. Only the newest sizes that fit
+        the cache beside the largest are captured."""
+        if not self.cuda_graphs_active:
+            return
+        sizes = self._padding.sizes_to_prepare()[-(self.graph_cache_size - 1):]
+        _, h, w = sample_shape
+        for size in sizes:
+            key = make_graph_key(size, sample_shape, self.input_dtype)
+            if self._graph_unsupported_reason(key) is not None:
+                continue
+            full = self._full_input_buffer(size, h, w)
+            if self._graphs.prepare(key, lambda: self._graph_forward_fn(key, full), binding=full):
+                self._input_free_events[(size, h, w)] = self._record_on_current_stream()
 
     def _run_eager(self, x: torch.Tensor, n: int) -> OutputTriple:
         """Eager forward with batch chunking / padding as the model's batch limits require."""

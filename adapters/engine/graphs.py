@@ -43,44 +43,6 @@ def make_graph_key(batch_size: int, sample_shape: Sequence[int], dtype: torch.dt
     return (int(batch_size), tuple(int(s) for s in sample_shape), str(dtype).replace("torch.", ""))
 
 
-def graph_batch_size(batch_size: int, largest: int) -> int:
-    """Rows a graph replay runs for ``batch_size`` frames when ``largest`` is the biggest batch seen.
-
-    Batches of the largest size (or larger, which become the new largest) run as they are; smaller,
-    partial ones, as a batch collection timeout hands over, run in the graph of the next power of
-    two, never above the largest. Once a pipeline of N sources has delivered a full batch, its partial
-    batches take at most ceil(log2 N) + 1 sizes, whatever sizes they come in, instead of one capture
-    per size. Batches that grow one by one before that (sources coming online) still run unpadded.
-
-    Example:
-        >>> [graph_batch_size(n, 12) for n in (1, 3, 5, 8, 9, 12, 13)]
-        [1, 4, 8, 8, 12, 12, 13]
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
-    if batch_size >= largest:
-        return batch_size
-    return min(1 << (batch_size - 1).bit_length(), largest)
-
-
-class BatchPadding:
-    """The padded size of each batch (:func:`graph_batch_size`) under the largest batch seen so far,
-    which never shrinks. One per stage, called with the stage's lock held.
-
-    Example:
-        >>> padding = BatchPadding()
-        >>> [padding(n) for n in (8, 3, 5, 8)]
-        [8, 4, 8, 8]
-    """
-
-    def __init__(self) -> None:
-        self.largest = 0
-
-    def __call__(self, batch_size: int) -> int:
-        self.largest = max(self.largest, batch_size)
-        return graph_batch_size(batch_size, self.largest)
-
-
 @dataclass
 class CapturedGraph:
     """One captured graph instance: ``replay()`` refills ``outputs`` from the static input."""
@@ -190,6 +152,7 @@ class GraphCache:
         self._stats = stats
         self._logger = logger
         self.captures = 0
+        self.captured_ahead = 0  # of the captures, those made by prepare()
         self.evictions = 0
         self.disabled_reason: Optional[str] = None
         self._logged: set = set()
@@ -248,6 +211,30 @@ class GraphCache:
         with self._lock:
             entry = self._cache.peek(key)
             return entry.instances[0].graph if entry is not None and entry.instances else None
+
+    def prepare(
+        self,
+        key: Hashable,
+        build: Callable[[], Tuple[Callable[[], Sequence[torch.Tensor]], Any]],
+        binding: Any = None,
+    ) -> bool:
+        """Captures the graph of ``key`` ahead of need, without replaying it or holding it; True
+        when it captured one (False: already cached for ``binding``, graphs off, or the capture
+        failed, which turns graphs off as in :meth:`run`)."""
+        with self._lock:
+            if self.disabled_reason is not None:
+                return False
+            entry = self._cache.get(key)
+            if entry is not None and entry.binding is binding and entry.instances:
+                return False
+            if entry is not None:
+                self._cache.pop(key)
+            entry = _Entry(key=key, binding=binding)
+            self._cache.put(key, entry)
+            if self._new_instance(entry, build) is None:
+                return False
+            self.captured_ahead += 1
+            return True
 
     def discard(self, key: Hashable) -> None:
         """Frees the graphs of ``key`` (its buffers are going away)."""
@@ -434,8 +421,9 @@ class GraphCaptureStats:
 
         Example:
             >>> stage.graph_summary()  # doctest: +SKIP
-            {'captures': 2, 'evictions': 0, 'live_keys': 2, 'off_reason': None}
+            {'captures': 2, 'captured_ahead': 0, 'evictions': 0, 'live_keys': 2, 'off_reason': None}
         """
         graphs = self._graphs
-        return {"captures": self.captures, "evictions": 0 if graphs is None else graphs.evictions,
+        return {"captures": self.captures, "captured_ahead": 0 if graphs is None else graphs.captured_ahead,
+                "evictions": 0 if graphs is None else graphs.evictions,
                 "live_keys": 0 if graphs is None else len(graphs), "off_reason": self.graph_fallback_reason}

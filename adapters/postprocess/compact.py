@@ -105,8 +105,10 @@ def crop_runs(transitions: np.ndarray, height: int, width: int) -> Tuple[np.ndar
 
 
 class LazyCompactMasks(CompactMasks):
-    """``CompactMasks`` whose runs are worked out from the transition positions on first use: the RLE
-    output carries its masks this way, so a workflow that only serialises the RLE never pays for them.
+    """``CompactMasks`` whose runs are worked out from the transition positions on first use: the
+    compact and RLE outputs carry their masks this way, so a workflow that never reads the masks (a
+    sink, trackers and analytics on boxes, the RLE serialised) never pays for them. Selections stay
+    lazy, and one mask's crop is worked out alone.
 
     Example:
         >>> lazy = LazyCompactMasks([np.array([5, 7, 9, 11])], 4, 4)
@@ -128,6 +130,24 @@ class LazyCompactMasks(CompactMasks):
         if self._built is None:
             self._built = compact_from_transitions(self._transitions, *self._image_shape)
         return self._built
+
+    def transitions_of(self, index: int) -> np.ndarray:
+        """Mask ``index`` as the full frame's column-major positions where it changes value."""
+        return self._transitions[index]
+
+    def crop(self, index: int) -> np.ndarray:
+        """Mask ``index``'s foreground box as a dense array, worked out for this mask alone."""
+        if self._built is not None:
+            return self._built.crop(index)
+        runs, shape, offset = crop_runs(self._transitions[index], *self._image_shape)
+        return CompactMask([runs], np.array([shape], np.int32), np.array([offset], np.int32), self._image_shape).crop(0)
+
+    def __getitem__(self, index: Any):
+        if self._built is not None or isinstance(index, (int, np.integer, tuple)):
+            return super().__getitem__(index)
+        # a selection (slice, bool or integer positions) stays lazy: dropping detections builds nothing
+        chosen = np.atleast_1d(np.arange(len(self))[index])
+        return LazyCompactMasks([self._transitions[int(i)] for i in chosen], *self._image_shape)
 
     def __reduce__(self):
         # copy.deepcopy and pickle would otherwise restore the parent's slots through these read-only

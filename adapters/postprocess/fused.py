@@ -27,10 +27,10 @@ from inference_models.models.common.roboflow.model_packages import PreProcessing
 
 from inference_fastpath.adapters.caches import LRUCache
 from inference_fastpath.adapters.cuda.streams import stream_made_current
+from inference_fastpath.adapters.engine.batch_padding import BatchPadding
 from inference_fastpath.adapters.engine.graphs import (
     CapturedGraph,
     GraphCache,
-    BatchPadding,
     GraphCaptureStats,
     side_stream_capture,
 )
@@ -322,7 +322,29 @@ class FusedPostprocess(GraphCaptureStats):
             # next frames of this shape copy a longer prefix with the header (no second wait)
             prefix = grown(spec.prefix, int(program.payload_total * 1.25), _MAX_PREFIX[output])
         self._sizes[sizes_key] = (spec.payload_capacity, max(prefix, spec.prefix))
+        if self._padding is not None:
+            self._capture_padded_sizes(spec, request.threshold)
         return results
+
+    def _capture_padded_sizes(self, spec: ProgramSpec, threshold: Union[float, torch.Tensor]) -> None:
+        """Builds and captures the programs of the smaller padded batch sizes once the largest batch
+        has held (:meth:`BatchPadding.sizes_to_prepare`), so a partial batch later replays instead
+        of capturing mid-stream. Only when every frame has one geometry (cameras of one
+        resolution): the padded programs of mixed batches depend on which frames come. They start
+        with this batch's payload room."""
+        sizes = self._padding.sizes_to_prepare()
+        if not sizes or self._graphs is None or len(set(spec.geometries)) != 1:
+            return
+        for size in sizes[-(_MAX_PROGRAMS - 1):]:
+            geometries = spec.geometries[:1] * size
+            capacity, prefix = self._sizes.setdefault((spec.output, geometries), (spec.payload_capacity, spec.prefix))
+            ahead = replace(spec, batch=size, geometries=geometries, payload_capacity=capacity,
+                            prefix=min(prefix, capacity))
+            if ahead in self._programs:
+                continue
+            program = self._program(ahead)
+            program.clear(threshold)
+            self._graphs.prepare(ahead, lambda: (program.enqueue, program), binding=program)
 
     def _execute(self, program: PostprocessProgram, fmt: str) -> Optional[List[FrameDetections]]:
         """Run the device program (graph replay when captured) and decode its host copies."""

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from inference_fastpath.adapters.contracts import FrameDetections, RawOutputs
-from inference_fastpath.adapters.postprocess.compact import LazyCompactMasks, compact_from_transitions
+from inference_fastpath.adapters.postprocess.compact import LazyCompactMasks
 from inference_fastpath.kernels.mask_resize import binarize_with_torch, make_mask_plan
 from inference_fastpath.kernels.postprocess_mask_dense import (
     device_crop_layout,
@@ -155,6 +155,18 @@ class PostprocessProgram:
         self.masks[:rows].copy_(raw.masks, non_blocking=True)
         if rows < self.spec.batch:
             self.logits[rows:].fill_(_NO_SCORE)
+        self._load_thresholds(threshold)
+
+    def clear(self, threshold: Union[float, torch.Tensor]) -> None:
+        """Static inputs of a batch with no frames (every score 0, so nothing is selected): what a
+        capture ahead of need runs before any frame of this size has come."""
+        self.rows = 0
+        self.logits.fill_(_NO_SCORE)
+        self.boxes.zero_()
+        self.masks.zero_()
+        self._load_thresholds(threshold)
+
+    def _load_thresholds(self, threshold: Union[float, torch.Tensor]) -> None:
         if self.thresholds is not None:
             table = torch.as_tensor(threshold, dtype=torch.float32).reshape(-1)
             self.thresholds.copy_(table[: self.spec.per_class_len], non_blocking=True)
@@ -267,9 +279,10 @@ class PostprocessProgram:
         payload = self._host_payload(self.host_prefix, self.payload, total)
         positions = payload
         if spec.output == STRINGS:
-            # a copy: the lazy compact masks outlive this pinned buffer, which the next batch refills
             positions = self._host_payload(self.host_positions, self.positions,
-                                           int(sum(int(r.sum()) for r in runs))).copy()
+                                           int(sum(int(r.sum()) for r in runs)))
+        if spec.output != DENSE:
+            positions = positions.copy()  # the lazy compact masks outlive this pinned buffer, which the next batch refills
         results = []
         cursor = position_cursor = 0
         # the padding frames come last in the payload and selected nothing: decoding stops before them
@@ -283,15 +296,14 @@ class PostprocessProgram:
             position_bounds = (position_cursor + np.concatenate([[0], np.cumsum(runs[b])])).tolist()
             position_cursor = position_bounds[-1]
             per_mask = [positions[a:e] for a, e in zip(position_bounds[:-1], position_bounds[1:])]
+            compact = LazyCompactMasks(per_mask, height, width)  # worked out only if a later block reads masks
             if spec.output == RUNS:
-                compact = compact_from_transitions(per_mask, height, width)
                 results.append(_frame_detections(frame, plan.geometry, compact_masks=compact))
                 continue
             bounds = (cursor + np.concatenate([[0], np.cumsum(sizes[b])])).tolist()
             cursor = bounds[-1]
             rles = [{"size": [height, width], "counts": payload[a:e].tobytes()}
                     for a, e in zip(bounds[:-1], bounds[1:])]
-            compact = LazyCompactMasks(per_mask, height, width)  # worked out only if a later block reads masks
             results.append(_frame_detections(frame, plan.geometry, rle_masks=rles, compact_masks=compact))
         return results
 

@@ -67,7 +67,7 @@ def polygon_rule_ms(masks_per_frame: Sequence[np.ndarray], repeats: int = 5) -> 
     (``first_runs``) and reading all of every mask's runs (``all_runs``)."""
     import time
 
-    from inference_fastpath.adapters.masks import _l_shape_in_runs, _runs_have_l_shape
+    from inference_fastpath.adapters.masks import _l_shape_in_edges, _runs_have_l_shape
     from inference_fastpath.adapters.postprocess.compact import compact_from_dense
 
     crops = []
@@ -76,7 +76,10 @@ def polygon_rule_ms(masks_per_frame: Sequence[np.ndarray], repeats: int = 5) -> 
         crops.append([] if compact is None else
                      [(compact._rles[i], int(compact._crop_shapes[i][0])) for i in range(len(masks))])
     timings = {}
-    for name, rule in (("first_runs", _runs_have_l_shape), ("all_runs", _l_shape_in_runs)):
+    def all_runs(counts: np.ndarray, height: int) -> bool:
+        return _l_shape_in_edges(np.cumsum(np.asarray(counts, dtype=np.int64)), height)
+
+    for name, rule in (("first_runs", _runs_have_l_shape), ("all_runs", all_runs)):
         started = time.perf_counter()
         for _ in range(repeats):
             verdicts = [[rule(runs, height) for runs, height in frame] for frame in crops]
