@@ -50,3 +50,13 @@ def test_polygon_rule_timing_gives_both_verdicts_alike():
     timings = polygon_rule_ms([masks, np.zeros((0, 300, 300), bool)], repeats=2)
     assert timings["polygon_rule_kept_first_runs"] == timings["polygon_rule_kept_all_runs"] == 2
     assert timings["polygon_rule_ms_first_runs"] > 0 and timings["polygon_rule_ms_all_runs"] > 0
+
+
+def test_compact_output_timing_runs_both_ways_on_the_same_masks():
+    from inference_fastpath.examples.benchmarks.mask_statistics import compact_output_ms
+
+    rng = np.random.default_rng(1)
+    frames = [rng.random((3, 20, 30)) < 0.4, np.zeros((0, 20, 30), bool)]
+    timings = compact_output_ms(frames, repeats=1)
+    assert set(timings) == {"compact_output_ms_eager", "compact_output_ms_lazy"}
+    assert all(value >= 0 for value in timings.values())

@@ -88,6 +88,34 @@ def polygon_rule_ms(masks_per_frame: Sequence[np.ndarray], repeats: int = 5) -> 
     return timings
 
 
+def compact_output_ms(masks_per_frame: Sequence[np.ndarray], repeats: int = 3) -> Dict[str, float]:
+    """Host ms per frame of the compact output after the device program: crop runs built from the
+    transition positions, then the polygon-step rule on them (``eager``, the block until 8150b39), against
+    lazy masks whose rule reads the transitions and builds nothing (``lazy``). Verdicts must agree."""
+    import time
+
+    from inference_fastpath.adapters.masks import survives_polygon_step
+    from inference_fastpath.adapters.postprocess.compact import LazyCompactMasks, compact_from_transitions
+
+    frames = []
+    for masks in masks_per_frame:
+        per_mask = [np.flatnonzero(np.diff(np.concatenate([[False], f]).astype(np.int8))) for f in
+                    (masks[i].ravel(order="F") for i in range(len(masks)))]
+        frames.append((per_mask, masks.shape[1:], np.zeros((len(masks), 4))))
+    timings: Dict[str, float] = {}
+    verdicts: Dict[str, List[List[bool]]] = {}
+    builders = {"eager": compact_from_transitions, "lazy": LazyCompactMasks}
+    for name, build in builders.items():
+        started = time.perf_counter()
+        for _ in range(repeats):
+            verdicts[name] = [survives_polygon_step(build(per_mask, *shape), boxes).tolist()
+                              for per_mask, shape, boxes in frames]
+        timings[f"compact_output_ms_{name}"] = (time.perf_counter() - started) * 1e3 / repeats / max(1, len(frames))
+    if verdicts["eager"] != verdicts["lazy"]:
+        raise AssertionError("the polygon-step rule decided differently on lazy and built compact masks")
+    return timings
+
+
 def model_masks(package: Path, video: Path, frames: int, device: torch.device,
                 resolution: Optional[Tuple[int, int]] = None) -> List[np.ndarray]:
     from inference_models import AutoModel
@@ -138,14 +166,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     report = []
     for name, package, video in default_cases():
         masks = model_masks(package, video, args.frames, device, resolution)
-        stats = {**mask_statistics(masks), **polygon_rule_ms(masks)}
+        stats = {**mask_statistics(masks), **polygon_rule_ms(masks), **compact_output_ms(masks)}
         report.append({"name": name, "package": str(package), "video": str(video), **stats})
         print(f"{name:<32} {stats['detections_per_frame']:6.2f} detections/frame, mask area "
               f"{stats['mask_area_fraction_mean']:.4f} of the frame (median {stats['mask_area_fraction_median']:.4f}), "
               f"RLE runs per mask {stats['rle_runs_per_mask_mean']:.1f} (median {stats['rle_runs_per_mask_median']:.0f}); "
               f"polygon rule {stats['polygon_rule_ms_first_runs']:.2f} ms per frame "
               f"(all runs read: {stats['polygon_rule_ms_all_runs']:.2f} ms; kept {stats['polygon_rule_kept_first_runs']} "
-              f"and {stats['polygon_rule_kept_all_runs']})", flush=True)
+              f"and {stats['polygon_rule_kept_all_runs']}); compact output {stats['compact_output_ms_eager']:.2f} ms "
+              f"per frame with crop runs built, {stats['compact_output_ms_lazy']:.2f} ms lazy", flush=True)
     Path(args.out).write_text(json.dumps({"device": str(device), "confidence": CONFIDENCE, "resolution": args.resolution,
                                           "cases": report}, indent=1))
     print(f"results: {args.out}")
