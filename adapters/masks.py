@@ -36,13 +36,13 @@ def survives_polygon_step(masks: Any, xyxy: np.ndarray) -> np.ndarray:
     """
     keep = np.zeros(len(masks), dtype=bool)
     compact = not isinstance(masks, np.ndarray)
-    # lazy compact masks (the fused postprocess's) are read as the full frame's transition positions,
-    # so the rule builds no crop runs: a workflow that never reads the masks never pays for them
-    transitions_of = getattr(masks, "transitions_of", None)
+    # lazy compact masks (the fused postprocess's) are read as the full frame's run edges, whose columns
+    # are the frame's height: the 2x2 windows are the crop's, and no crop runs are built
+    frame_edges = getattr(masks, "frame_edges", None)
     for index in range(len(masks)):
         if compact:  # decided from the runs; the crop is decoded for a contour only if needed
-            if transitions_of is not None:
-                l_shape = _transitions_have_l_shape(transitions_of(index), masks.shape[1], masks.shape[2])
+            if frame_edges is not None:
+                l_shape = _edges_have_l_shape(frame_edges(index), masks.shape[1])
             else:
                 l_shape = _runs_have_l_shape(masks._rles[index], int(masks._crop_shapes[index][0]))
             keep[index] = l_shape or len(largest_external_contour(masks.crop(index))) >= 3
@@ -60,16 +60,6 @@ def _runs_have_l_shape(counts: np.ndarray, crop_h: int) -> bool:
     """Whether 3 pixels of some 2x2 window are foreground, from column-major run lengths (background
     first): a run of 2+ pixels within one column whose rows meet foreground in a neighbouring column."""
     return _edges_have_l_shape(np.cumsum(np.asarray(counts, dtype=np.int64)), crop_h)
-
-
-def _transitions_have_l_shape(transitions: np.ndarray, height: int, width: int) -> bool:
-    """The same rule on the full frame's column-major positions where the mask changes value (the
-    pixel before the first counts as background): the positions are the run edges of the full frame,
-    whose columns are ``height`` tall, and the 2x2 windows are the same as in the crop."""
-    edges = np.asarray(transitions, dtype=np.int64)
-    if edges.size % 2:
-        edges = np.append(edges, height * width)  # foreground up to the last pixel
-    return _edges_have_l_shape(edges, height)
 
 
 def _edges_have_l_shape(edges: np.ndarray, column_h: int) -> bool:

@@ -45,10 +45,24 @@ class MaskRuns:
             >>> runs.pieces.tolist()
             [[1, 2, 2, 5, 7, 0]]
         """
+        edges = [np.cumsum(np.asarray(counts, dtype=np.int64)) for counts in rles]
+        return cls.from_edges(edges, np.asarray(crop_shapes)[:, 0] if len(edges) else [], offsets, priorities)
+
+    @classmethod
+    def from_edges(cls, edges, crop_heights, offsets, priorities) -> "MaskRuns":
+        """From run edges ``[start, stop, start, stop, ...]`` (column-major pixel positions, a trailing
+        unpaired edge ignored) per mask, in a region ``crop_h`` tall whose top-left corner is at
+        ``(x1, y1)``: a crop, or the whole frame at (0, 0) with the frame's height.
+
+        Example:
+            >>> runs = MaskRuns.from_edges([np.array([5, 7])], [4], np.array([[0, 0]]), np.array([3]))
+            >>> runs.pieces.tolist()
+            [[5, 2, 4, 0, 0, 3]]
+        """
         pieces = []
-        for counts, (crop_h, _), (x1, y1), priority in zip(rles, crop_shapes, offsets, priorities):
-            edges = np.cumsum(np.asarray(counts, dtype=np.int64))
-            starts, ends = edges[0:-1:2], edges[1::2]
+        for mask_edges, crop_h, (x1, y1), priority in zip(edges, crop_heights, offsets, priorities):
+            mask_edges = np.asarray(mask_edges, dtype=np.int64)
+            starts, ends = mask_edges[0:2 * (mask_edges.size // 2):2], mask_edges[1::2]
             if starts.size == 0:
                 continue
             lengths = ends - starts

@@ -11,6 +11,7 @@ import pytest
 
 from inference_fastpath.adapters.masks import _runs_have_l_shape, largest_external_contour, survives_polygon_step
 from inference_fastpath.adapters.postprocess.compact import LazyCompactMasks, compact_from_dense, compact_from_transitions
+from support.mask_scenes import frame_transitions
 
 
 def _random_masks(rng, count=3):
@@ -33,16 +34,11 @@ def _random_masks(rng, count=3):
     return masks
 
 
-def _transitions(mask):
-    flat = mask.ravel(order="F").astype(np.int8)
-    return np.flatnonzero(flat != np.concatenate([[0], flat[:-1]]))
-
-
 def test_runs_from_transitions_equal_supervisions_encoder():
     rng = np.random.default_rng(0)
     for _ in range(1500):
         masks = _random_masks(rng)
-        ours = compact_from_transitions([_transitions(m) for m in masks], *masks.shape[1:])
+        ours = compact_from_transitions([frame_transitions(m) for m in masks], *masks.shape[1:])
         theirs = compact_from_dense(masks)
         np.testing.assert_array_equal(ours.to_dense(), masks)
         assert all(np.array_equal(a, b) for a, b in zip(ours._rles, theirs._rles))
@@ -63,7 +59,7 @@ def test_polygon_step_rule_on_compact_and_dense_masks_equals_the_contour_rule(mo
         assert survives_polygon_step(masks, boxes).tolist() == truth
         compact = compact_from_dense(masks)
         assert survives_polygon_step(compact, boxes).tolist() == truth
-        lazy = LazyCompactMasks([_transitions(m) for m in masks], *masks.shape[1:])
+        lazy = LazyCompactMasks([frame_transitions(m) for m in masks], *masks.shape[1:])
         assert survives_polygon_step(lazy, boxes).tolist() == truth
         assert lazy._built is None  # decided on the transitions: no crop runs were built
         for index, crop in enumerate(compact.crop(i) for i in range(len(masks))):
@@ -96,7 +92,7 @@ def test_lazy_masks_survive_the_engines_deep_copy_and_pickle(count):
     from inference_fastpath.adapters.postprocess.compact import LazyCompactMasks
 
     masks = _random_masks(np.random.default_rng(count), count) if count else np.zeros((0, 5, 7), bool)
-    lazy = LazyCompactMasks([_transitions(m) for m in masks], *masks.shape[1:])
+    lazy = LazyCompactMasks([frame_transitions(m) for m in masks], *masks.shape[1:])
     detections = sv.Detections(xyxy=np.zeros((count, 4)), mask=lazy)
     detections.metadata["root_parent_dimensions"] = list(masks.shape[1:])  # what makes the engine copy
     for copied in (copy.deepcopy(detections), pickle.loads(pickle.dumps(detections)),
@@ -109,7 +105,7 @@ def test_lazy_masks_select_and_crop_without_building_all_and_equal_supervisions_
     rng = np.random.default_rng(3)
     for _ in range(300):
         masks = _random_masks(rng, count=4)
-        lazy = LazyCompactMasks([_transitions(m) for m in masks], *masks.shape[1:])
+        lazy = LazyCompactMasks([frame_transitions(m) for m in masks], *masks.shape[1:])
         theirs = compact_from_dense(masks)
         for index in range(len(masks)):
             np.testing.assert_array_equal(lazy.crop(index), theirs.crop(index))
@@ -121,3 +117,16 @@ def test_lazy_masks_select_and_crop_without_building_all_and_equal_supervisions_
         assert lazy._built is None
         np.testing.assert_array_equal(lazy[2], masks[2])  # one dense mask: now built, as supervision indexes
         np.testing.assert_array_equal(lazy[[0, 3]].to_dense(), masks[[0, 3]])
+
+
+def test_lazy_geometry_and_area_equal_supervisions_encoder_without_building_runs():
+    rng = np.random.default_rng(4)
+    for _ in range(500):
+        masks = _random_masks(rng, count=4)
+        lazy = LazyCompactMasks([frame_transitions(m) for m in masks], *masks.shape[1:])
+        theirs = compact_from_dense(masks)
+        np.testing.assert_array_equal(lazy.area, masks.reshape(len(masks), -1).sum(axis=1))
+        np.testing.assert_array_equal(lazy._offsets, theirs._offsets)
+        np.testing.assert_array_equal(lazy._crop_shapes, theirs._crop_shapes)
+        assert lazy._built is None
+        np.testing.assert_array_equal(lazy.area, theirs.area)

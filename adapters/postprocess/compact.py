@@ -74,20 +74,13 @@ def crop_runs(transitions: np.ndarray, height: int, width: int) -> Tuple[np.ndar
         >>> crop_runs(np.array([5, 7, 9, 11]), 4, 4)  # column 1 rows 1-2, column 2 rows 1-2
         (array([0, 4], dtype=int32), (2, 2), (1, 1))
     """
-    t = np.asarray(transitions, dtype=np.int64)
+    t = frame_edges(transitions, height, width)
     if t.size == 0:
         return np.array([1], dtype=np.int32), (1, 1), (0, 0)
-    if t.size % 2:
-        t = np.append(t, height * width)  # foreground up to the last pixel
     starts, ends = t[0::2], t[1::2] - 1  # first and last pixel of each foreground run
     x_start, y_start = np.divmod(starts, height)
     x_end, y_end = np.divmod(ends, height)
-    if np.any(x_end > x_start):  # a run through the bottom of one column into the next: all rows
-        y1, y2 = 0, height - 1
-    else:
-        y1, y2 = int(y_start.min()), int(y_end.max())
-    x1, x2 = int(x_start.min()), int(x_end.max())
-    crop_h, crop_w = y2 - y1 + 1, x2 - x1 + 1
+    (crop_h, crop_w), (x1, y1) = _foreground_box(x_start, y_start, x_end, y_end, height)
     bounds = np.empty(2 * starts.size, dtype=np.int64)
     bounds[0::2] = (x_start - x1) * crop_h + (y_start - y1)
     bounds[1::2] = (x_end - x1) * crop_h + (y_end - y1) + 1
@@ -104,6 +97,44 @@ def crop_runs(transitions: np.ndarray, height: int, width: int) -> Tuple[np.ndar
     return runs.astype(np.int32), (crop_h, crop_w), (x1, y1)
 
 
+def frame_edges(transitions: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A mask's foreground runs as edges ``[start, stop, start, stop, ...]`` in the full frame's
+    column-major order: the transition positions, closed at the last pixel when the mask runs to it.
+
+    Example:
+        >>> frame_edges(np.array([5, 7, 14]), 4, 4).tolist()
+        [5, 7, 14, 16]
+    """
+    t = np.asarray(transitions, dtype=np.int64)
+    return np.append(t, height * width) if t.size % 2 else t
+
+
+def crop_box(transitions: np.ndarray, height: int, width: int) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    """``((crop_h, crop_w), (x1, y1))`` of one mask's foreground box, as :func:`crop_runs` gives it,
+    without its runs.
+
+    Example:
+        >>> crop_box(np.array([5, 7, 9, 11]), 4, 4)
+        ((2, 2), (1, 1))
+    """
+    t = frame_edges(transitions, height, width)
+    if t.size == 0:
+        return (1, 1), (0, 0)
+    x_start, y_start = np.divmod(t[0::2], height)
+    x_end, y_end = np.divmod(t[1::2] - 1, height)
+    return _foreground_box(x_start, y_start, x_end, y_end, height)
+
+
+def _foreground_box(x_start: np.ndarray, y_start: np.ndarray, x_end: np.ndarray, y_end: np.ndarray,
+                    height: int) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    if np.any(x_end > x_start):  # a run through the bottom of one column into the next: all rows
+        y1, y2 = 0, height - 1
+    else:
+        y1, y2 = int(y_start.min()), int(y_end.max())
+    x1, x2 = int(x_start.min()), int(x_end.max())
+    return (y2 - y1 + 1, x2 - x1 + 1), (x1, y1)
+
+
 class LazyCompactMasks(CompactMasks):
     """``CompactMasks`` whose runs are worked out from the transition positions on first use: the
     compact and RLE outputs carry their masks this way, so a workflow that never reads the masks (a
@@ -116,11 +147,12 @@ class LazyCompactMasks(CompactMasks):
         (1, (1, 4, 4), [4])
     """
 
-    __slots__ = ("_transitions", "_built")
+    __slots__ = ("_transitions", "_built", "_boxes")
 
     def __init__(self, per_mask: Sequence[np.ndarray], height: int, width: int) -> None:
         self._transitions = list(per_mask)
         self._built = None
+        self._boxes = None
         self._image_shape = (int(height), int(width))
 
     def __len__(self) -> int:
@@ -131,9 +163,27 @@ class LazyCompactMasks(CompactMasks):
             self._built = compact_from_transitions(self._transitions, *self._image_shape)
         return self._built
 
-    def transitions_of(self, index: int) -> np.ndarray:
-        """Mask ``index`` as the full frame's column-major positions where it changes value."""
-        return self._transitions[index]
+    def frame_edges(self, index: int) -> np.ndarray:
+        """Mask ``index``'s foreground runs as full-frame edges (:func:`frame_edges`)."""
+        return frame_edges(self._transitions[index], *self._image_shape)
+
+    @property
+    def area(self) -> np.ndarray:
+        """Foreground pixels per mask, counted on the runs' edges (nothing built)."""
+        return np.array([int(e[1::2].sum() - e[0::2].sum()) for e in map(self.frame_edges, range(len(self)))],
+                        dtype=np.int64)
+
+    def _crop_geometry(self) -> Tuple[np.ndarray, np.ndarray]:
+        """(crop shapes, offsets) of every mask's foreground box, worked out without the runs."""
+        if self._built is not None:
+            return self._built._crop_shapes, self._built._offsets
+        if self._boxes is None:
+            shapes = np.empty((len(self), 2), dtype=np.int32)
+            offsets = np.empty((len(self), 2), dtype=np.int32)
+            for index, transitions in enumerate(self._transitions):
+                shapes[index], offsets[index] = crop_box(transitions, *self._image_shape)
+            self._boxes = (shapes, offsets)
+        return self._boxes
 
     def crop(self, index: int) -> np.ndarray:
         """Mask ``index``'s foreground box as a dense array, worked out for this mask alone."""
@@ -155,8 +205,8 @@ class LazyCompactMasks(CompactMasks):
         return (type(self), (self._transitions, *self._image_shape))
 
     _rles = property(lambda self: self._build()._rles)
-    _crop_shapes = property(lambda self: self._build()._crop_shapes)
-    _offsets = property(lambda self: self._build()._offsets)
+    _crop_shapes = property(lambda self: self._crop_geometry()[0])
+    _offsets = property(lambda self: self._crop_geometry()[1])
 
 
 def compact_from_transitions(per_mask: Sequence[np.ndarray], height: int, width: int) -> CompactMask:

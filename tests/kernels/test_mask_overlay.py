@@ -17,16 +17,18 @@ import supervision as sv
 
 from inference_fastpath.adapters.visualization.mask_painting import GpuMaskPainter
 from inference_fastpath.kernels.mask_overlay import MaskRuns
-from support.mask_scenes import MASK_KINDS, compact_detections as _detections, mask_stack as _masks
+from support.mask_scenes import MASK_KINDS, compact_detections as _detections, lazy_compact_detections, mask_stack as _masks
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _compare(scene, detections, annotator):
+def _compare(scene, detections, annotator, ours_on=None):
+    """``ours_on``: the detections the painter gets when not ``detections`` (the same masks, lazy)."""
     expected = annotator.annotate(scene=scene.copy(), detections=detections)
     painter = GpuMaskPainter(DEVICE)
-    assert painter.check(scene, detections, annotator).reason is None
-    ours = painter(scene.copy(), detections, annotator)
+    ours_on = detections if ours_on is None else ours_on
+    assert painter.check(scene, ours_on, annotator).reason is None
+    ours = painter(scene.copy(), ours_on, annotator)
     difference = np.abs(ours.astype(np.int16) - expected.astype(np.int16))
     assert difference.max() <= 1, f"{int((difference > 1).sum())} channel values differ by more than 1"
     return int((difference > 0).sum())
@@ -35,11 +37,17 @@ def _compare(scene, detections, annotator):
 @pytest.mark.parametrize("hw", [(1, 1), (2, 3), (37, 53), (120, 160)])
 @pytest.mark.parametrize("kind", MASK_KINDS)
 @pytest.mark.parametrize("opacity", [0.0, 0.5, 1.0])
-def test_overlay_equals_mask_annotator(hw, kind, opacity):
+@pytest.mark.parametrize("lazy", [False, True], ids=["crops", "lazy"])
+def test_overlay_equals_mask_annotator(hw, kind, opacity, lazy):
+    """``lazy``: the block's own masks, painted from their full-frame runs with no crop built; the stock
+    annotator paints supervision's encoding of the same masks."""
     rng = np.random.default_rng(hash((hw, kind)) % 2**32)
     scene = rng.integers(0, 256, (*hw, 3), dtype=np.uint8)
     masks = _masks(kind, *hw, rng)
-    _compare(scene, _detections(masks), sv.MaskAnnotator(opacity=opacity))
+    ours_on = lazy_compact_detections(masks) if lazy else None
+    _compare(scene, _detections(masks), sv.MaskAnnotator(opacity=opacity), ours_on)
+    if lazy:
+        assert ours_on.mask._built is None
 
 
 @pytest.mark.parametrize("lookup", [sv.ColorLookup.CLASS, sv.ColorLookup.INDEX])

@@ -20,6 +20,22 @@ def compact_detections(masks: np.ndarray, class_id=None) -> sv.Detections:
     return sv.Detections(xyxy=boxes, class_id=class_id, mask=CompactMask.from_dense(masks, boxes, (height, width)))
 
 
+def frame_transitions(mask: np.ndarray) -> np.ndarray:
+    """Column-major positions where a (H, W) mask changes value, the pixel before the first counting as
+    background: what the fused postprocess's device program copies back per mask."""
+    flat = mask.ravel(order="F").astype(np.int8)
+    return np.flatnonzero(flat != np.concatenate([[0], flat[:-1]]))
+
+
+def lazy_compact_detections(masks: np.ndarray, class_id=None) -> sv.Detections:
+    """:func:`compact_detections` whose ``mask`` is the fused postprocess's lazy compact masks."""
+    from inference_fastpath.adapters.postprocess.compact import LazyCompactMasks
+
+    reference = compact_detections(masks, class_id)
+    lazy = LazyCompactMasks([frame_transitions(m) for m in masks], *masks.shape[1:])
+    return sv.Detections(xyxy=reference.xyxy, class_id=reference.class_id, mask=lazy)
+
+
 def mask_stack(kind: str, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
     """(N, H, W) bool masks of one of ``MASK_KINDS``."""
     if kind == "empty":
