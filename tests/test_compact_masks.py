@@ -101,12 +101,16 @@ def test_lazy_masks_survive_the_engines_deep_copy_and_pickle(count):
         np.testing.assert_array_equal(copied.mask.to_dense(), masks)
 
 
-def test_lazy_masks_select_and_crop_without_building_all_and_equal_supervisions_encoder():
-    rng = np.random.default_rng(3)
-    for _ in range(300):
+def _lazy_beside_supervisions(seed: int, cases: int):
+    """(masks, our lazy masks from their transitions, supervision's encoding of them) for random cases."""
+    rng = np.random.default_rng(seed)
+    for _ in range(cases):
         masks = _random_masks(rng, count=4)
-        lazy = LazyCompactMasks([frame_transitions(m) for m in masks], *masks.shape[1:])
-        theirs = compact_from_dense(masks)
+        yield masks, LazyCompactMasks([frame_transitions(m) for m in masks], *masks.shape[1:]), compact_from_dense(masks)
+
+
+def test_lazy_masks_select_and_crop_without_building_all_and_equal_supervisions_encoder():
+    for masks, lazy, theirs in _lazy_beside_supervisions(3, 300):
         for index in range(len(masks)):
             np.testing.assert_array_equal(lazy.crop(index), theirs.crop(index))
         for selector in (np.array([True, False, True, True]), [3, 1], slice(1, 3), np.array([], dtype=int)):
@@ -120,11 +124,7 @@ def test_lazy_masks_select_and_crop_without_building_all_and_equal_supervisions_
 
 
 def test_lazy_geometry_and_area_equal_supervisions_encoder_without_building_runs():
-    rng = np.random.default_rng(4)
-    for _ in range(500):
-        masks = _random_masks(rng, count=4)
-        lazy = LazyCompactMasks([frame_transitions(m) for m in masks], *masks.shape[1:])
-        theirs = compact_from_dense(masks)
+    for masks, lazy, theirs in _lazy_beside_supervisions(4, 500):
         np.testing.assert_array_equal(lazy.area, masks.reshape(len(masks), -1).sum(axis=1))
         np.testing.assert_array_equal(lazy._offsets, theirs._offsets)
         np.testing.assert_array_equal(lazy._crop_shapes, theirs._crop_shapes)
