@@ -14,12 +14,8 @@ import torch
 from inference_fastpath.adapters.engine import base
 from inference_fastpath.adapters.engine import batch_padding
 from inference_fastpath.adapters.engine import graphs as cuda_graphs
-from inference_fastpath.adapters.engine.base import (
-    EngineStats,
-    materialize_outputs,
-    order_output_names,
-    plan_batch_chunks,
-)
+from inference_fastpath.adapters.engine.base import EngineStats, materialize_outputs
+from inference_fastpath.adapters.engine.exported_models import order_output_names, plan_batch_chunks
 from inference_fastpath.adapters.caches import LRUCache
 from inference_fastpath.adapters.engine.graphs import CapturedGraph, GraphCache, make_graph_key
 from inference_fastpath.adapters.contracts import PreprocessedBatch, RawOutputs

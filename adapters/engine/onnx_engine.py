@@ -24,9 +24,8 @@ from inference_fastpath.adapters.engine.base import (
     EngineBase,
     OutputTriple,
     model_input_hw,
-    order_output_names,
-    plan_batch_chunks,
 )
+from inference_fastpath.adapters.engine.exported_models import order_output_names, plan_batch_chunks
 
 LOGGER = logging.getLogger(__name__)
 
