@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import cv2
 import numpy as np
@@ -35,21 +35,23 @@ def survives_polygon_step(masks: Any, xyxy: np.ndarray) -> np.ndarray:
         [True, False]
     """
     keep = np.zeros(len(masks), dtype=bool)
-    compact = not isinstance(masks, np.ndarray)
-    # lazy compact masks (the fused postprocess's) are read as the full frame's run edges, whose columns
-    # are the frame's height: the 2x2 windows are the crop's, and no crop runs are built
-    frame_edges = getattr(masks, "frame_edges", None)
-    for index in range(len(masks)):
-        if compact:  # decided from the runs; the crop is decoded for a contour only if needed
-            if frame_edges is not None:
-                l_shape = _edges_have_l_shape(frame_edges(index), masks.shape[1])
-            else:
-                l_shape = _runs_have_l_shape(masks._rles[index], int(masks._crop_shapes[index][0]))
-            keep[index] = l_shape or len(largest_external_contour(masks.crop(index))) >= 3
+    if not isinstance(masks, np.ndarray):  # compact: decided from the runs, a crop decoded only if needed
+        count = len(masks)
+        # lazy compact masks (the fused postprocess's) are read as the full frame's run edges, whose
+        # columns are the frame's height: the 2x2 windows are the crop's, and no crop runs are built
+        frame_edges = getattr(masks, "frame_edges", None)
+        if frame_edges is not None:
+            l_shape = _l_shapes([frame_edges(i) for i in range(count)], [masks.shape[1]] * count)
         else:
-            mask = masks[index]
-            row = int((xyxy[index, 1] + xyxy[index, 3]) / 2)
-            keep[index] = _has_l_shape_near(mask, row) or len(largest_external_contour(mask)) >= 3
+            l_shape = _l_shapes([np.cumsum(np.asarray(c, dtype=np.int64)) for c in masks._rles],
+                                np.asarray(masks._crop_shapes).reshape(-1, 2)[:, 0])
+        for index in np.flatnonzero(~l_shape):
+            keep[index] = len(largest_external_contour(masks.crop(int(index)))) >= 3
+        return keep | l_shape
+    for index in range(len(masks)):
+        mask = masks[index]
+        row = int((xyxy[index, 1] + xyxy[index, 3]) / 2)
+        keep[index] = _has_l_shape_near(mask, row) or len(largest_external_contour(mask)) >= 3
     return keep
 
 
@@ -59,40 +61,58 @@ _FIRST_RUNS = 128  # foreground runs tried first: a large mask shows an L-shape 
 def _runs_have_l_shape(counts: np.ndarray, crop_h: int) -> bool:
     """Whether 3 pixels of some 2x2 window are foreground, from column-major run lengths (background
     first): a run of 2+ pixels within one column whose rows meet foreground in a neighbouring column."""
-    return _edges_have_l_shape(np.cumsum(np.asarray(counts, dtype=np.int64)), crop_h)
+    return bool(_l_shapes([np.cumsum(np.asarray(counts, dtype=np.int64))], [crop_h])[0])
 
 
-def _edges_have_l_shape(edges: np.ndarray, column_h: int) -> bool:
-    """The rule on run edges (cumulative run lengths, background first) in columns ``column_h`` tall.
+def _l_shapes(edges: Sequence[np.ndarray], column_heights: Sequence[int]) -> np.ndarray:
+    """(N,) bool: the rule for N masks at once, each given as run edges (cumulative run lengths,
+    background first) in columns ``column_heights[i]`` tall.
 
     The first runs are tried alone before all of them: their pixels are the mask's own, so an L-shape
     among them is one of the mask, and a large mask need not be read to its end."""
-    if edges.size > 2 * _FIRST_RUNS and _l_shape_in_edges(edges[: 2 * _FIRST_RUNS], column_h):
-        return True
-    return _l_shape_in_edges(edges, column_h)
+    edges = [np.asarray(e, dtype=np.int64) for e in edges]
+    heights = np.asarray(column_heights, dtype=np.int64).reshape(-1)
+    found = _l_shapes_in_edges([e[: 2 * _FIRST_RUNS] for e in edges], heights)
+    longer = np.array([e.size > 2 * _FIRST_RUNS for e in edges], dtype=bool).reshape(-1)
+    rest = np.flatnonzero(~found & longer)
+    if rest.size:
+        found[rest] = _l_shapes_in_edges([edges[i] for i in rest], heights[rest])
+    return found
 
 
-def _l_shape_in_edges(edges: np.ndarray, crop_h: int) -> bool:
-    foreground = len(edges) // 2
-    starts, ends = edges[0 : 2 * foreground : 2], edges[1 : 2 * foreground : 2] - 1  # first / last pixel
-    if crop_h < 2 or starts.size == 0:
-        return False
-    first_column, last_column = starts // crop_h, ends // crop_h
-    if np.any(last_column - first_column >= 2):  # a whole column, and the pixel above it on the left
-        return True
+def _l_shapes_in_edges(edges: Sequence[np.ndarray], heights: np.ndarray) -> np.ndarray:
+    """The rule on every run of N masks in one pass. The masks' positions are laid end to end with a gap
+    wider than a column on either side, so a lookup one column left or right never reaches another mask."""
+    count = len(edges)
+    found = np.zeros(count, dtype=bool)
+    pairs = [e[: 2 * (e.size // 2)] for e in edges]  # a trailing edge closes a background run
+    runs_per_mask = np.array([p.size // 2 for p in pairs], dtype=np.int64).reshape(-1)
+    if runs_per_mask.sum() == 0:
+        return found
+    owner = np.repeat(np.arange(count), runs_per_mask)
+    flat = np.concatenate(pairs)
+    starts, ends = flat[0::2], flat[1::2] - 1  # first / last pixel of each run, per mask
+    height = heights[owner]
+    first_column, last_column = starts // height, ends // height
+    # a whole column, and the pixel above it on the left (only masks at least 2 rows tall)
+    found[owner[(last_column - first_column >= 2) & (height >= 2)]] = True
     # per-column pieces of 2+ pixels: runs within one column, and both halves of runs over two columns
-    split = (last_column > first_column)
-    first = np.concatenate([starts, (first_column[split] + 1) * crop_h])
-    last = np.concatenate([np.where(split, (first_column + 1) * crop_h - 1, ends), ends[split]])
-    tall = last > first
-    if not tall.any():
-        return False
-    first, last = first[tall], last[tall]
-    for shift in (crop_h, -crop_h):  # the same rows, one column right / left
-        candidate = np.searchsorted(starts, last + shift, side="right") - 1
-        if np.any((candidate >= 0) & (ends[np.maximum(candidate, 0)] >= first + shift)):
-            return True
-    return False
+    split = last_column > first_column
+    first = np.concatenate([starts, (first_column[split] + 1) * height[split]])
+    last = np.concatenate([np.where(split, (first_column + 1) * height - 1, ends), ends[split]])
+    piece_owner = np.concatenate([owner, owner[split]])
+    # masks one row tall have no 2x2 window; runs over 3+ columns decided their masks above
+    tall = (last > first) & (heights[piece_owner] >= 2)
+    first, last, piece_owner = first[tall], last[tall], piece_owner[tall]
+    span = int(flat.max()) + 2 * int(heights.max()) + 2
+    base = piece_owner * span
+    laid_starts, laid_ends = starts + owner * span, ends + owner * span  # ascending, as each mask's are
+    for sign in (1, -1):  # the same rows, one column right / left
+        shift = sign * heights[piece_owner] + base
+        candidate = np.searchsorted(laid_starts, last + shift, side="right") - 1
+        meets = (candidate >= 0) & (laid_ends[np.maximum(candidate, 0)] >= first + shift)
+        found[piece_owner[meets]] = True
+    return found
 
 
 def _has_l_shape_near(mask: np.ndarray, row: int) -> bool:

@@ -130,3 +130,26 @@ def test_lazy_geometry_and_area_equal_supervisions_encoder_without_building_runs
         np.testing.assert_array_equal(lazy._crop_shapes, theirs._crop_shapes)
         assert lazy._built is None
         np.testing.assert_array_equal(lazy.area, theirs.area)
+
+
+@pytest.mark.parametrize("first_runs", [128, 3])
+def test_polygon_step_rule_on_a_frame_of_many_masks_at_once(monkeypatch, first_runs):
+    """The rule takes a frame's masks in one pass: masks laid end to end must not see one another, one
+    row tall or many, whatever their number of runs."""
+    from inference_fastpath.adapters import masks as mask_rules
+
+    monkeypatch.setattr(mask_rules, "_FIRST_RUNS", first_runs)
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        height, width = int(rng.integers(1, 40)), int(rng.integers(1, 50))
+        density = rng.uniform(0.02, 0.9, (12, 1, 1))
+        masks = rng.random((12, height, width)) < density
+        empty, line, dot = rng.choice(12, 3, replace=False)
+        masks[[empty, line, dot]] = False
+        masks[line, rng.integers(0, height), :] = True  # a straight line alone: dropped
+        masks[dot, rng.integers(0, height), rng.integers(0, width)] = True
+        truth = [len(largest_external_contour(m)) >= 3 for m in masks]
+        boxes = np.zeros((len(masks), 4))
+        assert survives_polygon_step(compact_from_dense(masks), boxes).tolist() == truth
+        lazy = LazyCompactMasks([frame_transitions(m) for m in masks], height, width)
+        assert survives_polygon_step(lazy, boxes).tolist() == truth
