@@ -118,6 +118,9 @@ def test_lazy_masks_select_and_crop_without_building_all_and_equal_supervisions_
             assert isinstance(subset, LazyCompactMasks) and subset._built is None
             np.testing.assert_array_equal(subset.to_dense(), masks[selector])
             assert all(np.array_equal(a, b) for a, b in zip(subset._rles, theirs[selector]._rles))
+        for selector in ([True, False], np.array([False, True, True]), [0.0, 3.0], (i for i in (2, 0))):
+            theirs_selected = theirs[selector if not hasattr(selector, "__next__") else [2, 0]]
+            assert all(np.array_equal(a, b) for a, b in zip(lazy[selector]._rles, theirs_selected._rles))
         assert lazy._built is None
         np.testing.assert_array_equal(lazy[2], masks[2])  # one dense mask: now built, as supervision indexes
         np.testing.assert_array_equal(lazy[[0, 3]].to_dense(), masks[[0, 3]])

@@ -448,3 +448,13 @@ def test_engine_captures_the_padded_sizes_ahead_once_the_largest_holds(fake_cuda
     assert engine.stats.graph_replays == replays + 5  # the captures ahead replayed nothing themselves
     # the prepared buffers are guarded like any other: the producer waits for the capture's reads
     assert (4, 4, 4) in engine._input_free_events
+
+
+def test_an_engine_cache_of_one_graph_captures_nothing_ahead(fake_cuda):
+    engine = _as_cuda_engine(BucketingToyEngine(cuda_graphs=False))
+    engine.graph_cache_size = 1
+    engine._graphs = engine._graph_cache(1, 2)
+    engine._padding = batch_padding.BatchPadding(prepare_after=1)
+    for _ in range(3):
+        engine(PreprocessedBatch(tensor=torch.randn(8, 3, 4, 4), metadata=[])).release(None)
+    assert engine.graph_summary()["captures"] == 1 and engine.graph_summary()["evictions"] == 0

@@ -81,6 +81,22 @@ def test_capture_bound_turns_graphs_off_once(caplog):
     assert len([r for r in caplog.records if "more than 2" in r.getMessage()]) == 1
 
 
+def test_prepare_captures_without_running_and_never_spends_the_bound_of_real_calls():
+    capture = CountingCapture()
+    cache = _stage_cache(capture, max_captures=4, capacity=8)
+    calls: List[str] = []
+    assert cache.prepare("a", lambda: (_launcher(calls, "a"), None)) is True
+    assert calls == ["a"] and cache.captured_ahead == 1  # the capture's warm-up only, nothing replayed
+    assert cache.prepare("a", lambda: (_launcher(calls, "a"), None)) is False  # already there
+    assert cache.run("a", lambda: (_launcher(calls, "a"), None)) is not None and calls == ["a", "a"]
+    assert cache.prepare("b", lambda: (_launcher(calls, "b"), None)) is True  # 2 captures: half the bound
+    assert cache.prepare("c", lambda: (_launcher(calls, "c"), None)) is False  # the rest is for real calls
+    assert cache.disabled_reason is None and cache.captures == 2
+    for key in ("c", "d"):
+        assert cache.run(key, lambda: ((lambda: ()), None)) is not None
+    assert cache.disabled_reason is None and cache.captures == 4
+
+
 def test_capture_failure_disables_and_keeps_nothing(caplog):
     cache = _stage_cache(CountingCapture(fail_on=0))
     with caplog.at_level(logging.WARNING, logger=graphs.LOGGER.name):

@@ -339,3 +339,6 @@ def test_padded_programs_are_captured_ahead_once_the_largest_batch_holds(per_cla
     raw = _device(synthetic_outputs(batch=2, queries=40, mask_hw=(16, 16), n_confident=2, seed=120))
     _assert_equal(mixed, raw, [make_metadata((24, 32)), make_metadata((32, 24))], request)
     assert mixed.graph_summary()["captured_ahead"] == 0 and len(mixed._programs) == 1
+    # the mixed batch did not use up the hand-out: the next batch of one shape captures size 1 ahead
+    _assert_equal(mixed, raw, [make_metadata((24, 32))] * 2, request)
+    assert mixed.graph_summary()["captured_ahead"] == 1

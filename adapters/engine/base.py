@@ -356,7 +356,8 @@ class EngineBase(GraphCaptureStats, abc.ABC):
         the cache beside the largest are captured."""
         if not self.cuda_graphs_active:
             return
-        sizes = self._padding.sizes_to_prepare()[-(self.graph_cache_size - 1):]
+        room = self.graph_cache_size - 1  # beside the largest batch's graph, which stays
+        sizes = self._padding.sizes_to_prepare()[-room:] if room > 0 else []
         _, h, w = sample_shape
         for size in sizes:
             key = make_graph_key(size, sample_shape, self.input_dtype)

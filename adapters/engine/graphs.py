@@ -219,10 +219,13 @@ class GraphCache:
         binding: Any = None,
     ) -> bool:
         """Captures the graph of ``key`` ahead of need, without replaying it or holding it; True
-        when it captured one (False: already cached for ``binding``, graphs off, or the capture
-        failed, which turns graphs off as in :meth:`run`)."""
+        when it captured one. False: already cached for ``binding``, graphs off, the capture failed
+        (which turns graphs off as in :meth:`run`), or half the capture bound is spent: the rest is
+        kept for calls that come, so a capture made only in case never turns the stage's graphs off."""
         with self._lock:
             if self.disabled_reason is not None:
+                return False
+            if self.max_captures is not None and self.captures >= self.max_captures // 2:
                 return False
             entry = self._cache.get(key)
             if entry is not None and entry.binding is binding and entry.instances:

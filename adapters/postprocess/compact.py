@@ -195,8 +195,15 @@ class LazyCompactMasks(CompactMasks):
     def __getitem__(self, index: Any):
         if self._built is not None or isinstance(index, (int, np.integer, tuple)):
             return super().__getitem__(index)
-        # a selection (slice, bool or integer positions) stays lazy: dropping detections builds nothing
-        chosen = np.atleast_1d(np.arange(len(self))[index])
+        # a selection stays lazy: dropping detections builds nothing. Positions as supervision reads them.
+        if isinstance(index, slice):
+            chosen = np.arange(len(self))[index]
+        elif isinstance(index, np.ndarray) and index.dtype == bool:
+            chosen = np.flatnonzero(index)
+        elif isinstance(index, list) and all(isinstance(item, (bool, np.bool_)) for item in index):
+            chosen = np.flatnonzero(np.asarray(index, dtype=bool))
+        else:
+            chosen = np.asarray(list(index), dtype=np.intp)
         return LazyCompactMasks([self._transitions[int(i)] for i in chosen], *self._image_shape)
 
     def __reduce__(self):

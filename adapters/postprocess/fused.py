@@ -332,10 +332,9 @@ class FusedPostprocess(GraphCaptureStats):
         of capturing mid-stream. Only when every frame has one geometry (cameras of one
         resolution): the padded programs of mixed batches depend on which frames come. They start
         with this batch's payload room."""
-        sizes = self._padding.sizes_to_prepare()
-        if not sizes or self._graphs is None or len(set(spec.geometries)) != 1:
-            return
-        for size in sizes[-(_MAX_PROGRAMS - 1):]:
+        if self._graphs is None or len(set(spec.geometries)) != 1:
+            return  # before asking: a mixed batch must not use up the one hand-out for this largest size
+        for size in self._padding.sizes_to_prepare()[-(_MAX_PROGRAMS - 1):]:
             geometries = spec.geometries[:1] * size
             capacity, prefix = self._sizes.setdefault((spec.output, geometries), (spec.payload_capacity, spec.prefix))
             ahead = replace(spec, batch=size, geometries=geometries, payload_capacity=capacity,
