@@ -7,6 +7,8 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
+from inference_fastpath.adapters.postprocess.compact import run_edges
+
 
 def largest_external_contour(mask: np.ndarray) -> np.ndarray:
     """The external contour with the most points (``CHAIN_APPROX_SIMPLE``), as (K, 2) float32.
@@ -36,15 +38,10 @@ def survives_polygon_step(masks: Any, xyxy: np.ndarray) -> np.ndarray:
     """
     keep = np.zeros(len(masks), dtype=bool)
     if not isinstance(masks, np.ndarray):  # compact: decided from the runs, a crop decoded only if needed
-        count = len(masks)
-        # lazy compact masks (the fused postprocess's) are read as the full frame's run edges, whose
-        # columns are the frame's height: the 2x2 windows are the crop's, and no crop runs are built
-        frame_edges = getattr(masks, "frame_edges", None)
-        if frame_edges is not None:
-            l_shape = _l_shapes([frame_edges(i) for i in range(count)], [masks.shape[1]] * count)
-        else:
-            l_shape = _l_shapes([np.cumsum(np.asarray(c, dtype=np.int64)) for c in masks._rles],
-                                np.asarray(masks._crop_shapes).reshape(-1, 2)[:, 0])
+        # the block's lazy masks are read as the full frame's runs, whose columns are the frame's height:
+        # the 2x2 windows are the crop's, and no crop runs are built
+        edges, heights, _ = run_edges(masks)
+        l_shape = _l_shapes(edges, heights)
         for index in np.flatnonzero(~l_shape):
             keep[index] = len(largest_external_contour(masks.crop(int(index)))) >= 3
         return keep | l_shape

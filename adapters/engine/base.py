@@ -42,7 +42,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from inference_fastpath.adapters.cuda.streams import stream_made_current
-from inference_fastpath.adapters.engine.batch_padding import BatchPadding
+from inference_fastpath.adapters.engine.batch_padding import GRAPH_CACHE_SIZE, BatchPadding
 from inference_fastpath.adapters.engine.graphs import (
     CapturedGraph,
     GraphCaptureStats,
@@ -56,8 +56,6 @@ from inference_fastpath.adapters.contracts import PreprocessedBatch, RawOutputs
 LOGGER = logging.getLogger(__name__)
 
 OutputTriple = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-# Graph keys an engine keeps: the padded batch sizes of up to 64 sources (1, 2, 4, ..., 64) and a spare
-GRAPH_CACHE_SIZE = 8
 OUTPUT_MODES = ("borrow", "copy")
 
 
@@ -356,10 +354,8 @@ class EngineBase(GraphCaptureStats, abc.ABC):
         the cache beside the largest are captured."""
         if not self.cuda_graphs_active:
             return
-        room = self.graph_cache_size - 1  # beside the largest batch's graph, which stays
-        sizes = self._padding.sizes_to_prepare()[-room:] if room > 0 else []
         _, h, w = sample_shape
-        for size in sizes:
+        for size in self._padding.sizes_to_prepare(self.graph_cache_size - 1):
             key = make_graph_key(size, sample_shape, self.input_dtype)
             if self._graph_unsupported_reason(key) is not None:
                 continue

@@ -9,7 +9,11 @@ sizes ahead of need. The torch engine and the fused postprocess each keep one.
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
+
+# Graphs (or fused-postprocess programs) a stage keeps: the padded batch sizes of up to 64 sources
+# (1, 2, 4, ..., 64) and a spare
+GRAPH_CACHE_SIZE = 8
 
 
 def graph_batch_size(batch_size: int, largest: int) -> int:
@@ -62,20 +66,29 @@ class BatchPadding:
             self._batches_at_largest = 0
         return graph_batch_size(batch_size, self.largest)
 
-    def sizes_to_prepare(self) -> List[int]:
+    @property
+    def sizes_pending(self) -> bool:
+        """Whether the smaller sizes of the current largest batch are still to be handed out."""
+        return self.largest > 1 and self._prepared_for != self.largest
+
+    def sizes_to_prepare(self, room: Optional[int] = None) -> List[int]:
         """Call once per batch: the padded sizes below the largest, smallest first, handed out once
-        the largest has held for ``prepare_after`` batches; otherwise ``[]``.
+        the largest has held for ``prepare_after`` batches; otherwise ``[]``. At most the ``room``
+        largest of them (None: all): what a stage's cache holds beside the largest batch's own graph.
 
         Waiting for the largest to hold keeps sources that come online one by one (batches growing
         1, 2, 3, ...) from triggering a round of captures at each step.
         """
-        if self.largest <= 1 or self._prepared_for == self.largest:
+        if not self.sizes_pending:
             return []
         self._batches_at_largest += 1
         if self._batches_at_largest < self.prepare_after:
             return []
         self._prepared_for = self.largest
-        return padded_sizes_below(self.largest)
+        sizes = padded_sizes_below(self.largest)
+        if room is None:
+            return sizes
+        return sizes[max(0, len(sizes) - room):] if room > 0 else []
 
 
 def padded_sizes_below(largest: int) -> List[int]:

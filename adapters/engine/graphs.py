@@ -177,15 +177,11 @@ class GraphCache:
         with self._lock:
             if self.disabled_reason is not None:
                 return None
-            entry = self._cache.get(key)
-            if entry is not None and entry.binding is not binding:
-                self._cache.pop(key)  # the stage replaced the buffers the graph points into
-                entry = None
+            entry = self._entry_for(key, binding)
             if entry is None:
                 if not self._sighted_enough(key):
                     return None
-                entry = _Entry(key=key, binding=binding)
-                self._cache.put(key, entry)
+                entry = self._new_entry(key, binding)
             inst = next((i for i in entry.instances if not i.held), None)
             fresh = inst is None
             if fresh:
@@ -227,14 +223,10 @@ class GraphCache:
                 return False
             if self.max_captures is not None and self.captures >= self.max_captures // 2:
                 return False
-            entry = self._cache.get(key)
-            if entry is not None and entry.binding is binding and entry.instances:
+            entry = self._entry_for(key, binding)
+            if entry is not None and entry.instances:
                 return False
-            if entry is not None:
-                self._cache.pop(key)
-            entry = _Entry(key=key, binding=binding)
-            self._cache.put(key, entry)
-            if self._new_instance(entry, build) is None:
+            if self._new_instance(entry or self._new_entry(key, binding), build) is None:
                 return False
             self.captured_ahead += 1
             return True
@@ -273,6 +265,20 @@ class GraphCache:
         return len(self._cache)
 
     # ------------------------------------------------------------------ internals
+
+    def _entry_for(self, key: Hashable, binding: Any) -> Optional[_Entry]:
+        """The cached entry of ``key`` when it is bound to ``binding``; one bound elsewhere is dropped
+        (the stage replaced the buffers its graphs point into)."""
+        entry = self._cache.get(key)
+        if entry is not None and entry.binding is not binding:
+            self._cache.pop(key)
+            return None
+        return entry
+
+    def _new_entry(self, key: Hashable, binding: Any) -> _Entry:
+        entry = _Entry(key=key, binding=binding)
+        self._cache.put(key, entry)
+        return entry
 
     def _sighted_enough(self, key: Hashable) -> bool:
         if self._capture_after == 1:

@@ -147,12 +147,13 @@ class LazyCompactMasks(CompactMasks):
         (1, (1, 4, 4), [4])
     """
 
-    __slots__ = ("_transitions", "_built", "_boxes")
+    __slots__ = ("_transitions", "_built", "_boxes", "_edges")
 
     def __init__(self, per_mask: Sequence[np.ndarray], height: int, width: int) -> None:
         self._transitions = list(per_mask)
         self._built = None
         self._boxes = None
+        self._edges = None  # every mask's full-frame run edges, once something reads them
         self._image_shape = (int(height), int(width))
 
     def __len__(self) -> int:
@@ -163,15 +164,17 @@ class LazyCompactMasks(CompactMasks):
             self._built = compact_from_transitions(self._transitions, *self._image_shape)
         return self._built
 
-    def frame_edges(self, index: int) -> np.ndarray:
-        """Mask ``index``'s foreground runs as full-frame edges (:func:`frame_edges`)."""
-        return frame_edges(self._transitions[index], *self._image_shape)
+    def frame_edges(self) -> List[np.ndarray]:
+        """Every mask's foreground runs as full-frame edges (:func:`frame_edges`), worked out once: the
+        polygon-step rule and the painter both read them."""
+        if self._edges is None:
+            self._edges = [frame_edges(t, *self._image_shape) for t in self._transitions]
+        return self._edges
 
     @property
     def area(self) -> np.ndarray:
         """Foreground pixels per mask, counted on the runs' edges (nothing built)."""
-        return np.array([int(e[1::2].sum() - e[0::2].sum()) for e in map(self.frame_edges, range(len(self)))],
-                        dtype=np.int64)
+        return np.array([int(e[1::2].sum() - e[0::2].sum()) for e in self.frame_edges()], dtype=np.int64)
 
     def _crop_geometry(self) -> Tuple[np.ndarray, np.ndarray]:
         """(crop shapes, offsets) of every mask's foreground box, worked out without the runs."""
@@ -214,6 +217,25 @@ class LazyCompactMasks(CompactMasks):
     _rles = property(lambda self: self._build()._rles)
     _crop_shapes = property(lambda self: self._crop_geometry()[0])
     _offsets = property(lambda self: self._crop_geometry()[1])
+
+
+def run_edges(masks: CompactMask) -> Tuple[List[np.ndarray], np.ndarray, np.ndarray]:
+    """Every mask's foreground runs as edges ``[start, stop, ...]`` (column-major), with the column
+    height and the top-left corner ``(x, y)`` of the region they count in: the block's lazy masks as
+    their full frame's runs (no crop built), any other ``CompactMask`` as its crops' runs.
+
+    Example:
+        >>> edges, heights, corners = run_edges(LazyCompactMasks([np.array([5, 7])], 4, 4))
+        >>> [e.tolist() for e in edges], heights.tolist(), corners.tolist()
+        ([[5, 7]], [4], [[0, 0]])
+    """
+    count = len(masks)
+    if isinstance(masks, LazyCompactMasks):
+        return (masks.frame_edges(), np.full(count, masks.shape[1], dtype=np.int64),
+                np.zeros((count, 2), dtype=np.int64))
+    edges = [np.cumsum(np.asarray(counts, dtype=np.int64)) for counts in masks._rles]
+    shapes = np.asarray(masks._crop_shapes, dtype=np.int64).reshape(-1, 2)
+    return edges, shapes[:, 0], np.asarray(masks._offsets, dtype=np.int64).reshape(-1, 2)
 
 
 def compact_from_transitions(per_mask: Sequence[np.ndarray], height: int, width: int) -> CompactMask:

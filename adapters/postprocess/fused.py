@@ -27,7 +27,7 @@ from inference_models.models.common.roboflow.model_packages import PreProcessing
 
 from inference_fastpath.adapters.caches import LRUCache
 from inference_fastpath.adapters.cuda.streams import stream_made_current
-from inference_fastpath.adapters.engine.batch_padding import BatchPadding
+from inference_fastpath.adapters.engine.batch_padding import GRAPH_CACHE_SIZE, BatchPadding
 from inference_fastpath.adapters.engine.graphs import (
     CapturedGraph,
     GraphCache,
@@ -68,8 +68,7 @@ _MIN_QUERIES = 33  # torch.topk(k <= 32) orders ties with a bitonic sort we do n
 # All grow on demand, the copied prefix up to _MAX_PREFIX.
 _DEFAULT_SIZES = {RUNS: (1 << 20, 1 << 15), STRINGS: (1 << 21, 1 << 16), DENSE: (1 << 22, 1 << 17)}
 _MAX_PREFIX = {RUNS: 1 << 20, STRINGS: 1 << 22, DENSE: 1 << 22}
-_MAX_PROGRAMS = 8  # live programs (static buffers + graph) per stage, least recently used evicted: the padded
-# batch sizes of up to 64 sources (1, 2, 4, ..., 64) and a spare
+_MAX_PROGRAMS = GRAPH_CACHE_SIZE  # live programs (static buffers + graph) per stage, least recently used evicted
 _MAX_CAPTURES = 16  # beyond this many captures (thresholds changing per frame?) run eagerly
 
 
@@ -332,9 +331,9 @@ class FusedPostprocess(GraphCaptureStats):
         of capturing mid-stream. Only when every frame has one geometry (cameras of one
         resolution): the padded programs of mixed batches depend on which frames come. They start
         with this batch's payload room."""
-        if self._graphs is None or len(set(spec.geometries)) != 1:
-            return  # before asking: a mixed batch must not use up the one hand-out for this largest size
-        for size in self._padding.sizes_to_prepare()[-(_MAX_PROGRAMS - 1):]:
+        if self._graphs is None or not self._padding.sizes_pending or len(set(spec.geometries)) != 1:
+            return  # geometry before asking: a mixed batch must not use up the hand-out for this largest size
+        for size in self._padding.sizes_to_prepare(_MAX_PROGRAMS - 1):
             geometries = spec.geometries[:1] * size
             capacity, prefix = self._sizes.setdefault((spec.output, geometries), (spec.payload_capacity, spec.prefix))
             ahead = replace(spec, batch=size, geometries=geometries, payload_capacity=capacity,

@@ -21,6 +21,7 @@ from supervision.detection.compact_mask import CompactMask
 
 from inference_fastpath.adapters.contracts import Verdict
 from inference_fastpath.adapters.device_placement import on_device
+from inference_fastpath.adapters.postprocess.compact import run_edges
 from inference_fastpath.adapters.visualization.painting_contract import FastPainter
 from inference_fastpath.kernels.mask_overlay import MaskRuns, launch_blend, launch_paint_labels
 from inference_fastpath.kernels.triton_runtime import unavailable_reason
@@ -65,13 +66,7 @@ class GpuMaskPainter(FastPainter):
                            color_lookup=annotator.color_lookup).as_bgr() for i in order],
             dtype=np.uint8,
         ).reshape(-1, 3)
-        frame_edges = getattr(masks, "frame_edges", None)
-        if frame_edges is not None:  # lazy compact masks: their full-frame runs as the device gave them, no crops
-            count, mask_h = len(masks), masks.shape[1]
-            runs = MaskRuns.from_edges([frame_edges(i) for i in range(count)], [mask_h] * count,
-                                       np.zeros((count, 2), dtype=np.int64), priority)
-        else:
-            runs = MaskRuns.from_crops(masks._rles, masks._crop_shapes, masks._offsets, priority)
+        runs = MaskRuns.from_edges(*run_edges(masks), priority)  # the block's masks: full-frame runs, no crops
         x0, y0, x1, y1 = region
         with self._lock, on_device(self.device), self._own_stream():  # Triton launches on the current device
             labels = self._label_plane(y1 - y0, x1 - x0)
