@@ -92,12 +92,10 @@ class FastpathMaskVisualizationBlockV1(MaskVisualizationBlockV1):
             opacity: Optional[float], painter: str = "auto", device: str = "auto") -> BlockResult:
         self._warn_once_if_another_frame(image, predictions)
         annotator = self.getAnnotator(color_palette, palette_size, custom_colors, color_axis, opacity)
-        scene = image.numpy_image
-        if copy_image:
-            scene = scene.copy()
-        else:
+        if not copy_image:
             image.declare_numpy_image_mutated()
-        annotated = self._painter(painter, device)(scene, predictions, annotator)
+        # the painter makes the copy: the GPU painter receives its picture straight into a new frame
+        annotated = self._painter(painter, device)(image.numpy_image, predictions, annotator, copy=bool(copy_image))
         return {OUTPUT_IMAGE_KEY: WorkflowImageData.copy_and_replace(origin_image_data=image, numpy_image=annotated)}
 
     def _warn_once_if_another_frame(self, image: WorkflowImageData, predictions) -> None:

@@ -113,12 +113,12 @@ class _Spy:
     def __init__(self, inner):
         self.inner, self.calls, self.name = inner, 0, inner.name
 
-    def check(self, *args):
-        return self.inner.check(*args)
+    def check(self, *args, **kwargs):
+        return self.inner.check(*args, **kwargs)
 
-    def run_checked(self, *args):
+    def run_checked(self, *args, **kwargs):
         self.calls += 1
-        return self.inner.run_checked(*args)
+        return self.inner.run_checked(*args, **kwargs)
 
 
 def test_auto_routes_small_masks_to_crops_and_large_ones_to_the_gpu_kernel():

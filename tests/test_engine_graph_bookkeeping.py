@@ -401,7 +401,7 @@ def test_engine_flow_partial_batches_replay_a_few_bucketed_graphs(fake_cuda):
     assert sorted(k[0] for k in engine.cached_graph_keys()) == [1, 2, 4, 8]
     assert sorted(b for b, _, _ in engine._input_buffers) == [1, 2, 4, 8]
     assert engine.graph_summary() == {"captures": 4, "captured_ahead": 0, "evictions": 0, "live_keys": 4,
-                                      "off_reason": None}
+                                      "off_reason": None, "captures_stopped": None}
     assert engine.stats.input_copies == 1 and engine.stats.eager_runs == 0  # only `full` came from elsewhere
     # a batch above the largest becomes the new largest and runs unpadded
     raw = engine(PreprocessedBatch(tensor=torch.randn(11, 3, 4, 4), metadata=[]))

@@ -69,15 +69,19 @@ def test_replay_after_capture_runs_the_graph_on_the_capturing_call():
     assert calls == ["a", "a"]  # warm-up + replay (the engine: warm-up outputs are not the static ones)
 
 
-def test_capture_bound_turns_graphs_off_once(caplog):
+def test_capture_bound_stops_captures_and_keeps_replaying_the_cached_keys(caplog):
     capture = CountingCapture()
-    cache = _stage_cache(capture, max_captures=2, capacity=8, what="frame shapes")
+    cache = _stage_cache(capture, max_captures=2, capacity=2, what="frame shapes")
     with caplog.at_level(logging.WARNING, logger=graphs.LOGGER.name):
         for key in ("a", "b", "c", "d"):
-            cache.run(key, lambda: ((lambda: ()), None))
-    assert capture.captures == 2
-    assert cache.disabled_reason == "more than 2 frame shapes seen; running eagerly"
-    assert cache.run("a", lambda: ((lambda: ()), None)) is None  # off, even for a cached key
+            run = cache.run(key, lambda: ((lambda: ()), None))
+            assert (run is not None) == (key in ("a", "b"))  # past the bound: eager
+    assert capture.captures == 2 and cache.evictions == 0  # the eager keys evicted nothing
+    assert cache.disabled_reason is None
+    assert cache.capture_stop_reason == "more than 2 frame shapes seen; the graphs cached still replay, other keys run eagerly"
+    assert cache.run("a", lambda: ((lambda: ()), None)) is not None  # a cached key still replays
+    assert cache.prepare("e", lambda: ((lambda: ()), None)) is False
+    assert sorted(cache.keys()) == ["a", "b"]
     assert len([r for r in caplog.records if "more than 2" in r.getMessage()]) == 1
 
 

@@ -43,9 +43,11 @@ class PinnedFramePool:
     ``take`` returns an idle buffer of that shape, a new one while the budget allows, or
     ``None`` (the caller then decodes into memory of its own). Call it from one thread (the
     decoder's); frames may be released from any thread by dropping their references.
-    ``pin``: ``None`` pins when CUDA is available; ``False`` recycles ordinary buffers."""
+    ``pin``: ``None`` pins when CUDA is available; ``False`` recycles ordinary buffers. ``use`` names
+    what the frames are for in the log line of a fallback (``"decoding"``, ``"painting"``)."""
 
-    def __init__(self, budget_bytes: int = DEFAULT_PINNED_BUDGET_BYTES, pin: Optional[bool] = None) -> None:
+    def __init__(self, budget_bytes: int = DEFAULT_PINNED_BUDGET_BYTES, pin: Optional[bool] = None,
+                 use: str = "decoding") -> None:
         if budget_bytes < 0:
             raise ValueError(f"budget_bytes must be >= 0, got {budget_bytes}")
         self.budget_bytes = int(budget_bytes)
@@ -55,6 +57,7 @@ class PinnedFramePool:
         self.allocations = 0
         self.refusals = 0  # takes answered with None (budget spent, every buffer in use)
         self.fallback_reason: Optional[str] = None
+        self._use = use  # what the frames are for, named in the fallback's log line
 
     def take(self, height: int, width: int) -> Optional[np.ndarray]:
         frames = self._frames.setdefault((height, width), [])
@@ -103,7 +106,7 @@ class PinnedFramePool:
     def fall_back(self, reason: str) -> None:
         if self.fallback_reason is None:
             self.fallback_reason = reason
-            LOGGER.warning("pinned frames: decoding into ordinary memory for now: %s", reason)
+            LOGGER.warning("pinned frames: %s into ordinary memory for now: %s", self._use, reason)
 
 
 __all__ = [

@@ -88,7 +88,8 @@ class GraphCache:
         capacity: Keys kept; the least recently used is evicted and its graphs freed.
         max_captures: Captures allowed over the cache's life (None: unbounded). Keys that keep
             changing (thresholds per frame, one-off frame shapes) would otherwise capture forever;
-            past the bound graphs go off, with the reason logged.
+            past the bound capturing stops, with the reason logged: the keys still cached keep
+            replaying, any other key runs eagerly (and evicts nothing).
         what: What varies between keys, for the bound's message.
         capture_after: A key is captured on its n-th sighting; earlier calls run eagerly.
         max_inflight: Instances per key (only > 1 makes sense with ``consumers_hold``).
@@ -155,6 +156,7 @@ class GraphCache:
         self.captured_ahead = 0  # of the captures, those made by prepare()
         self.evictions = 0
         self.disabled_reason: Optional[str] = None
+        self.capture_stop_reason: Optional[str] = None  # set once the capture bound is spent
         self._logged: set = set()
         self._lock = threading.RLock()  # guards instance state against releases from other threads
         self._cache: LRUCache[Hashable, _Entry] = LRUCache(capacity, on_evict=self._evict)
@@ -179,7 +181,7 @@ class GraphCache:
                 return None
             entry = self._entry_for(key, binding)
             if entry is None:
-                if not self._sighted_enough(key):
+                if not self._sighted_enough(key) or self._bound_spent():
                     return None
                 entry = self._new_entry(key, binding)
             inst = next((i for i in entry.instances if not i.held), None)
@@ -297,8 +299,7 @@ class GraphCache:
                 "consumers (release() not called yet): running eager for this call"
             )
             return None
-        if self.max_captures is not None and self.captures >= self.max_captures:
-            self.disable(f"more than {self.max_captures} {self._what} seen; running eagerly")
+        if self._bound_spent():
             self._drop_if_empty(entry)
             return None
         try:
@@ -314,6 +315,16 @@ class GraphCache:
         inst = _Instance(graph=graph)
         entry.instances.append(inst)
         return inst
+
+    def _bound_spent(self) -> bool:
+        """True once ``max_captures`` captures were made (logged the first time)."""
+        if self.max_captures is None or self.captures < self.max_captures:
+            return False
+        if self.capture_stop_reason is None:
+            self.capture_stop_reason = (f"more than {self.max_captures} {self._what} seen; the graphs cached "
+                                        "still replay, other keys run eagerly")
+            self.note_fallback(f"CUDA graph captures stopped: {self.capture_stop_reason}")
+        return True
 
     def _drop_if_empty(self, entry: _Entry) -> None:
         if not entry.instances:
@@ -430,9 +441,10 @@ class GraphCaptureStats:
 
         Example:
             >>> stage.graph_summary()  # doctest: +SKIP
-            {'captures': 2, 'captured_ahead': 0, 'evictions': 0, 'live_keys': 2, 'off_reason': None}
+            {'captures': 2, 'captured_ahead': 0, 'evictions': 0, 'live_keys': 2, 'off_reason': None, 'captures_stopped': None}
         """
         graphs = self._graphs
         return {"captures": self.captures, "captured_ahead": 0 if graphs is None else graphs.captured_ahead,
                 "evictions": 0 if graphs is None else graphs.evictions,
-                "live_keys": 0 if graphs is None else len(graphs), "off_reason": self.graph_fallback_reason}
+                "live_keys": 0 if graphs is None else len(graphs), "off_reason": self.graph_fallback_reason,
+                "captures_stopped": None if graphs is None else graphs.capture_stop_reason}

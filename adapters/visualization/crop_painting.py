@@ -38,14 +38,17 @@ class CropMaskPainter(FastPainter):
 
     name = "crops"
 
-    def check(self, scene: np.ndarray, detections: sv.Detections, annotator: sv.MaskAnnotator) -> Verdict:
-        verdict = super().check(scene, detections, annotator)
-        if verdict.reason is None and not _pixels_in_row_order(scene):
+    def check(self, scene: np.ndarray, detections: sv.Detections, annotator: sv.MaskAnnotator,
+              copy: bool = False) -> Verdict:
+        verdict = super().check(scene, detections, annotator, copy)
+        if verdict.reason is None and not copy and not _pixels_in_row_order(scene):  # a copy is in row order
             return Verdict("the frame is a flipped or strided view, which OpenCV cannot paint into in place")
         return verdict
 
     def run_checked(self, verdict: Verdict, scene: np.ndarray, detections: sv.Detections,
-                    annotator: sv.MaskAnnotator) -> np.ndarray:
+                    annotator: sv.MaskAnnotator, copy: bool = False) -> np.ndarray:
+        if copy:
+            scene = scene.copy()
         masks = detections.mask
         if masks is None or len(detections) == 0:
             return scene

@@ -45,17 +45,18 @@ class CoverageRoutedPainter(FastPainter):
         self.crops = crops
         self.gpu = gpu
 
-    def check(self, scene: np.ndarray, detections: sv.Detections, annotator: sv.MaskAnnotator) -> Verdict:
-        return self.crops.check(scene, detections, annotator)
+    def check(self, scene: np.ndarray, detections: sv.Detections, annotator: sv.MaskAnnotator,
+              copy: bool = False) -> Verdict:
+        return self.crops.check(scene, detections, annotator, copy)
 
     def run_checked(self, verdict: Verdict, scene: np.ndarray, detections: sv.Detections,
-                    annotator: sv.MaskAnnotator) -> np.ndarray:
+                    annotator: sv.MaskAnnotator, copy: bool = False) -> np.ndarray:
         masks = detections.mask
         if masks is not None and len(detections) and covered_fraction(masks, scene.shape[:2]) > GPU_FROM_COVERAGE:
-            gpu_verdict = self.gpu.check(scene, detections, annotator)
+            gpu_verdict = self.gpu.check(scene, detections, annotator, copy)
             if gpu_verdict.reason is None:
-                return self.gpu.run_checked(gpu_verdict, scene, detections, annotator)
-        return self.crops.run_checked(verdict, scene, detections, annotator)
+                return self.gpu.run_checked(gpu_verdict, scene, detections, annotator, copy)
+        return self.crops.run_checked(verdict, scene, detections, annotator, copy)
 
 
 def resolve_painter(requested: str, device: Optional[torch.device] = None) -> Tuple[object, Optional[str]]:

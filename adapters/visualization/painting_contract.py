@@ -3,6 +3,10 @@
 Both fast painters (host crops, GPU kernel) take BGR uint8 frames and compact masks. Dense masks and
 RLE-only predictions (the stock v3 and v4 blocks' outputs) go to the stock annotator, the reference
 twin, through :class:`~inference_fastpath.adapters.fallback.FallbackStage`.
+
+Every painter takes ``(scene, detections, annotator, copy=False)`` and returns the picture: with
+``copy=False`` painted into ``scene`` itself, with ``copy=True`` (the stock block's ``copy_image``) in a
+new frame, ``scene`` left as it was.
 """
 
 from __future__ import annotations
@@ -41,15 +45,17 @@ class FastPainter:
 
     name = "fast"
 
-    def check(self, scene: np.ndarray, detections: sv.Detections, annotator: sv.MaskAnnotator) -> Verdict:
+    def check(self, scene: np.ndarray, detections: sv.Detections, annotator: sv.MaskAnnotator,
+              copy: bool = False) -> Verdict:
         return Verdict(paint_problem(scene, detections))
 
     def run_checked(self, verdict: Verdict, scene: np.ndarray, detections: sv.Detections,
-                    annotator: sv.MaskAnnotator) -> np.ndarray:
+                    annotator: sv.MaskAnnotator, copy: bool = False) -> np.ndarray:
         raise NotImplementedError
 
-    def __call__(self, scene: np.ndarray, detections: sv.Detections, annotator: sv.MaskAnnotator) -> np.ndarray:
-        verdict = self.check(scene, detections, annotator)
+    def __call__(self, scene: np.ndarray, detections: sv.Detections, annotator: sv.MaskAnnotator,
+                 copy: bool = False) -> np.ndarray:
+        verdict = self.check(scene, detections, annotator, copy)
         if verdict.reason is not None:
             raise ValueError(f"{type(self).__name__} cannot paint this call: {verdict.reason}")
-        return self.run_checked(verdict, scene, detections, annotator)
+        return self.run_checked(verdict, scene, detections, annotator, copy)

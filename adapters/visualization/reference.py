@@ -13,7 +13,8 @@ class AnnotatorPainter:
 
     name = "reference"
 
-    def __call__(self, scene: np.ndarray, detections: sv.Detections, annotator: sv.MaskAnnotator) -> np.ndarray:
+    def __call__(self, scene: np.ndarray, detections: sv.Detections, annotator: sv.MaskAnnotator,
+                 copy: bool = False) -> np.ndarray:
         from inference.core.workflows.core_steps.visualizations.common.utils import ensure_dense_masks
 
-        return annotator.annotate(scene=scene, detections=ensure_dense_masks(detections))
+        return annotator.annotate(scene=scene.copy() if copy else scene, detections=ensure_dense_masks(detections))

@@ -83,7 +83,8 @@ def run(sizes: Dict[str, tuple], loads, budget_s: float) -> List[Dict]:
             paths = {"stock_dense": lambda: annotator.annotate(frame.copy(), dense),
                      "stock_compact": lambda: annotator.annotate(frame.copy(), compact)}
             for name, painter in painters.items():
-                paths[name] = lambda painter=painter: painter(frame.copy(), compact, annotator)
+                # copy_image=True, as the block's default: each painter makes its own copy
+                paths[name] = lambda painter=painter: painter(frame, compact, annotator, copy=True)
             row = {"size": size, "objects": objects, "side": side,
                    "coverage": round(covered_fraction(compact.mask, hw), 3), "ms": {}, "max_difference": {}}
             for name, fn in paths.items():

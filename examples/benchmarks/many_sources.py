@@ -104,6 +104,8 @@ def graph_line(report: Dict[str, Any]) -> str:
         summary = report.get(stage)
         if summary is not None:
             off = f", off: {summary['off_reason']}" if summary["off_reason"] else ""
+            if summary.get("captures_stopped"):
+                off += f", captures stopped: {summary['captures_stopped']}"
             ahead = summary.get("captured_ahead", 0)
             made = f"{summary['captures']} captures ({ahead} ahead)" if ahead else f"{summary['captures']} captures"
             stages.append(f"{stage} {made}/{summary['evictions']} evictions{off}")
