@@ -68,10 +68,13 @@ _STAGING_ALIGN = 16  # keeps every staged frame 16-byte aligned (Triton speciali
 _PLAN_CACHE_SIZE = 64
 # Kernel launches captured per (plan, source buffer, output buffer): a graph replay costs a small
 # fraction of the host time of Triton launches. A launch is captured the second time its
-# key is seen (one-off shapes stay eager); past _MAX_LAUNCH_CAPTURES captures the stage stays
-# eager, with the reason logged.
-_MAX_LAUNCH_GRAPHS = 8
-_MAX_LAUNCH_CAPTURES = 32
+# key is seen (one-off shapes stay eager); past _MAX_LAUNCH_CAPTURES captures no new key is
+# captured (the cached ones still replay), with the reason logged. The batch size is part of the
+# key and, unlike the engine's, is not padded (padding frames would be resized for nothing): room
+# for every size of a 32-source batch and a second frame shape, because an eviction waits for the
+# stage's stream, and these graphs hold no memory of their own.
+_MAX_LAUNCH_GRAPHS = 72
+_MAX_LAUNCH_CAPTURES = 144
 
 
 # --------------------------------------------------------------------------------------------
