@@ -59,25 +59,29 @@ class MaskRuns:
             >>> runs.pieces.tolist()
             [[5, 2, 4, 0, 0, 3]]
         """
-        pieces = []
-        for mask_edges, crop_h, (x1, y1), priority in zip(edges, crop_heights, offsets, priorities):
-            mask_edges = np.asarray(mask_edges, dtype=np.int64)
-            starts, ends = mask_edges[0:2 * (mask_edges.size // 2):2], mask_edges[1::2]
-            if starts.size == 0:
-                continue
-            lengths = ends - starts
-            per_run = (lengths + PAINT_CHUNK - 1) // PAINT_CHUNK
+        # every mask's runs laid end to end and split in one pass: a frame holds tens of thousands of runs
+        edges = [np.asarray(mask_edges, dtype=np.int64) for mask_edges in edges]
+        runs = np.array([mask_edges.size // 2 for mask_edges in edges], dtype=np.int64)
+        if runs.sum() == 0:
+            return cls(np.zeros((0, 6), dtype=np.int32))
+        paired = np.concatenate([mask_edges[:2 * count] for mask_edges, count in zip(edges, runs)])
+        starts, ends = paired[0::2], paired[1::2]
+        mask_of_piece = np.repeat(np.arange(len(edges)), runs)
+        per_run = (ends - starts + PAINT_CHUNK - 1) // PAINT_CHUNK
+        if per_run.max() > 1:  # long runs (a column's height and more) become several pieces
             run_of_piece = np.repeat(np.arange(starts.size), per_run)
             first_piece = np.cumsum(per_run) - per_run
-            offset = (np.arange(run_of_piece.size) - first_piece[run_of_piece]) * PAINT_CHUNK
-            piece_start = starts[run_of_piece] + offset
-            piece_len = np.minimum(ends[run_of_piece] - piece_start, PAINT_CHUNK)
-            block = np.empty((piece_start.size, 6), dtype=np.int64)
-            block[:, 0], block[:, 1] = piece_start, piece_len
-            block[:, 2], block[:, 3], block[:, 4], block[:, 5] = crop_h, x1, y1, priority
-            pieces.append(block)
-        stacked = np.concatenate(pieces) if pieces else np.zeros((0, 6), dtype=np.int64)
-        return cls(np.ascontiguousarray(stacked, dtype=np.int32))
+            piece_start = starts[run_of_piece] + (np.arange(run_of_piece.size) - first_piece[run_of_piece]) * PAINT_CHUNK
+            starts, ends, mask_of_piece = piece_start, ends[run_of_piece], mask_of_piece[run_of_piece]
+        offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+        pieces = np.empty((starts.size, 6), dtype=np.int32)
+        pieces[:, 0] = starts
+        pieces[:, 1] = np.minimum(ends - starts, PAINT_CHUNK)
+        pieces[:, 2] = np.asarray(crop_heights, dtype=np.int64)[mask_of_piece]
+        pieces[:, 3] = offsets[mask_of_piece, 0]
+        pieces[:, 4] = offsets[mask_of_piece, 1]
+        pieces[:, 5] = np.asarray(priorities, dtype=np.int64)[mask_of_piece]
+        return cls(pieces)
 
 
 @triton.jit

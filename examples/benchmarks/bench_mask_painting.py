@@ -13,6 +13,8 @@ side), times the painting of one frame, copy of the frame included, as the block
 * ``auto``: what ``painter=auto`` picks for that load.
 
 Every painter's picture is compared with ``stock_dense`` first (largest channel difference reported).
+``runs_host_ms`` is the host part of the GPU painter's input, timed on any machine: the masks' runs
+split into the kernel's pieces (``MaskRuns.from_edges``).
 The summed crop area (``coverage``, in frames) is the quantity ``auto`` routes on.
 """
 
@@ -66,7 +68,9 @@ def run(sizes: Dict[str, tuple], loads, budget_s: float) -> List[Dict]:
     import supervision as sv
     import torch
 
+    from inference_fastpath.adapters.postprocess.compact import run_edges
     from inference_fastpath.adapters.visualization.crop_painting import CropMaskPainter, covered_fraction
+    from inference_fastpath.kernels.mask_overlay import MaskRuns
     from inference_fastpath.adapters.visualization.painter_choice import resolve_painter
 
     annotator = sv.MaskAnnotator(opacity=0.5)
@@ -87,12 +91,15 @@ def run(sizes: Dict[str, tuple], loads, budget_s: float) -> List[Dict]:
                 paths[name] = lambda painter=painter: painter(frame, compact, annotator, copy=True)
             row = {"size": size, "objects": objects, "side": side,
                    "coverage": round(covered_fraction(compact.mask, hw), 3), "ms": {}, "max_difference": {}}
+            priorities = np.arange(len(compact))
+            row["runs_host_ms"] = round(_time(lambda: MaskRuns.from_edges(*run_edges(compact.mask), priorities),
+                                              budget_s), 3)
             for name, fn in paths.items():
                 picture = fn()
                 row["max_difference"][name] = int(np.abs(picture.astype(np.int16) - expected).max())
                 row["ms"][name] = round(_time(fn, budget_s), 3)
             print(f"{size:>8} {objects:>3} x {side:.2f} (coverage {row['coverage']:.2f}): "
-                  + "  ".join(f"{k} {v:.2f} ms" for k, v in row["ms"].items())
+                  + "  ".join(f"{k} {v:.2f} ms" for k, v in row["ms"].items()) + f"  runs (host) {row['runs_host_ms']:.2f} ms"
                   + f"  | max diff {max(row['max_difference'].values())}", flush=True)
             rows.append(row)
     return rows

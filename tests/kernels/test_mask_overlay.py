@@ -80,11 +80,20 @@ def test_dense_masks_are_left_to_the_reference():
 
 
 def test_runs_split_into_pieces_cover_every_pixel_once():
+    """Short runs, and a whole-crop run longer than a piece: every pixel of each mask in exactly one piece."""
+    from inference_fastpath.kernels.mask_overlay import PAINT_CHUNK
+
     rng = np.random.default_rng(3)
-    masks = rng.random((2, 70, 90)) < 0.7
+    masks = np.concatenate([rng.random((2, 70, 90)) < 0.7, np.ones((1, 70, 90), bool), np.zeros((1, 70, 90), bool)])
     cm = _detections(masks).mask
-    runs = MaskRuns.from_crops(cm._rles, cm._crop_shapes, cm._offsets, np.array([0, 1]))
-    assert runs.pieces[:, 1].max() <= 4096
-    for priority in (0, 1):
+    runs = MaskRuns.from_crops(cm._rles, cm._crop_shapes, cm._offsets, np.array([0, 1, 2, 3]))
+    assert runs.pieces[:, 1].max() == PAINT_CHUNK and runs.pieces[:, 1].min() >= 1
+    for priority in range(4):
         rows = runs.pieces[runs.pieces[:, 5] == priority]
-        assert int(rows[:, 1].sum()) == int(masks[priority].sum())
+        covered = np.zeros(70 * 90, np.int64)
+        for start, length, crop_h, x1, y1, _ in rows:
+            assert crop_h == cm._crop_shapes[priority][0] and (x1, y1) == tuple(cm._offsets[priority])
+            covered[start:start + length] += 1
+        crop = cm.crop(priority)
+        assert covered.max(initial=0) <= 1 and int(covered.sum()) == int(masks[priority].sum())
+        assert (covered[:crop.size].reshape(crop.shape[1], crop.shape[0]).T.astype(bool) == crop).all()
