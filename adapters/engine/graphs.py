@@ -181,7 +181,7 @@ class GraphCache:
                 return None
             entry = self._entry_for(key, binding)
             if entry is None:
-                if not self._sighted_enough(key) or self._bound_spent():
+                if self._bound_spent() or not self._sighted_enough(key):  # past the bound: no sightings kept
                     return None
                 entry = self._new_entry(key, binding)
             inst = next((i for i in entry.instances if not i.held), None)

@@ -77,8 +77,10 @@ class GpuMaskPainter(FastPainter):
                            color_lookup=annotator.color_lookup).as_bgr() for i in order],
             dtype=np.uint8,
         ).reshape(-1, 3)
-        runs = MaskRuns.from_edges(*run_edges(masks), priority)  # the block's masks: full-frame runs, no crops
         x0, y0, x1, y1 = region
+        edges, heights, corners = run_edges(masks)  # the block's masks: full-frame runs, no crops
+        # corners relative to the band sent (rows y0..y1), so the pieces address it directly
+        runs = MaskRuns.from_edges(edges, heights, corners - np.array([0, y0]), priority)
         # whole rows: a band of a C-contiguous frame is one contiguous block, sent and received without
         # a host copy; only the region's columns are blended
         band = scene[y0:y1]
@@ -88,7 +90,7 @@ class GpuMaskPainter(FastPainter):
             pixels.copy_(torch.from_numpy(sent), non_blocking=True)
             labels = self._label_plane(y1 - y0, scene.shape[1])
             labels.fill_(-1)
-            launch_paint_labels(MaskRuns(_shift_rows(runs.pieces, y0)), labels)
+            launch_paint_labels(runs, labels)
             launch_blend(pixels, labels, torch.from_numpy(colours).to(self.device), annotator.opacity,
                          (x0, 0, x1, y1 - y0))
             if copy:
@@ -147,8 +149,3 @@ def _covered_region(masks: CompactMask, image_hw: Tuple[int, int]) -> Optional[T
     y1 = min(height, int((offsets[:, 1] + shapes[:, 0]).max()))
     return (x0, y0, x1, y1) if x0 < x1 and y0 < y1 else None
 
-
-def _shift_rows(pieces: np.ndarray, y0: int) -> np.ndarray:
-    shifted = pieces.copy()
-    shifted[:, 4] -= y0
-    return shifted
