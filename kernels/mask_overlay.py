@@ -1,14 +1,19 @@
-"""Mask overlay: paint instance masks, given as crop runs, into a BGR frame and blend with opacity.
+"""Mask overlay: paint instance masks, given as runs, into a BGR frame and blend with opacity.
 
 What supervision's ``MaskAnnotator`` computes, on the GPU: every mask pixel takes the colour of the
 mask painted last over it (the caller gives each mask a priority: higher wins), then
 ``out = colour * opacity + frame * (1 - opacity)`` rounded to uint8; pixels no mask covers keep their
-value. Masks arrive as :class:`MaskRuns` - the foreground runs of each mask's crop, column-major as
+value. Masks arrive as :class:`MaskRuns` - the foreground runs of each mask's region, column-major as
 ``supervision.CompactMask`` stores them - so no full-frame mask is ever built.
 
 Two launches: :func:`launch_paint_labels` writes, per pixel, the highest priority of the masks covering
 it (``atomic_max`` into an int32 label plane, -1 = none); :func:`launch_blend` blends the labelled
 pixels of a region of the frame in place.
+
+The label plane is column-major, ``(W, H)``: a run is a stretch of one column, so the pixels a program
+paints sit side by side in the plane and its atomics coalesce. Each program paints a fixed share of
+all the covered pixels, whatever the runs' lengths, and finds each pixel's run by a binary search over
+the runs' cumulative lengths: a frame of noisy masks holds tens of thousands of short runs.
 """
 
 from __future__ import annotations
@@ -22,19 +27,23 @@ import triton
 import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-PAINT_CHUNK = 4096 if _INTERPRET else 1024  # pixels of one run piece per program
-BLEND_BLOCK = 1 << 16 if _INTERPRET else 1024  # pixels per blend program
+PAINT_BLOCK = 1 << 14 if _INTERPRET else 1024  # covered pixels per paint program
+BLEND_TILE = 256 if _INTERPRET else 32  # pixels on each side of a blend program's tile
 
 
 @dataclass(frozen=True)
 class MaskRuns:
-    """Foreground runs of N mask crops, split into pieces of at most ``PAINT_CHUNK`` pixels.
+    """Foreground runs of N masks, laid end to end in one int64 table for a single upload.
 
-    ``pieces`` is (P, 6) int32: ``[start, length, crop_h, x1, y1, priority]`` - ``start`` counts
-    pixels column-major within the crop whose top-left corner sits at ``(x1, y1)`` of the frame.
+    ``table`` holds, in order: the runs' cumulative lengths (``runs + 1``, from 0), their starts
+    (``runs``, pixel positions column-major within their mask's region), the mask of each run
+    (``runs``), and per mask ``[region_h, x1, y1, priority]`` - the region's top-left corner at
+    ``(x1, y1)`` of the plane painted. ``covered`` is the total length of the runs.
     """
 
-    pieces: np.ndarray
+    table: np.ndarray
+    runs: int
+    covered: int
 
     @classmethod
     def from_crops(cls, rles, crop_shapes: np.ndarray, offsets: np.ndarray, priorities: np.ndarray) -> "MaskRuns":
@@ -42,64 +51,64 @@ class MaskRuns:
 
         Example:
             >>> runs = MaskRuns.from_crops([np.array([1, 2, 1])], np.array([[2, 2]]), np.array([[5, 7]]), np.array([0]))
-            >>> runs.pieces.tolist()
-            [[1, 2, 2, 5, 7, 0]]
+            >>> runs.table.tolist(), runs.covered
+            ([0, 2, 1, 0, 2, 5, 7, 0], 2)
         """
         edges = [np.cumsum(np.asarray(counts, dtype=np.int64)) for counts in rles]
         return cls.from_edges(edges, np.asarray(crop_shapes)[:, 0] if len(edges) else [], offsets, priorities)
 
     @classmethod
-    def from_edges(cls, edges, crop_heights, offsets, priorities) -> "MaskRuns":
+    def from_edges(cls, edges, region_heights, offsets, priorities) -> "MaskRuns":
         """From run edges ``[start, stop, start, stop, ...]`` (column-major pixel positions, a trailing
-        unpaired edge ignored) per mask, in a region ``crop_h`` tall whose top-left corner is at
+        unpaired edge ignored) per mask, in a region ``region_h`` tall whose top-left corner is at
         ``(x1, y1)``: a crop, or the whole frame at (0, 0) with the frame's height.
 
         Example:
-            >>> runs = MaskRuns.from_edges([np.array([5, 7])], [4], np.array([[0, 0]]), np.array([3]))
-            >>> runs.pieces.tolist()
-            [[5, 2, 4, 0, 0, 3]]
+            >>> runs = MaskRuns.from_edges([np.array([5, 7, 9, 10])], [4], np.array([[0, 0]]), np.array([3]))
+            >>> runs.table.tolist(), runs.runs, runs.covered
+            ([0, 2, 3, 5, 9, 0, 0, 4, 0, 0, 3], 2, 3)
         """
-        # every mask's runs laid end to end and split in one pass: a frame holds tens of thousands of runs
         edges = [np.asarray(mask_edges, dtype=np.int64) for mask_edges in edges]
-        runs = np.array([mask_edges.size // 2 for mask_edges in edges], dtype=np.int64)
-        if runs.sum() == 0:
-            return cls(np.zeros((0, 6), dtype=np.int32))
-        paired = np.concatenate([mask_edges[:2 * count] for mask_edges, count in zip(edges, runs)])
-        starts, ends = paired[0::2], paired[1::2]
-        mask_of_piece = np.repeat(np.arange(len(edges)), runs)
-        per_run = (ends - starts + PAINT_CHUNK - 1) // PAINT_CHUNK
-        if per_run.max() > 1:  # long runs (a column's height and more) become several pieces
-            run_of_piece = np.repeat(np.arange(starts.size), per_run)
-            first_piece = np.cumsum(per_run) - per_run
-            piece_start = starts[run_of_piece] + (np.arange(run_of_piece.size) - first_piece[run_of_piece]) * PAINT_CHUNK
-            starts, ends, mask_of_piece = piece_start, ends[run_of_piece], mask_of_piece[run_of_piece]
-        offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-        pieces = np.empty((starts.size, 6), dtype=np.int32)
-        pieces[:, 0] = starts
-        pieces[:, 1] = np.minimum(ends - starts, PAINT_CHUNK)
-        pieces[:, 2] = np.asarray(crop_heights, dtype=np.int64)[mask_of_piece]
-        pieces[:, 3] = offsets[mask_of_piece, 0]
-        pieces[:, 4] = offsets[mask_of_piece, 1]
-        pieces[:, 5] = np.asarray(priorities, dtype=np.int64)[mask_of_piece]
-        return cls(pieces)
+        count = len(edges)
+        per_mask = np.array([mask_edges.size // 2 for mask_edges in edges], dtype=np.int64)
+        runs = int(per_mask.sum())
+        table = np.empty(3 * runs + 1 + 4 * count, dtype=np.int64)
+        if runs:
+            paired = np.concatenate([mask_edges[:2 * n] for mask_edges, n in zip(edges, per_mask)])
+            table[0] = 0
+            np.cumsum(paired[1::2] - paired[0::2], out=table[1:runs + 1])
+            table[runs + 1:2 * runs + 1] = paired[0::2]
+            table[2 * runs + 1:3 * runs + 1] = np.repeat(np.arange(count), per_mask)
+        else:
+            table[0] = 0
+        masks = table[3 * runs + 1:].reshape(count, 4)
+        masks[:, 0] = np.asarray(region_heights, dtype=np.int64)
+        masks[:, 1:3] = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+        masks[:, 3] = np.asarray(priorities, dtype=np.int64)
+        return cls(table, runs, int(table[runs]))
 
 
 @triton.jit
-def _paint_labels_kernel(pieces_ptr, labels_ptr, height, width, CHUNK: tl.constexpr):
-    piece = pieces_ptr + tl.program_id(0).to(tl.int64) * 6
-    start = tl.load(piece + 0)
-    length = tl.load(piece + 1)
-    crop_h = tl.load(piece + 2)
-    x1 = tl.load(piece + 3)
-    y1 = tl.load(piece + 4)
-    priority = tl.load(piece + 5)
-    offs = tl.arange(0, CHUNK)
-    position = start + offs
-    ys = y1 + position % crop_h
-    xs = x1 + position // crop_h
-    live = (offs < length) & (ys < height) & (xs < width) & (ys >= 0) & (xs >= 0)
-    index = ys.to(tl.int64) * width + xs
-    tl.atomic_max(labels_ptr + index, priority + offs * 0, mask=live)
+def _paint_labels_kernel(table_ptr, runs, covered, labels_ptr, plane_h, plane_w, search_steps,
+                         BLOCK: tl.constexpr):
+    pixel = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    live = pixel < covered
+    # the run holding each pixel: cum[lo] <= pixel < cum[hi], narrowed until hi = lo + 1
+    lo = tl.zeros([BLOCK], dtype=tl.int64)
+    hi = lo + runs
+    for _ in range(search_steps):
+        mid = (lo + hi) // 2
+        below = tl.load(table_ptr + mid, mask=live, other=0) <= pixel
+        lo = tl.where(below, mid, lo)
+        hi = tl.where(below, hi, mid)
+    position = tl.load(table_ptr + runs + 1 + lo, mask=live, other=0) + pixel - tl.load(table_ptr + lo, mask=live, other=0)
+    info = table_ptr + 3 * runs + 1 + 4 * tl.load(table_ptr + 2 * runs + 1 + lo, mask=live, other=0)
+    region_h = tl.load(info, mask=live, other=1)
+    ys = tl.load(info + 2, mask=live, other=0) + position % region_h
+    xs = tl.load(info + 1, mask=live, other=0) + position // region_h
+    priority = tl.load(info + 3, mask=live, other=0).to(tl.int32)
+    inside = live & (ys >= 0) & (ys < plane_h) & (xs >= 0) & (xs < plane_w)
+    tl.atomic_max(labels_ptr + xs * plane_h + ys, priority, mask=inside)
 
 
 @triton.jit
@@ -112,42 +121,42 @@ def _rint(x):
 
 
 @triton.jit
-def _blend_kernel(frame_ptr, labels_ptr, colors_ptr, x0, y0, region_w, region_pixels, width, opacity,
-                  BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    live = offs < region_pixels
-    index = (y0 + offs // region_w) * width + x0 + offs % region_w
-    label = tl.load(labels_ptr + index, mask=live, other=-1)
+def _blend_kernel(frame_ptr, labels_ptr, colors_ptr, x0, y0, x1, y1, plane_h, width, opacity,
+                  TILE: tl.constexpr):
+    ys = y0 + tl.program_id(0).to(tl.int64) * TILE + tl.arange(0, TILE)[:, None]
+    xs = x0 + tl.program_id(1).to(tl.int64) * TILE + tl.arange(0, TILE)[None, :]
+    live = (ys < y1) & (xs < x1)
+    label = tl.load(labels_ptr + xs * plane_h + ys, mask=live, other=-1)
     painted = live & (label >= 0)
     colour = colors_ptr + tl.maximum(label, 0) * 3
     keep = 1.0 - opacity
     for channel in tl.static_range(3):
-        pixel = frame_ptr + index * 3 + channel
+        pixel = frame_ptr + (ys * width + xs) * 3 + channel
         value = tl.load(pixel, mask=painted, other=0).to(tl.float32)
         paint = tl.load(colour + channel, mask=painted, other=0).to(tl.float32)
-        mixed = paint * opacity + value * keep
-        rounded = _rint(mixed)  # round half to even, as cv2.addWeighted's saturate_cast does
+        rounded = _rint(paint * opacity + value * keep)  # round half to even, as cv2.addWeighted's saturate_cast does
         tl.store(pixel, tl.minimum(tl.maximum(rounded, 0.0), 255.0).to(tl.uint8), mask=painted)
 
 
 def launch_paint_labels(runs: MaskRuns, labels: torch.Tensor) -> None:
-    """``labels`` (H, W) int32, filled with -1 by the caller, gets each pixel's top priority."""
-    if runs.pieces.shape[0] == 0:
+    """``labels``, a column-major ``(W, H)`` int32 plane filled with -1 by the caller, gets each pixel's
+    top priority."""
+    if runs.covered == 0:
         return
-    pieces = torch.from_numpy(runs.pieces).to(labels.device, non_blocking=True)
-    height, width = labels.shape
-    _paint_labels_kernel[(runs.pieces.shape[0],)](pieces, labels, height, width, CHUNK=PAINT_CHUNK)
+    table = torch.from_numpy(runs.table).to(labels.device, non_blocking=True)
+    width, height = labels.shape
+    grid = (triton.cdiv(runs.covered, PAINT_BLOCK),)
+    _paint_labels_kernel[grid](table, runs.runs, runs.covered, labels, height, width,
+                               max(0, runs.runs - 1).bit_length(), BLOCK=PAINT_BLOCK)
 
 
 def launch_blend(frame: torch.Tensor, labels: torch.Tensor, colors: torch.Tensor, opacity: float,
                  region: tuple) -> None:
     """Blend ``frame`` (H, W, 3) uint8, in place, inside ``region`` = (x0, y0, x1, y1) exclusive;
-    ``colors`` (N, 3) uint8 indexed by label."""
+    ``labels`` is the ``(W, H)`` plane, ``colors`` (N, 3) uint8 indexed by label."""
     x0, y0, x1, y1 = (int(v) for v in region)
-    region_w, region_h = x1 - x0, y1 - y0
-    if region_w <= 0 or region_h <= 0:
+    if x1 <= x0 or y1 <= y0:
         return
-    pixels = region_w * region_h
-    _blend_kernel[(triton.cdiv(pixels, BLEND_BLOCK),)](
-        frame, labels, colors, x0, y0, region_w, pixels, frame.shape[1], float(opacity), BLOCK=BLEND_BLOCK,
-    )
+    grid = (triton.cdiv(y1 - y0, BLEND_TILE), triton.cdiv(x1 - x0, BLEND_TILE))
+    _blend_kernel[grid](frame, labels, colors, x0, y0, x1, y1, labels.shape[1], frame.shape[1], float(opacity),
+                        TILE=BLEND_TILE)

@@ -79,7 +79,7 @@ class GpuMaskPainter(FastPainter):
         ).reshape(-1, 3)
         x0, y0, x1, y1 = region
         edges, heights, corners = run_edges(masks)  # the block's masks: full-frame runs, no crops
-        # corners relative to the band sent (rows y0..y1), so the pieces address it directly
+        # corners relative to the band sent (rows y0..y1), so the runs address it directly
         runs = MaskRuns.from_edges(edges, heights, corners - np.array([0, y0]), priority)
         # whole rows: a band of a C-contiguous frame is one contiguous block, sent and received without
         # a host copy; only the region's columns are blended
@@ -89,7 +89,6 @@ class GpuMaskPainter(FastPainter):
             pixels = self._device_band(y1 - y0, scene.shape[1])
             pixels.copy_(torch.from_numpy(sent), non_blocking=True)
             labels = self._label_plane(y1 - y0, scene.shape[1])
-            labels.fill_(-1)
             launch_paint_labels(runs, labels)
             launch_blend(pixels, labels, torch.from_numpy(colours).to(self.device), annotator.opacity,
                          (x0, 0, x1, y1 - y0))
@@ -125,17 +124,19 @@ class GpuMaskPainter(FastPainter):
             self._stream = torch.cuda.Stream(self.device, priority=-1)
         return torch.cuda.stream(self._stream)
 
+    def _label_plane(self, height: int, width: int) -> torch.Tensor:
+        """The kernel's column-major ``(W, H)`` label plane for the band, every pixel unlabelled (-1)."""
+        need = height * width
+        if self._labels is None or self._labels.numel() < need:
+            self._labels = torch.empty(need, dtype=torch.int32, device=self.device)
+        return self._labels[:need].view(width, height).fill_(-1)
+
     def _device_band(self, height: int, width: int) -> torch.Tensor:
         need = height * width * 3
         if self._pixels is None or self._pixels.numel() < need:
             self._pixels = torch.empty(need, dtype=torch.uint8, device=self.device)
         return self._pixels[:need].view(height, width, 3)
 
-    def _label_plane(self, height: int, width: int) -> torch.Tensor:
-        need = height * width
-        if self._labels is None or self._labels.numel() < need:
-            self._labels = torch.empty(need, dtype=torch.int32, device=self.device)
-        return self._labels[:need].view(height, width)
 
 
 def _covered_region(masks: CompactMask, image_hw: Tuple[int, int]) -> Optional[Tuple[int, int, int, int]]:

@@ -79,21 +79,54 @@ def test_dense_masks_are_left_to_the_reference():
     assert reason and "dense" in reason
 
 
-def test_runs_split_into_pieces_cover_every_pixel_once():
-    """Short runs, and a whole-crop run longer than a piece: every pixel of each mask in exactly one piece."""
-    from inference_fastpath.kernels.mask_overlay import PAINT_CHUNK
+def _decoded(runs):
+    """The table read back on the host: per mask, (region_h, x1, y1, priority) and its covered positions."""
+    n = runs.runs
+    cum, starts, owner = runs.table[:n + 1], runs.table[n + 1:2 * n + 1], runs.table[2 * n + 1:3 * n + 1]
+    masks = runs.table[3 * n + 1:].reshape(-1, 4)
+    covered = [np.zeros(0, np.int64) for _ in masks]
+    for run in range(n):
+        covered[owner[run]] = np.concatenate([covered[owner[run]], starts[run] + np.arange(cum[run + 1] - cum[run])])
+    return masks, covered
 
+
+def test_runs_table_covers_every_pixel_once():
+    """Short runs, a whole-crop run and an empty mask: each mask's pixels listed once, with its crop's corner."""
     rng = np.random.default_rng(3)
     masks = np.concatenate([rng.random((2, 70, 90)) < 0.7, np.ones((1, 70, 90), bool), np.zeros((1, 70, 90), bool)])
     cm = _detections(masks).mask
-    runs = MaskRuns.from_crops(cm._rles, cm._crop_shapes, cm._offsets, np.array([0, 1, 2, 3]))
-    assert runs.pieces[:, 1].max() == PAINT_CHUNK and runs.pieces[:, 1].min() >= 1
-    for priority in range(4):
-        rows = runs.pieces[runs.pieces[:, 5] == priority]
-        covered = np.zeros(70 * 90, np.int64)
-        for start, length, crop_h, x1, y1, _ in rows:
-            assert crop_h == cm._crop_shapes[priority][0] and (x1, y1) == tuple(cm._offsets[priority])
-            covered[start:start + length] += 1
-        crop = cm.crop(priority)
-        assert covered.max(initial=0) <= 1 and int(covered.sum()) == int(masks[priority].sum())
-        assert (covered[:crop.size].reshape(crop.shape[1], crop.shape[0]).T.astype(bool) == crop).all()
+    runs = MaskRuns.from_crops(cm._rles, cm._crop_shapes, cm._offsets, np.array([7, 1, 2, 3]))
+    info, covered = _decoded(runs)
+    assert runs.covered == int(masks.sum()) and info[:, 3].tolist() == [7, 1, 2, 3]
+    for index in range(4):
+        assert info[index, 0] == cm._crop_shapes[index][0] and tuple(info[index, 1:3]) == tuple(cm._offsets[index])
+        crop = cm.crop(index)
+        flat = np.zeros(crop.size, np.int64)
+        np.add.at(flat, covered[index], 1)
+        assert flat.max(initial=0) <= 1 and int(flat.sum()) == int(masks[index].sum())
+        assert (flat.reshape(crop.shape[1], crop.shape[0]).T.astype(bool) == crop).all()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_label_plane_holds_the_top_priority(seed):
+    """The paint kernel alone against a numpy painting of the same runs: many programs, runs of every
+    length (whole columns, runs through a column's end into the next), masks off the plane's edges."""
+    from inference_fastpath.kernels.mask_overlay import launch_paint_labels
+
+    rng = np.random.default_rng(seed)
+    height, width = 90, 130
+    masks = rng.random((5, height, width)) < rng.uniform(0.05, 0.95, (5, 1, 1))
+    masks[seed % 5, :, 10:50] = True
+    edges = [np.flatnonzero(np.diff(np.concatenate([[0], m.ravel(order="F"), [0]]).astype(np.int8))) for m in masks]
+    corners = rng.integers(-20, 20, (5, 2))  # the region moved partly off the plane: those pixels are dropped
+    priorities = rng.permutation(5)
+    runs = MaskRuns.from_edges(edges, [height] * 5, corners, priorities)
+    expected = np.full((height, width), -1, np.int64)
+    for mask, (dx, dy), priority in zip(masks, corners, priorities):
+        ys, xs = np.nonzero(mask)
+        ys, xs = ys + dy, xs + dx
+        inside = (ys >= 0) & (ys < height) & (xs >= 0) & (xs < width)
+        np.maximum.at(expected, (ys[inside], xs[inside]), priority)
+    labels = torch.full((width, height), -1, dtype=torch.int32, device=DEVICE)
+    launch_paint_labels(runs, labels)
+    assert (labels.cpu().numpy().T == expected).all()
