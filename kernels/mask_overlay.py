@@ -33,7 +33,8 @@ BLEND_TILE = 256 if _INTERPRET else 32  # pixels on each side of a blend program
 
 @dataclass(frozen=True)
 class MaskRuns:
-    """Foreground runs of N masks, laid end to end in one int64 table for a single upload.
+    """Foreground runs of N masks, laid end to end in one table for a single upload: int32, or int64
+    where the runs cover 2**31 pixels or more in all.
 
     ``table`` holds, in order: the runs' cumulative lengths (``runs + 1``, from 0), their starts
     (``runs``, pixel positions column-major within their mask's region), the mask of each run
@@ -72,20 +73,21 @@ class MaskRuns:
         count = len(edges)
         per_mask = np.array([mask_edges.size // 2 for mask_edges in edges], dtype=np.int64)
         runs = int(per_mask.sum())
-        table = np.empty(3 * runs + 1 + 4 * count, dtype=np.int64)
-        if runs:
-            paired = np.concatenate([mask_edges[:2 * n] for mask_edges, n in zip(edges, per_mask)])
-            table[0] = 0
-            np.cumsum(paired[1::2] - paired[0::2], out=table[1:runs + 1])
-            table[runs + 1:2 * runs + 1] = paired[0::2]
-            table[2 * runs + 1:3 * runs + 1] = np.repeat(np.arange(count), per_mask)
-        else:
-            table[0] = 0
+        paired = np.concatenate([mask_edges[:2 * n] for mask_edges, n in zip(edges, per_mask)]) if runs else np.zeros(0, np.int64)
+        lengths = paired[1::2] - paired[0::2]
+        covered = int(lengths.sum())
+        # half the upload in int32, which holds every position of a frame up to 2**31 pixels
+        small = covered < 2**31 and (runs == 0 or int(paired.max()) < 2**31)
+        table = np.empty(3 * runs + 1 + 4 * count, dtype=np.int32 if small else np.int64)
+        table[0] = 0
+        table[1:runs + 1] = np.cumsum(lengths)
+        table[runs + 1:2 * runs + 1] = paired[0::2]
+        table[2 * runs + 1:3 * runs + 1] = np.repeat(np.arange(count), per_mask)
         masks = table[3 * runs + 1:].reshape(count, 4)
         masks[:, 0] = np.asarray(region_heights, dtype=np.int64)
         masks[:, 1:3] = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
         masks[:, 3] = np.asarray(priorities, dtype=np.int64)
-        return cls(table, runs, int(table[runs]))
+        return cls(table, runs, covered)
 
 
 @triton.jit

@@ -109,20 +109,38 @@ def frame_edges(transitions: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.append(t, height * width) if t.size % 2 else t
 
 
-def crop_box(transitions: np.ndarray, height: int, width: int) -> Tuple[Tuple[int, int], Tuple[int, int]]:
-    """``((crop_h, crop_w), (x1, y1))`` of one mask's foreground box, as :func:`crop_runs` gives it,
-    without its runs.
+def edge_boxes(edges: Sequence[np.ndarray], height: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Every mask's foreground box from its full-frame edges (:func:`frame_edges`), as :func:`crop_runs`
+    gives it without the runs: ``(crop shapes (N, 2) as (h, w), offsets (N, 2) as (x1, y1))``, int32.
+    One pass over all the masks' runs: a frame of noisy masks holds tens of thousands.
 
     Example:
-        >>> crop_box(np.array([5, 7, 9, 11]), 4, 4)
-        ((2, 2), (1, 1))
+        >>> shapes, offsets = edge_boxes([np.array([5, 7, 9, 11]), np.array([], np.int64)], 4)
+        >>> shapes.tolist(), offsets.tolist()
+        ([[2, 2], [1, 1]], [[1, 1], [0, 0]])
     """
-    t = frame_edges(transitions, height, width)
-    if t.size == 0:
-        return (1, 1), (0, 0)
-    x_start, y_start = np.divmod(t[0::2], height)
-    x_end, y_end = np.divmod(t[1::2] - 1, height)
-    return _foreground_box(x_start, y_start, x_end, y_end, height)
+    count = len(edges)
+    shapes = np.ones((count, 2), dtype=np.int32)  # an empty mask: 1x1 at (0, 0), as crop_runs gives it
+    offsets = np.zeros((count, 2), dtype=np.int32)
+    runs = np.array([e.size // 2 for e in edges], dtype=np.int64)
+    painted = np.flatnonzero(runs)
+    if painted.size == 0:
+        return shapes, offsets
+    starts = np.concatenate([edges[i][0:2 * runs[i]:2] for i in painted])
+    stops = np.concatenate([edges[i][1:2 * runs[i]:2] for i in painted])
+    if max(int(edges[i][2 * runs[i] - 1]) for i in painted) < 2**31:
+        starts, stops = starts.astype(np.int32), stops.astype(np.int32)  # int32 division: several times faster
+    x_start, x_end = starts // height, (stops - 1) // height
+    y_start, y_end = starts - x_start * height, stops - 1 - x_end * height
+    first = np.concatenate([[0], np.cumsum(runs[painted])[:-1]])
+    # a run through the bottom of one column into the next: the box spans all rows
+    wraps = np.maximum.reduceat(x_end > x_start, first)
+    y1 = np.where(wraps, 0, np.minimum.reduceat(y_start, first))
+    y2 = np.where(wraps, height - 1, np.maximum.reduceat(y_end, first))
+    x1, x2 = np.minimum.reduceat(x_start, first), np.maximum.reduceat(x_end, first)
+    shapes[painted, 0], shapes[painted, 1] = y2 - y1 + 1, x2 - x1 + 1
+    offsets[painted, 0], offsets[painted, 1] = x1, y1
+    return shapes, offsets
 
 
 def _foreground_box(x_start: np.ndarray, y_start: np.ndarray, x_end: np.ndarray, y_end: np.ndarray,
@@ -181,11 +199,7 @@ class LazyCompactMasks(CompactMasks):
         if self._built is not None:
             return self._built._crop_shapes, self._built._offsets
         if self._boxes is None:
-            shapes = np.empty((len(self), 2), dtype=np.int32)
-            offsets = np.empty((len(self), 2), dtype=np.int32)
-            for index, transitions in enumerate(self._transitions):
-                shapes[index], offsets[index] = crop_box(transitions, *self._image_shape)
-            self._boxes = (shapes, offsets)
+            self._boxes = edge_boxes(self.frame_edges(), self._image_shape[0])
         return self._boxes
 
     def crop(self, index: int) -> np.ndarray:

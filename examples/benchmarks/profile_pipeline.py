@@ -46,6 +46,7 @@ def default_timed() -> List[Tuple[Any, str]]:
     from inference_fastpath.adapters.postprocess.fused import FusedPostprocess
     from inference_fastpath.adapters.preprocess import upload
     from inference_fastpath.adapters.preprocess.triton import TritonPreprocess
+    from inference_fastpath.adapters.visualization import mask_painting, painter_choice
     from inference_fastpath.adapters.visualization.crop_painting import CropMaskPainter
     from inference_fastpath.adapters.visualization.mask_painting import GpuMaskPainter
     from inference_fastpath.blocks.mask_visualization_v1 import FastpathMaskVisualizationBlockV1
@@ -70,8 +71,12 @@ def default_timed() -> List[Tuple[Any, str]]:
         (runner, "to_sv_detections"),
         # the annotated workflow's steps after ours (--workflow annotated)
         (FastpathMaskVisualizationBlockV1, "run"),
+        (painter_choice.CoverageRoutedPainter, "run_checked"),
+        (painter_choice, "covered_fraction"),
         (CropMaskPainter, "run_checked"),
         (GpuMaskPainter, "run_checked"),
+        (mask_painting, "run_edges"),
+        (GpuMaskPainter, "_received_copy"),
         (BoundingBoxVisualizationBlockV1, "run"),
         (LabelVisualizationBlockV1, "run"),
     ]

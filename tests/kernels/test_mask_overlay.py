@@ -130,3 +130,18 @@ def test_label_plane_holds_the_top_priority(seed):
     labels = torch.full((width, height), -1, dtype=torch.int32, device=DEVICE)
     launch_paint_labels(runs, labels)
     assert (labels.cpu().numpy().T == expected).all()
+
+
+def test_positions_past_int32_take_the_wide_table():
+    """A region so tall that a run starts past 2**31: the table widens to int64 and paints the same pixels."""
+    from inference_fastpath.kernels.mask_overlay import launch_paint_labels
+
+    region_h = 1 << 16
+    start = (1 << 31) + 5  # column 32768 of the region, row 5; the corner moves that column to x = 0
+    wide = MaskRuns.from_edges([np.array([start, start + 3])], [region_h], np.array([[-(1 << 15), 0]]), np.array([4]))
+    narrow = MaskRuns.from_edges([np.array([5, 8])], [region_h], np.array([[0, 0]]), np.array([4]))
+    assert wide.table.dtype == np.int64 and narrow.table.dtype == np.int32
+    for runs in (wide, narrow):
+        labels = torch.full((10, 12), -1, dtype=torch.int32, device=DEVICE)
+        launch_paint_labels(runs, labels)
+        assert np.flatnonzero(labels.cpu().numpy().ravel() >= 0).tolist() == [5, 6, 7]
