@@ -8,7 +8,8 @@ masks spanning 70% of the frame's side, striped so that a column crosses each ab
 gives thousands of runs per mask. Each phase runs alone between two device synchronisations and is
 reported as its median over ``--budget`` seconds:
 
-* ``host_input``: what the painter works out on the host (region, draw order, colours, the runs' table);
+* ``host_input``: what ``painter=auto`` and the painter work out on the host for a frame's new masks
+  (the routing's coverage, region, draw order, colours, the runs' table);
 * ``upload_band`` / ``upload_band_pinned``: the painted rows to the GPU from the frame / from pinned memory;
 * ``upload_runs``: the runs' table to the GPU;
 * ``paint_labels``: the label plane cleared and the runs painted into it (``kernels/mask_overlay.py``);
@@ -81,10 +82,12 @@ def _time(fn: Callable[[], object], budget_s: float, sync: Callable[[], None], m
 
 
 def _phases(frame, detections, annotator, painter, budget_s: float, sync) -> Dict[str, float]:
+    import supervision as sv
     import torch
     from supervision.annotators.utils import resolve_color
 
-    from inference_fastpath.adapters.postprocess.compact import run_edges
+    from inference_fastpath.adapters.postprocess.compact import LazyCompactMasks, run_edges
+    from inference_fastpath.adapters.visualization.crop_painting import covered_fraction
     from inference_fastpath.adapters.visualization.mask_painting import _covered_region
     from inference_fastpath.kernels.mask_overlay import MaskRuns, launch_blend, launch_paint_labels
 
@@ -92,16 +95,19 @@ def _phases(frame, detections, annotator, painter, budget_s: float, sync) -> Dic
     device = painter.device
 
     def host_input():
-        x0, y0, x1, y1 = _covered_region(detections.mask, (height, width))
-        order = np.flip(np.argsort(detections.area))
+        # new masks each time, as every frame brings: nothing the masks cache carries over
+        fresh = LazyCompactMasks(detections.mask._transitions, height, width)
+        masks = sv.Detections(xyxy=detections.xyxy, class_id=detections.class_id, mask=fresh)
+        covered_fraction(fresh, (height, width))
+        x0, y0, x1, y1 = _covered_region(fresh, (height, width))
+        order = np.flip(np.argsort(masks.area))
         priority = np.empty(len(order), dtype=np.int64)
         priority[order] = np.arange(len(order))
-        colours = np.array([resolve_color(color=annotator.color, detections=detections, detection_idx=int(i),
+        colours = np.array([resolve_color(color=annotator.color, detections=masks, detection_idx=int(i),
                                           color_lookup=annotator.color_lookup).as_bgr() for i in order], np.uint8)
-        edges, heights, corners = run_edges(detections.mask)
+        edges, heights, corners = run_edges(fresh)
         return (x0, y0, x1, y1), MaskRuns.from_edges(edges, heights, corners - np.array([0, y0]), priority), colours
 
-    detections.mask._edges = None  # the first call pays for the edges, as the block's first reader does
     (x0, y0, x1, y1), runs, colours = host_input()
     band = frame[y0:y1]
     pin = device.type == "cuda"
