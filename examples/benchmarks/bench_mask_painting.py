@@ -13,6 +13,7 @@ side), times the painting of one frame, copy of the frame included, as the block
 * ``auto``: what ``painter=auto`` picks for that load.
 
 Every painter's picture is compared with ``stock_dense`` first (largest channel difference reported).
+``--phases`` splits the GPU painter's time into its phases instead (``painter_phases.py``).
 ``runs_host_ms`` is the host part of the GPU painter's input, timed on any machine: the masks' runs
 split into the kernel's pieces (``MaskRuns.from_edges``).
 The summed crop area (``coverage``, in frames) is the quantity ``auto`` routes on.
@@ -22,11 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
+
+from inference_fastpath.examples.benchmarks import painter_phases
+from inference_fastpath.examples.benchmarks.painter_phases import median_ms
 
 SIZES = {"768x576": (576, 768), "1080p": (1080, 1920), "4k": (2160, 3840)}
 # (objects, fraction of the frame's side each spans): trained-demo-like, crowded, frame-filling
@@ -51,17 +53,6 @@ def _scene(hw, objects: int, side: float, seed: int = 0):
     compact = sv.Detections(xyxy=boxes, class_id=np.arange(objects), mask=CompactMask.from_dense(masks, boxes, hw))
     dense = sv.Detections(xyxy=boxes, class_id=np.arange(objects), mask=masks)
     return frame, compact, dense
-
-
-def _time(fn: Callable[[], object], budget_s: float, min_iters: int = 5) -> float:
-    fn()
-    samples: List[float] = []
-    start = time.perf_counter()
-    while len(samples) < min_iters or time.perf_counter() - start < budget_s:
-        begin = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - begin) * 1e3)
-    return statistics.median(samples)
 
 
 def run(sizes: Dict[str, tuple], loads, budget_s: float) -> List[Dict]:
@@ -92,12 +83,12 @@ def run(sizes: Dict[str, tuple], loads, budget_s: float) -> List[Dict]:
             row = {"size": size, "objects": objects, "side": side,
                    "coverage": round(covered_fraction(compact.mask, hw), 3), "ms": {}, "max_difference": {}}
             priorities = np.arange(len(compact))
-            row["runs_host_ms"] = round(_time(lambda: MaskRuns.from_edges(*run_edges(compact.mask), priorities),
+            row["runs_host_ms"] = round(median_ms(lambda: MaskRuns.from_edges(*run_edges(compact.mask), priorities),
                                               budget_s), 3)
             for name, fn in paths.items():
                 picture = fn()
                 row["max_difference"][name] = int(np.abs(picture.astype(np.int16) - expected).max())
-                row["ms"][name] = round(_time(fn, budget_s), 3)
+                row["ms"][name] = round(median_ms(fn, budget_s), 3)
             print(f"{size:>8} {objects:>3} x {side:.2f} (coverage {row['coverage']:.2f}): "
                   + "  ".join(f"{k} {v:.2f} ms" for k, v in row["ms"].items()) + f"  runs (host) {row['runs_host_ms']:.2f} ms"
                   + f"  | max diff {max(row['max_difference'].values())}", flush=True)
@@ -109,10 +100,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="768x576,1080p", help=f"comma list of {sorted(SIZES)}")
     parser.add_argument("--budget", type=float, default=0.5, help="seconds of timing per path and case")
+    parser.add_argument("--phases", action="store_true",
+                        help="the GPU painter's phases on demo-like masks instead (painter_phases.py)")
+    parser.add_argument("--total-only", action="store_true", help="with --phases: the whole painter only")
     parser.add_argument("--out", default="bench_mask_painting.json")
     args = parser.parse_args(argv)
-    sizes = {name: SIZES[name] for name in args.sizes.split(",")}
-    rows = run(sizes, LOADS, args.budget)
+    if args.phases:
+        rows = painter_phases.run({name: painter_phases.SIZES[name] for name in args.sizes.split(",")},
+                                  args.budget, args.total_only)
+    else:
+        rows = run({name: SIZES[name] for name in args.sizes.split(",")}, LOADS, args.budget)
     with open(args.out, "w") as handle:
         json.dump({"rows": rows}, handle, indent=1)
     print(f"results: {args.out}")

@@ -1,7 +1,6 @@
 """Where the GPU mask painter's time goes, phase by phase, on the block's own (lazy) compact masks.
 
-    python -m inference_fastpath.examples.benchmarks.painter_phases --out painter_phases.json
-    python -m inference_fastpath.examples.benchmarks.painter_phases --total-only   # any version's painter
+    python -m inference_fastpath.examples.benchmarks.bench_mask_painting --phases --out painter_phases.json
 
 The masks imitate the random demo's at each size (``bench_mask_painting`` uses smooth ellipses): 13
 masks spanning 70% of the frame's side, striped so that a column crosses each about six times, which
@@ -19,16 +18,14 @@ reported as its median over ``--budget`` seconds:
   true and false).
 
 ``--total-only`` times the last two alone, through the painter's public call only, so an older tree's
-painter can be timed by the same script for a before/after in one run.
+painter can be timed by this module's :func:`run` for a before/after in one run.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 import numpy as np
 
@@ -67,7 +64,10 @@ def lazy_detections(masks: np.ndarray):
                          mask=LazyCompactMasks(transitions, *masks.shape[1:]))
 
 
-def _time(fn: Callable[[], object], budget_s: float, sync: Callable[[], None], min_iters: int = 5) -> float:
+def median_ms(fn: Callable[[], object], budget_s: float, sync: Callable[[], None] = lambda: None,
+              min_iters: int = 5) -> float:
+    """Median wall milliseconds of ``fn`` over ``budget_s`` seconds (at least ``min_iters`` calls), each
+    call between two ``sync`` calls (a device synchronisation for GPU work)."""
     fn()
     sync()
     samples: List[float] = []
@@ -116,14 +116,14 @@ def _phases(frame, detections, annotator, painter, budget_s: float, sync) -> Dic
     pixels = torch.empty(pinned.shape, dtype=torch.uint8, device=device)
     labels = torch.empty((width, y1 - y0), dtype=torch.int32, device=device)
     colours_device = torch.from_numpy(colours).to(device)
-    ms = {"host_input": _time(host_input, budget_s, sync),
-          "upload_band": _time(lambda: pixels.copy_(torch.from_numpy(band), non_blocking=True), budget_s, sync),
-          "upload_band_pinned": _time(lambda: pixels.copy_(pinned, non_blocking=True), budget_s, sync),
-          "upload_runs": _time(lambda: torch.from_numpy(runs.table).to(device, non_blocking=True), budget_s, sync),
-          "paint_labels": _time(lambda: (labels.fill_(-1), launch_paint_labels(runs, labels)), budget_s, sync),
-          "blend": _time(lambda: launch_blend(pixels, labels, colours_device, annotator.opacity, (x0, 0, x1, y1 - y0)),
+    ms = {"host_input": median_ms(host_input, budget_s, sync),
+          "upload_band": median_ms(lambda: pixels.copy_(torch.from_numpy(band), non_blocking=True), budget_s, sync),
+          "upload_band_pinned": median_ms(lambda: pixels.copy_(pinned, non_blocking=True), budget_s, sync),
+          "upload_runs": median_ms(lambda: torch.from_numpy(runs.table).to(device, non_blocking=True), budget_s, sync),
+          "paint_labels": median_ms(lambda: (labels.fill_(-1), launch_paint_labels(runs, labels)), budget_s, sync),
+          "blend": median_ms(lambda: launch_blend(pixels, labels, colours_device, annotator.opacity, (x0, 0, x1, y1 - y0)),
                          budget_s, sync),
-          "download_band": _time(lambda: received.copy_(pixels, non_blocking=True), budget_s, sync)}
+          "download_band": median_ms(lambda: received.copy_(pixels, non_blocking=True), budget_s, sync)}
     return {**ms, "runs": runs.runs, "covered_pixels": runs.covered, "band_rows": y1 - y0}
 
 
@@ -149,27 +149,9 @@ def run(sizes: Dict[str, tuple], budget_s: float, total_only: bool) -> List[Dict
         if not total_only:
             row["ms"].update(_phases(frame, detections, annotator, painter, budget_s, sync))
         scratch = frame.copy()
-        row["ms"]["painter_copy"] = _time(lambda: painter(frame, detections, annotator, copy=True), budget_s, sync)
-        row["ms"]["painter_in_place"] = _time(lambda: painter(scratch, detections, annotator, copy=False), budget_s, sync)
+        row["ms"]["painter_copy"] = median_ms(lambda: painter(frame, detections, annotator, copy=True), budget_s, sync)
+        row["ms"]["painter_in_place"] = median_ms(lambda: painter(scratch, detections, annotator, copy=False), budget_s, sync)
         print(f"{size:>8}: " + "  ".join(f"{k} {v}" for k, v in row["ms"].items())
               + f"  | max diff {row['max_difference']}", flush=True)
         rows.append(row)
     return rows
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="768x576,1080p", help=f"comma list of {sorted(SIZES)}")
-    parser.add_argument("--budget", type=float, default=0.5, help="seconds of timing per phase and size")
-    parser.add_argument("--total-only", action="store_true", help="time the whole painter only")
-    parser.add_argument("--out", default="painter_phases.json")
-    args = parser.parse_args(argv)
-    rows = run({name: SIZES[name] for name in args.sizes.split(",")}, args.budget, args.total_only)
-    with open(args.out, "w") as handle:
-        json.dump({"rows": rows}, handle, indent=1)
-    print(f"results: {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
