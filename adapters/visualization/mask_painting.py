@@ -138,7 +138,6 @@ class GpuMaskPainter(FastPainter):
         return self._pixels[:need].view(height, width, 3)
 
 
-
 def _covered_region(masks: CompactMask, image_hw: Tuple[int, int]) -> Optional[Tuple[int, int, int, int]]:
     """The union of the mask crops, clipped to the frame: ``(x0, y0, x1, y1)`` exclusive, or None."""
     height, width = image_hw
