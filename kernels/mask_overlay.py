@@ -47,18 +47,6 @@ class MaskRuns:
     covered: int
 
     @classmethod
-    def from_crops(cls, rles, crop_shapes: np.ndarray, offsets: np.ndarray, priorities: np.ndarray) -> "MaskRuns":
-        """From CompactMask-style run lengths (background first, alternating) per crop.
-
-        Example:
-            >>> runs = MaskRuns.from_crops([np.array([1, 2, 1])], np.array([[2, 2]]), np.array([[5, 7]]), np.array([0]))
-            >>> runs.table.tolist(), runs.covered
-            ([0, 2, 1, 0, 2, 5, 7, 0], 2)
-        """
-        edges = [np.cumsum(np.asarray(counts, dtype=np.int64)) for counts in rles]
-        return cls.from_edges(edges, np.asarray(crop_shapes)[:, 0] if len(edges) else [], offsets, priorities)
-
-    @classmethod
     def from_edges(cls, edges, region_heights, offsets, priorities) -> "MaskRuns":
         """From run edges ``[start, stop, start, stop, ...]`` (column-major pixel positions, a trailing
         unpaired edge ignored) per mask, in a region ``region_h`` tall whose top-left corner is at

@@ -16,6 +16,7 @@ import pytest
 import supervision as sv
 
 from inference_fastpath.adapters.visualization.mask_painting import GpuMaskPainter
+from inference_fastpath.adapters.postprocess.compact import run_edges
 from inference_fastpath.kernels.mask_overlay import MaskRuns
 from support.mask_scenes import MASK_KINDS, compact_detections as _detections, lazy_compact_detections, mask_stack as _masks
 
@@ -95,7 +96,7 @@ def test_runs_table_covers_every_pixel_once():
     rng = np.random.default_rng(3)
     masks = np.concatenate([rng.random((2, 70, 90)) < 0.7, np.ones((1, 70, 90), bool), np.zeros((1, 70, 90), bool)])
     cm = _detections(masks).mask
-    runs = MaskRuns.from_crops(cm._rles, cm._crop_shapes, cm._offsets, np.array([7, 1, 2, 3]))
+    runs = MaskRuns.from_edges(*run_edges(cm), np.array([7, 1, 2, 3]))
     info, covered = _decoded(runs)
     assert runs.covered == int(masks.sum()) and info[:, 3].tolist() == [7, 1, 2, 3]
     for index in range(4):
