@@ -78,7 +78,9 @@ class MaskRuns:
         return cls(table, runs, covered)
 
 
-@triton.jit
+# Every frame brings other counts and another region: specialising on them (Triton compiles a variant
+# for an integer equal to 1 or divisible by 16) would compile new variants in the middle of a stream.
+@triton.jit(do_not_specialize=["runs", "covered", "plane_h", "plane_w", "search_steps"])
 def _paint_labels_kernel(table_ptr, runs, covered, labels_ptr, plane_h, plane_w, search_steps,
                          BLOCK: tl.constexpr):
     pixel = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -110,7 +112,7 @@ def _rint(x):
     return tl.where((diff > 0.5) | ((diff == 0.5) & odd), floor + 1.0, floor)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["x0", "y0", "x1", "y1", "plane_h", "width"])
 def _blend_kernel(frame_ptr, labels_ptr, colors_ptr, x0, y0, x1, y1, plane_h, width, opacity,
                   TILE: tl.constexpr):
     ys = y0 + tl.program_id(0).to(tl.int64) * TILE + tl.arange(0, TILE)[:, None]
