@@ -123,6 +123,28 @@ def parity_summary(reports) -> Dict[str, object]:
     }
 
 
+def result_stalls(timeline: List[Dict[str, float]], warmup: int, factor: float = 5.0) -> Dict[str, object]:
+    """Gaps between consecutive results after the warm-up that exceed ``factor`` times the median gap
+    (and 30 ms): a compile, a capture or a page-in in the middle of the run. ``fps_between_stalls`` is
+    the rate of the other gaps - what the run gave between them, not a run without them.
+
+    Example:
+        >>> rows = [{"result_ready": t} for t in (0, 10, 20, 30, 330, 340, 350)]
+        >>> result_stalls(rows, warmup=1)
+        {'stalls': 1, 'stall_ms': 300.0, 'longest_stall_ms': 300.0, 'fps_between_stalls': 100.0}
+    """
+    ready = [row["result_ready"] for row in timeline[warmup:] if row.get("result_ready") is not None]
+    gaps = [later - earlier for earlier, later in zip(ready, ready[1:])]
+    if not gaps:
+        return {"stalls": 0, "stall_ms": 0.0, "longest_stall_ms": 0.0, "fps_between_stalls": None}
+    bar = max(30.0, factor * statistics.median(gaps))
+    stalls = [gap for gap in gaps if gap > bar]
+    rest = [gap for gap in gaps if gap <= bar]
+    return {"stalls": len(stalls), "stall_ms": round(float(sum(stalls)), 1),
+            "longest_stall_ms": round(float(max(stalls, default=0.0)), 1),
+            "fps_between_stalls": round(len(rest) / sum(rest) * 1e3, 2) if rest and sum(rest) > 0 else None}
+
+
 def run_configuration(
     name: str,
     workflow: dict,
@@ -203,8 +225,12 @@ def run_configuration(
     if runner is not None and runner.timeline is not None:
         result["timeline"] = runner.timeline.resolve()
         result["gpu_bound_fps"] = gpu_bound_fps(result["timeline"])
+        result["stalls"] = result_stalls(result["timeline"], warmup)
     fps = f"{result['fps']:.2f}" if result["fps"] else "n/a"
-    print(f"{name:>14}: {result['frames']} frames, {fps} fps, {result['mean_detections']:.1f} det/frame "
+    stalled = result.get("stalls", {})
+    stalls = (f" ({stalled['stalls']} stalls, {stalled['stall_ms']} ms; {stalled['fps_between_stalls']} fps between them)"
+              if stalled.get("stalls") else "")
+    print(f"{name:>14}: {result['frames']} frames, {fps} fps{stalls}, {result['mean_detections']:.1f} det/frame "
           f"{result['stages_ms']} parity={result['parity']}", flush=True)
     return result
 

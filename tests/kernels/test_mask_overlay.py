@@ -146,3 +146,21 @@ def test_positions_past_int32_take_the_wide_table():
         labels = torch.full((10, 12), -1, dtype=torch.int32, device=DEVICE)
         launch_paint_labels(runs, labels)
         assert np.flatnonzero(labels.cpu().numpy().ravel() >= 0).tolist() == [5, 6, 7]
+
+
+def test_per_frame_integers_stay_out_of_the_specialisation_key():
+    """Every frame brings other run counts and another region; Triton compiles a variant per integer
+    equal to 1 or divisible by 16 unless told not to, which stalled a GPU run mid-stream for 0.2 s a time."""
+    import inspect
+
+    from inference_fastpath.kernels.mask_overlay import _blend_kernel, _paint_labels_kernel
+
+    for kernel in (_paint_labels_kernel, _blend_kernel):
+        params = getattr(kernel, "params", None)  # compiled: JITFunction; interpreted: its kwargs
+        if params is not None:
+            unspecialised = {p.name for p in params if p.do_not_specialize}
+        else:
+            unspecialised = set(kernel.kwargs["do_not_specialize"] or ())
+        integers = {name for name in inspect.signature(kernel.fn).parameters
+                    if not name.endswith("_ptr") and not name.isupper() and name != "opacity"}
+        assert integers and integers <= unspecialised, sorted(integers - unspecialised)
