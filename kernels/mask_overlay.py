@@ -57,18 +57,18 @@ class MaskRuns:
             >>> runs.table.tolist(), runs.runs, runs.covered
             ([0, 2, 3, 5, 9, 0, 0, 4, 0, 0, 3], 2, 3)
         """
-        edges = [np.asarray(mask_edges, dtype=np.int64) for mask_edges in edges]
+        edges = [np.asarray(mask_edges) for mask_edges in edges]  # int32 or int64, kept as given
         count = len(edges)
         per_mask = np.array([mask_edges.size // 2 for mask_edges in edges], dtype=np.int64)
         runs = int(per_mask.sum())
         paired = np.concatenate([mask_edges[:2 * n] for mask_edges, n in zip(edges, per_mask)]) if runs else np.zeros(0, np.int64)
         lengths = paired[1::2] - paired[0::2]
-        covered = int(lengths.sum())
-        # half the upload in int32, which holds every position of a frame up to 2**31 pixels
-        small = covered < 2**31 and (runs == 0 or int(paired.max()) < 2**31)
-        table = np.empty(3 * runs + 1 + 4 * count, dtype=np.int32 if small else np.int64)
+        covered = int(lengths.sum(dtype=np.int64))
+        # half the upload in int32, which holds every position of a frame up to 2**31 pixels (edges ascend)
+        last = max((int(e[2 * n - 1]) for e, n in zip(edges, per_mask) if n), default=0)
+        table = np.empty(3 * runs + 1 + 4 * count, dtype=np.int32 if covered < 2**31 and last < 2**31 else np.int64)
         table[0] = 0
-        table[1:runs + 1] = np.cumsum(lengths)
+        np.cumsum(lengths, dtype=table.dtype, out=table[1:runs + 1])
         table[runs + 1:2 * runs + 1] = paired[0::2]
         table[2 * runs + 1:3 * runs + 1] = np.repeat(np.arange(count), per_mask)
         masks = table[3 * runs + 1:].reshape(count, 4)

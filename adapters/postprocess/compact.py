@@ -105,8 +105,11 @@ def frame_edges(transitions: np.ndarray, height: int, width: int) -> np.ndarray:
         >>> frame_edges(np.array([5, 7, 14]), 4, 4).tolist()
         [5, 7, 14, 16]
     """
-    t = np.asarray(transitions, dtype=np.int64)
-    return np.append(t, height * width) if t.size % 2 else t
+    t = np.asarray(transitions)
+    if t.dtype.kind not in "iu" or height * width >= 2**31:
+        t = t.astype(np.int64)
+    # the device's int32 positions stay int32: every reader's pass over the runs moves half the bytes
+    return np.append(t, np.asarray(height * width, dtype=t.dtype)) if t.size % 2 else t
 
 
 def edge_boxes(edges: Sequence[np.ndarray], height: int) -> Tuple[np.ndarray, np.ndarray]:

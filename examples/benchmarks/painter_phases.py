@@ -59,7 +59,8 @@ def lazy_detections(masks: np.ndarray):
         ys, xs = np.nonzero(mask)
         boxes[i] = (xs.min(), ys.min(), xs.max(), ys.max()) if ys.size else (0, 0, 0, 0)
         flat = mask.ravel(order="F").astype(np.int8)
-        transitions.append(np.flatnonzero(flat != np.concatenate([[0], flat[:-1]])))
+        # int32, as the fused postprocess's device program copies them back
+        transitions.append(np.flatnonzero(flat != np.concatenate([[0], flat[:-1]])).astype(np.int32))
     return sv.Detections(xyxy=boxes, class_id=np.arange(len(masks)),
                          mask=LazyCompactMasks(transitions, *masks.shape[1:]))
 

@@ -24,7 +24,7 @@ def frame_transitions(mask: np.ndarray) -> np.ndarray:
     """Column-major positions where a (H, W) mask changes value, the pixel before the first counting as
     background: what the fused postprocess's device program copies back per mask."""
     flat = mask.ravel(order="F").astype(np.int8)
-    return np.flatnonzero(flat != np.concatenate([[0], flat[:-1]]))
+    return np.flatnonzero(flat != np.concatenate([[0], flat[:-1]])).astype(np.int32)  # the device's dtype
 
 
 def lazy_compact_detections(masks: np.ndarray, class_id=None) -> sv.Detections:
