@@ -67,13 +67,14 @@ def _l_shapes(edges: Sequence[np.ndarray], column_heights: Sequence[int]) -> np.
 
     The first runs are tried alone before all of them: their pixels are the mask's own, so an L-shape
     among them is one of the mask, and a large mask need not be read to its end."""
-    edges = [np.asarray(e, dtype=np.int64) for e in edges]
+    # widened to int64 only where read (the masks are laid end to end past int32), the first runs first
+    edges = [np.asarray(e) for e in edges]
     heights = np.asarray(column_heights, dtype=np.int64).reshape(-1)
-    found = _l_shapes_in_edges([e[: 2 * _FIRST_RUNS] for e in edges], heights)
+    found = _l_shapes_in_edges([e[: 2 * _FIRST_RUNS].astype(np.int64) for e in edges], heights)
     longer = np.array([e.size > 2 * _FIRST_RUNS for e in edges], dtype=bool).reshape(-1)
     rest = np.flatnonzero(~found & longer)
     if rest.size:
-        found[rest] = _l_shapes_in_edges([edges[i] for i in rest], heights[rest])
+        found[rest] = _l_shapes_in_edges([edges[i].astype(np.int64) for i in rest], heights[rest])
     return found
 
 
