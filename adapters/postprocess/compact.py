@@ -77,11 +77,10 @@ def crop_runs(transitions: np.ndarray, height: int, width: int) -> Tuple[np.ndar
     t = frame_edges(transitions, height, width)
     if t.size == 0:
         return np.array([1], dtype=np.int32), (1, 1), (0, 0)
-    starts, ends = t[0::2], t[1::2] - 1  # first and last pixel of each foreground run
-    x_start, y_start = np.divmod(starts, height)
-    x_end, y_end = np.divmod(ends, height)
-    (crop_h, crop_w), (x1, y1) = _foreground_box(x_start, y_start, x_end, y_end, height)
-    bounds = np.empty(2 * starts.size, dtype=np.int64)
+    x_start, y_start, x_end, y_end = _run_pixels(t[0::2], t[1::2], height)
+    y1, y2, x1, x2 = (int(v[0]) for v in _boxes(x_start, y_start, x_end, y_end, np.zeros(1, np.int64), height))
+    crop_h, crop_w = y2 - y1 + 1, x2 - x1 + 1
+    bounds = np.empty(2 * x_start.size, dtype=np.int64)
     bounds[0::2] = (x_start - x1) * crop_h + (y_start - y1)
     bounds[1::2] = (x_end - x1) * crop_h + (y_end - y1) + 1
     # a run ending on the crop's bottom row and one starting on the next column's top row touch
@@ -133,27 +132,27 @@ def edge_boxes(edges: Sequence[np.ndarray], height: int) -> Tuple[np.ndarray, np
     stops = np.concatenate([edges[i][1:2 * runs[i]:2] for i in painted])
     if max(int(edges[i][2 * runs[i] - 1]) for i in painted) < 2**31:
         starts, stops = starts.astype(np.int32), stops.astype(np.int32)  # int32 division: several times faster
-    x_start, x_end = starts // height, (stops - 1) // height
-    y_start, y_end = starts - x_start * height, stops - 1 - x_end * height
     first = np.concatenate([[0], np.cumsum(runs[painted])[:-1]])
-    # a run through the bottom of one column into the next: the box spans all rows
-    wraps = np.maximum.reduceat(x_end > x_start, first)
-    y1 = np.where(wraps, 0, np.minimum.reduceat(y_start, first))
-    y2 = np.where(wraps, height - 1, np.maximum.reduceat(y_end, first))
-    x1, x2 = np.minimum.reduceat(x_start, first), np.maximum.reduceat(x_end, first)
+    y1, y2, x1, x2 = _boxes(*_run_pixels(starts, stops, height), first, height)
     shapes[painted, 0], shapes[painted, 1] = y2 - y1 + 1, x2 - x1 + 1
     offsets[painted, 0], offsets[painted, 1] = x1, y1
     return shapes, offsets
 
 
-def _foreground_box(x_start: np.ndarray, y_start: np.ndarray, x_end: np.ndarray, y_end: np.ndarray,
-                    height: int) -> Tuple[Tuple[int, int], Tuple[int, int]]:
-    if np.any(x_end > x_start):  # a run through the bottom of one column into the next: all rows
-        y1, y2 = 0, height - 1
-    else:
-        y1, y2 = int(y_start.min()), int(y_end.max())
-    x1, x2 = int(x_start.min()), int(x_end.max())
-    return (y2 - y1 + 1, x2 - x1 + 1), (x1, y1)
+def _run_pixels(starts: np.ndarray, stops: np.ndarray, height: int) -> Tuple[np.ndarray, ...]:
+    """``(x_start, y_start, x_end, y_end)``: column and row of each run's first and last pixel."""
+    x_start, x_end = starts // height, (stops - 1) // height
+    return x_start, starts - x_start * height, x_end, stops - 1 - x_end * height
+
+
+def _boxes(x_start: np.ndarray, y_start: np.ndarray, x_end: np.ndarray, y_end: np.ndarray, first: np.ndarray,
+           height: int) -> Tuple[np.ndarray, ...]:
+    """``(y1, y2, x1, x2)`` per mask, inclusive, for masks whose runs begin at indices ``first``."""
+    # a run through the bottom of one column into the next: the box spans all rows
+    wraps = np.maximum.reduceat(x_end > x_start, first)
+    y1 = np.where(wraps, 0, np.minimum.reduceat(y_start, first))
+    y2 = np.where(wraps, height - 1, np.maximum.reduceat(y_end, first))
+    return y1, y2, np.minimum.reduceat(x_start, first), np.maximum.reduceat(x_end, first)
 
 
 class LazyCompactMasks(CompactMasks):
